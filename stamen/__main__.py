@@ -1,0 +1,3 @@
+from stamen.cli.main import main
+
+main()

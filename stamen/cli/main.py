@@ -1,0 +1,202 @@
+"""The ``stamen`` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Stamen: run large language models over a swarm of peers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks, side by side with local baselines.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("hivemind", "asyncio", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+PeersOpt = Annotated[list[str], typer.Option("--initial-peers", help="Multiaddrs of DHT peers to join.")]
+
+
+@app.command()
+def dht(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 0,
+    identity: Annotated[Path | None, typer.Option(help="Private key file: a stable peer id across restarts.")] = None,
+    initial_peers: PeersOpt = [],  # noqa: B006 (typer reads the default)
+) -> None:
+    """Start a bootstrap DHT peer and print its multiaddrs, one per line."""
+    setup_logging("WARNING")
+    from stamen.server.server import start_dht
+
+    node = start_dht(initial_peers, host, port, str(identity) if identity else None)
+    for maddr in node.get_visible_maddrs():
+        print(maddr, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    node.shutdown()
+
+
+@app.command()
+def server(
+    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    initial_peers: PeersOpt = [],  # noqa: B006
+    blocks: Annotated[str | None, typer.Option(help="Span to host, START:END (half-open).")] = None,
+    num_blocks: Annotated[int | None, typer.Option(help="Host N blocks where the swarm needs them.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 0,
+    identity: Annotated[Path | None, typer.Option(help="Private key file for a stable peer id.")] = None,
+    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
+    throughput: Annotated[float | None, typer.Option(help="Override measured steps/s per block.")] = None,
+    session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is freed.")] = 300.0,
+    record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives.")] = 60.0,
+    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    public_name: Annotated[str | None, typer.Option(help="A name shown by health tools.")] = None,
+) -> None:
+    """Serve a span of a model's blocks to the swarm."""
+    setup_logging()
+    from pydantic import ValidationError
+
+    from stamen.server.config import ServerConfig
+    from stamen.server.server import Server
+    from stamen.types import Span
+
+    try:
+        config = ServerConfig(
+            model=model, initial_peers=initial_peers, blocks=Span.parse(blocks) if blocks else None,
+            num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
+            port=port, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
+            session_timeout=session_timeout, record_ttl=record_ttl, torch_threads=torch_threads,
+            public_name=public_name,
+        )
+    except (ValidationError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    Server(config).run()
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    initial_peers: PeersOpt,
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "Hello",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int, typer.Option()] = 50,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+) -> None:
+    """Generate text through the swarm, streaming tokens as they arrive."""
+    setup_logging("WARNING")
+    import torch
+    from transformers import AutoTokenizer
+
+    from stamen.client.model import AutoDistributedModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    streamer = _TimedStreamer(tokenizer)
+    with dmodel.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
+        print(f"route: {session.describe_route()}", file=sys.stderr)
+        dmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, streamer=streamer)
+    print(file=sys.stdout)
+    print(streamer.summary(), file=sys.stderr)
+    dmodel.shutdown()
+
+
+class _TimedStreamer:
+    """Prints new text as tokens arrive and times them (transformers' streamer protocol: put/end)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed, self.times = tokenizer, [], "", []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            self._start = time.perf_counter()
+            return
+        self.times.append(time.perf_counter())
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def end(self) -> None:
+        pass
+
+    def summary(self) -> str:
+        if len(self.times) < 2:
+            return f"{len(self.times)} tokens"
+        first = self.times[0] - self._start
+        per_token = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+        return (f"{len(self.times)} tokens; time to first token {first * 1000:.0f} ms; "
+                f"{per_token * 1000:.1f} ms/token ({1 / per_token:.1f} tokens/s)")
+
+
+@bench_app.command("inference")
+def bench_inference(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: a random 246M Llama).")] = None,
+    servers: Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 64,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 16,
+    runs: Annotated[int, typer.Option(help="Runs per contender (median reported).")] = 5,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """ms/token of swarm generation vs local transformers generation, side by side in one run."""
+    setup_logging("WARNING")
+    from stamen.bench.inference import run_inference_bench
+
+    run_inference_bench(model=model, num_servers=servers, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
+                        runs=runs, json_only=json_out)
+
+
+@app.command("make-model")
+def make_model(
+    out: Annotated[Path, typer.Argument(help="Directory to write.")],
+    preset: Annotated[str, typer.Option(help="tiny, small (demo) or 246m (benchmark).")] = "small",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Create a random Llama-architecture model in the Hugging Face format (nothing is downloaded)."""
+    from stamen.testing.models import PRESETS, save_random_llama
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"preset must be one of {sorted(PRESETS)}")
+    save_random_llama(out, PRESETS[preset], seed=seed)
+    print(out)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

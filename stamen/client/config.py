@@ -1,0 +1,22 @@
+"""Client settings, validated in one place."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ClientConfig(BaseModel):
+    initial_peers: list[str]
+    """Multiaddrs of DHT peers to join."""
+    dht_prefix: str | None = None
+    """The model's name in the swarm; default: derived from the model path or hub id."""
+    connect_timeout: float = Field(default=60.0, gt=0)
+    """Seconds to wait for online servers to cover every block."""
+    request_timeout: float = Field(default=60.0, gt=0)
+    """Seconds to wait for one server's reply before treating it as failed."""
+    allowed_servers: list[str] | None = None
+    """Use only these peer ids (None: any)."""
+    blocked_servers: list[str] = Field(default_factory=list)
+    """Never use these peer ids."""
+    refresh_period: float = Field(default=5.0, gt=0)
+    """Seconds a fetched view of the swarm stays fresh."""

@@ -1,0 +1,96 @@
+"""The client's view of the swarm: servers read from the DHT, coverage, and routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+
+from stamen.client import loop
+from stamen.client.config import ClientConfig
+from stamen.client.routing import Candidate, Hop, find_route, missing_blocks
+from stamen.dht.records import RemoteServer, ServerState, fetch_servers
+from stamen.errors import SwarmNotReadyError
+from stamen.types import ModelName, PeerIDStr, Span
+
+logger = logging.getLogger(__name__)
+
+
+class Swarm:
+    """Servers of one model, read from the DHT; routes over them."""
+
+    def __init__(self, model_name: ModelName, num_blocks: int, config: ClientConfig):
+        self.model_name, self.num_blocks, self.config = model_name, num_blocks, config
+        self.dht = DHT(initial_peers=config.initial_peers, start=True, client_mode=True)
+        self.p2p: P2P = loop.run(self.dht.replicate_p2p())
+        self._servers: dict[PeerIDStr, RemoteServer] = {}
+        self._fetched_at = -float("inf")
+
+    def servers(self, refresh: bool = False) -> list[RemoteServer]:
+        """Online servers allowed by the config."""
+        if refresh or time.monotonic() - self._fetched_at > self.config.refresh_period:
+            records = fetch_servers(self.dht, self.model_name, self.num_blocks)
+            self._servers = {p: RemoteServer(p, r) for p, r in records.items() if r.state == ServerState.ONLINE}
+            self._fetched_at = time.monotonic()
+        allowed, blocked = self.config.allowed_servers, set(self.config.blocked_servers)
+        return [
+            s for s in self._servers.values()
+            if s.peer_id not in blocked and (allowed is None or s.peer_id in allowed)
+        ]
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Block until online servers cover every block, or raise SwarmNotReadyError naming the gaps."""
+        deadline = time.monotonic() + (self.config.connect_timeout if timeout is None else timeout)
+        delay = 0.1
+        while True:
+            missing = missing_blocks(self.num_blocks, (s.span for s in self.servers(refresh=True)))
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise SwarmNotReadyError(
+                    f"no online servers for blocks {_ranges(missing)} of {self.model_name} "
+                    f"({self.num_blocks} blocks) after waiting", missing
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    def route(self, blocks: Span | None = None, min_cache_tokens: int = 0) -> list[Hop]:
+        blocks = blocks or Span(0, self.num_blocks)
+        for refresh in (False, True):
+            servers = self.servers(refresh=refresh)
+            candidates = [
+                Candidate(s.peer_id, s.span, s.record.throughput, s.record.cache_tokens_left) for s in servers
+            ]
+            route = find_route(candidates, blocks, min_cache_tokens=min_cache_tokens)
+            if route is not None:
+                return route
+        missing = missing_blocks(self.num_blocks, (s.span for s in self.servers()))
+        raise SwarmNotReadyError(
+            f"no route through blocks {blocks} of {self.model_name}: "
+            + (f"blocks {_ranges(missing)} have no online server" if missing else "servers lack free cache"),
+            missing,
+        )
+
+    def dtype_of(self, peer_id: PeerIDStr) -> str:
+        return self._servers[peer_id].record.dtype
+
+    @staticmethod
+    def peer(peer_id: PeerIDStr) -> PeerID:
+        return PeerID.from_base58(peer_id)
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+
+def _ranges(blocks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}-{b}" if b != start else f"{b}")
+            start = None
+    return ", ".join(out)

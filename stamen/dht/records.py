@@ -1,0 +1,107 @@
+"""Server records on the hivemind DHT: one key per block, one subkey per server.
+
+Key ``"{model}.{block}"``, subkey: the server's peer id, value: a ``ServerRecord`` as a plain dict.
+Both sides live here: ``announce`` (servers) next to ``fetch_servers`` (clients).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+from hivemind.utils.timed_storage import get_dht_time
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stamen.types import ModelName, PeerIDStr, Span
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState(enum.StrEnum):
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class ServerRecord(BaseModel):
+    """What a server announces about itself for each block it hosts."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    state: ServerState
+    """joining (loading weights), online (serving), offline (leaving)."""
+    start: int = Field(ge=0)
+    """First block of the server's span."""
+    end: int = Field(gt=0)
+    """One past the last block of the server's span."""
+    throughput: float = Field(ge=0)
+    """Single-token inference steps per second through one block (higher is faster)."""
+    cache_tokens_left: int = Field(ge=0)
+    """Tokens (batch × length) of KV cache the server can still give to new sessions."""
+    dtype: str
+    """The server's compute dtype; activations travel in it."""
+    version: str
+    """Stamen version of the server."""
+    public_name: str | None = None
+    """Optional human-readable name."""
+
+    @property
+    def span(self) -> Span:
+        return Span(self.start, self.end)
+
+
+@dataclass(frozen=True)
+class RemoteServer:
+    """A server as a client sees it: its peer id and record."""
+
+    peer_id: PeerIDStr
+    record: ServerRecord
+
+    @property
+    def span(self) -> Span:
+        return self.record.span
+
+
+def block_key(model: ModelName, block: int) -> str:
+    return f"{model}.{block}"
+
+
+def announce(dht: DHT, model: ModelName, peer_id: PeerIDStr, record: ServerRecord, ttl: float) -> None:
+    """Store ``record`` under every block of its span; it expires after ``ttl`` seconds unless renewed."""
+    keys = [block_key(model, b) for b in range(record.start, record.end)]
+    value = record.model_dump(mode="json")
+    dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, value=value, expiration=get_dht_time() + ttl))
+
+
+async def _store_many(dht: DHT, node: DHTNode, keys: list[str], subkey: str, value: dict, expiration: float) -> None:
+    await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
+
+
+def fetch_servers(dht: DHT, model: ModelName, num_blocks: int) -> dict[PeerIDStr, ServerRecord]:
+    """Every server announced for any block of the model, by peer id (latest record wins)."""
+    keys = [block_key(model, b) for b in range(num_blocks)]
+    found = dht.run_coroutine(partial(_get_many, keys=keys))
+    servers: dict[PeerIDStr, ServerRecord] = {}
+    expirations: dict[PeerIDStr, float] = {}
+    for key in keys:
+        entry = found.get(key)
+        if entry is None or not isinstance(entry.value, dict):
+            continue
+        for subkey, item in entry.value.items():
+            try:
+                record = ServerRecord.model_validate(item.value)
+            except ValidationError:
+                logger.debug("ignoring a malformed record under %s/%s", key, subkey)
+                continue
+            peer = PeerIDStr(str(subkey))
+            if peer not in servers or item.expiration_time > expirations[peer]:
+                servers[peer], expirations[peer] = record, item.expiration_time
+    return servers
+
+
+async def _get_many(dht: DHT, node: DHTNode, keys: list[str]) -> dict:
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))

@@ -1,0 +1,162 @@
+"""Reading Hugging Face checkpoints tensor by tensor: a server loads only its span's blocks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from stamen.errors import CheckpointError
+from stamen.models.config import BlockConfig
+from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict
+from stamen.models.span import SpanModel
+from stamen.types import Span
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """Where every tensor of a model lives; files are fetched lazily for hub ids."""
+
+    source: str
+    """A local directory or a hub id."""
+    weight_map: dict[str, str]
+    """Tensor name -> file name (relative to the checkpoint root)."""
+    local_dir: Path | None
+    """Set when ``source`` is a local directory."""
+    block_prefix: str
+    """``model.layers.`` or ``layers.``: how block tensors are named."""
+    revision: str | None = None
+
+    def path_of(self, filename: str) -> str:
+        if self.local_dir is not None:
+            return str(self.local_dir / filename)
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(self.source, filename, revision=self.revision)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Load the named tensors, opening each file once."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"tensor {name!r} is missing from {self.source}")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for filename, file_names in by_file.items():
+            with safe_open(self.path_of(filename), framework="pt") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+    def block_tensor_names(self, index: int) -> list[str]:
+        prefix = f"{self.block_prefix}{index}."
+        return [prefix + s for s in BLOCK_TENSOR_SUFFIXES if prefix + s in self.weight_map]
+
+
+def open_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Index a local Hugging Face directory or a hub id (single file or sharded safetensors)."""
+    source = str(source)
+    local = Path(source)
+    if local.is_dir():
+        if (local / INDEX_FILE).exists():
+            weight_map = json.loads((local / INDEX_FILE).read_text())["weight_map"]
+        elif (local / SINGLE_FILE).exists():
+            with safe_open(str(local / SINGLE_FILE), framework="pt") as f:
+                weight_map = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise CheckpointError(f"{source} has no {SINGLE_FILE} or {INDEX_FILE}")
+        local_dir: Path | None = local
+    else:
+        weight_map = _hub_weight_map(source, revision)
+        local_dir = None
+    prefix = "model.layers." if any(k.startswith("model.layers.") for k in weight_map) else "layers."
+    return Checkpoint(source, weight_map, local_dir, prefix, revision)
+
+
+def _hub_weight_map(repo_id: str, revision: str | None) -> dict[str, str]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index_path = hf_hub_download(repo_id, INDEX_FILE, revision=revision)
+        return json.loads(Path(index_path).read_text())["weight_map"]
+    except EntryNotFoundError:
+        pass
+    except Exception as e:
+        raise CheckpointError(f"cannot read {repo_id!r}: not a local directory and the hub failed: {e}") from e
+    path = hf_hub_download(repo_id, SINGLE_FILE, revision=revision)
+    with safe_open(path, framework="pt") as f:
+        return {name: SINGLE_FILE for name in f.keys()}
+
+
+def load_config(source: str | os.PathLike, revision: str | None = None):
+    """The transformers config of a model (local directory or hub id)."""
+    try:
+        return AutoConfig.from_pretrained(str(source), revision=revision)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the config of {source}: {e}") from e
+
+
+def load_span(
+    checkpoint: Checkpoint,
+    config: BlockConfig,
+    span: Span,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> SpanModel:
+    """Build a SpanModel holding only blocks ``span`` with weights read from the checkpoint."""
+    if span.end > config.num_blocks:
+        raise CheckpointError(f"span {span} is past the model's {config.num_blocks} blocks")
+    with torch.device("meta"):
+        model = SpanModel(config, span)
+    bar = tqdm(
+        total=span.length, desc=f"loading blocks {span}", unit="block", disable=not progress, dynamic_ncols=True
+    )
+    for i, block in enumerate(model.blocks):
+        index = span.start + i
+        raw = checkpoint.load(checkpoint.block_tensor_names(index))
+        state = hf_block_state_dict(raw, f"{checkpoint.block_prefix}{index}.")
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        try:
+            block.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"block {index} of {checkpoint.source} does not match its config: {e}") from e
+        bar.update(1)
+    bar.close()
+    model.rotary = Rotary(config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class ClientParts:
+    """What a client holds: the input embeddings, the final norm and the LM head."""
+
+    embed_tokens: torch.Tensor
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+
+def load_client_parts(checkpoint: Checkpoint, config: BlockConfig) -> ClientParts:
+    root = "model." if checkpoint.block_prefix.startswith("model.") else ""
+    names = [f"{root}embed_tokens.weight", f"{root}norm.weight"]
+    has_head = "lm_head.weight" in checkpoint.weight_map
+    if has_head:
+        names.append("lm_head.weight")
+    elif not config.tie_word_embeddings:
+        raise CheckpointError(f"{checkpoint.source} has no lm_head.weight and does not tie embeddings")
+    t = checkpoint.load(names)
+    embed = t[names[0]]
+    return ClientParts(embed_tokens=embed, norm=t[names[1]], lm_head=t["lm_head.weight"] if has_head else embed)

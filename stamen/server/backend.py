@@ -1,0 +1,192 @@
+"""The span backend: sessions with in-place KV caches, the cache budget, and compute on one worker.
+
+Handlers validate requests into typed messages and call these methods; this module owns all state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from stamen.errors import (
+    InvalidRequestError,
+    ServerFullError,
+    SessionClosedError,
+    SessionLengthError,
+    UnknownSessionError,
+    WrongBlocksError,
+)
+from stamen.models.span import KVCache, SpanModel
+from stamen.types import Span
+from stamen.wire.messages import OpenSession, Step
+
+logger = logging.getLogger(__name__)
+
+
+class CacheBudget:
+    """KV cache accounting in block-tokens: a session of B sequences × L positions over k blocks
+    takes B·L·k. Reserved when a session opens, returned when it closes."""
+
+    def __init__(self, max_tokens: int, num_blocks: int):
+        self.capacity = max_tokens * num_blocks
+        self.num_blocks = num_blocks
+        self.used = 0
+
+    def reserve(self, tokens: int, blocks: int) -> int:
+        need = tokens * blocks
+        if self.used + need > self.capacity:
+            raise ServerFullError(
+                f"server full: the session needs {tokens} tokens of cache on {blocks} blocks, "
+                f"{self.tokens_left} tokens are free"
+            )
+        self.used += need
+        return need
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+
+    @property
+    def tokens_left(self) -> int:
+        return (self.capacity - self.used) // self.num_blocks
+
+
+@dataclass
+class Session:
+    id: str
+    blocks: Span
+    cache: KVCache
+    reserved: int
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SpanBackend:
+    def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
+                 max_step_tokens: int):
+        self.model, self.dtype, self.device = model, dtype, device
+        self.span = model.span
+        self.hidden_size = model.config.hidden_size
+        self.max_step_tokens = max_step_tokens
+        self.budget = CacheBudget(max_cache_tokens, self.span.length)
+        self.sessions: dict[str, Session] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, for clear errors
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    # --- sessions ---
+
+    def check_blocks(self, blocks: Span) -> None:
+        if not self.span.covers(blocks):
+            raise WrongBlocksError(f"this server hosts blocks {self.span}, not {blocks}")
+
+    def open(self, msg: OpenSession) -> Session:
+        blocks = msg.blocks.span
+        self.check_blocks(blocks)
+        if msg.session_id in self.sessions:
+            raise InvalidRequestError(f"session {msg.session_id} is already open")
+        if msg.batch_size * msg.max_length > self.budget.capacity // self.budget.num_blocks:
+            raise ServerFullError(
+                f"server full: {msg.batch_size}×{msg.max_length} tokens exceed the cache budget of "
+                f"{self.budget.capacity // self.budget.num_blocks} tokens"
+            )
+        reserved = self.budget.reserve(msg.batch_size * msg.max_length, blocks.length)
+        try:
+            cache = KVCache(self.model.config, blocks.length, msg.batch_size, msg.max_length, self.dtype, self.device)
+        except RuntimeError as e:  # the allocator refused despite the budget
+            self.budget.release(reserved)
+            raise ServerFullError(f"server full: cannot allocate the cache: {e}") from None
+        session = Session(msg.session_id, blocks, cache, reserved)
+        self.sessions[msg.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            if session_id in self._closed:
+                raise SessionClosedError(f"session {session_id} is closed")
+            raise UnknownSessionError(f"unknown session {session_id}")
+        return session
+
+    def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        self.budget.release(session.reserved)
+        session.cache = None  # type: ignore[assignment]  # drop the memory now
+        self._closed[session_id] = None
+        while len(self._closed) > 4096:
+            self._closed.popitem(last=False)
+
+    # --- validation ---
+
+    def check_hidden(self, hidden: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            raise InvalidRequestError(
+                f"hidden states must have shape (batch, tokens, {self.hidden_size}), got {tuple(hidden.shape)}"
+            )
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            raise InvalidRequestError(f"batch size {hidden.shape[0]} differs from the session's {batch_size}")
+        if hidden.shape[0] * hidden.shape[1] > self.max_step_tokens or hidden.shape[1] == 0:
+            raise InvalidRequestError(
+                f"a request carries 1 to {self.max_step_tokens} tokens (batch × length), got "
+                f"{hidden.shape[0]}×{hidden.shape[1]}"
+            )
+        if not torch.isfinite(hidden).all():
+            raise InvalidRequestError("hidden states contain NaN or infinity")
+        return hidden.to(self.device, self.dtype)
+
+    @staticmethod
+    def check_aux(tensor: torch.Tensor | None, hidden: torch.Tensor, name: str) -> torch.Tensor | None:
+        if tensor is not None and tuple(tensor.shape) != tuple(hidden.shape[:2]):
+            raise InvalidRequestError(f"{name} must have shape {tuple(hidden.shape[:2])}, got {tuple(tensor.shape)}")
+        return tensor if tensor is None else tensor.to(hidden.device)
+
+    # --- compute (on the worker thread) ---
+
+    async def step(self, session: Session, msg: Step, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None) -> torch.Tensor:
+        cache = session.cache
+        hidden = self.check_hidden(hidden, cache.batch_size)
+        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
+        position_ids = self.check_aux(position_ids, hidden, "position_ids")
+        if msg.position > cache.length:
+            raise SessionLengthError(f"step at position {msg.position}, but the server holds {cache.length} positions")
+        if msg.position + hidden.shape[1] > cache.max_length:
+            raise SessionLengthError(
+                f"step to position {msg.position + hidden.shape[1]} exceeds the session's max length {cache.max_length}"
+            )
+        cache.length = msg.position  # a position below the current length rolls back
+        session.last_used = time.monotonic()
+        return await self._run(self._step, session, hidden, attention_mask, position_ids)
+
+    def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.step(hidden, session.cache, attention_mask, position_ids, session.blocks)
+
+    async def forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> torch.Tensor:
+        self.check_blocks(blocks)
+        hidden = self.check_hidden(hidden)
+        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
+        position_ids = self.check_aux(position_ids, hidden, "position_ids")
+        return await self._run(self._forward, blocks, hidden, attention_mask, position_ids)
+
+    def _forward(self, blocks: Span, hidden, attention_mask, position_ids) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(hidden, attention_mask, position_ids, blocks)
+
+    async def _run(self, fn, *args) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        for session_id in list(self.sessions):
+            self.close(session_id)
+        self._pool.shutdown(wait=False, cancel_futures=True)

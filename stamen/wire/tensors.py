@@ -1,0 +1,66 @@
+"""Tensor encoding on the wire: hivemind's protobuf ``Tensor``, in the tensor's own dtype
+(bf16/fp16 travel as 2 bytes per element), split into parts for streams; decoded with checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from stamen.errors import InvalidRequestError
+
+FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
+INDEX_DTYPES = {"int64", "int32", "bool", "uint8"}
+STREAM_PART_BYTES = 1 << 20
+"""Each streamed message carries at most this many tensor bytes (hivemind caps messages at 4 MiB)."""
+
+
+def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().cpu().contiguous())
+
+
+def decode_tensor(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str], max_numel: int) -> torch.Tensor:
+    """Decode one tensor, raising InvalidRequestError for a wrong dtype, size or corrupt buffer."""
+    if proto.dtype not in allowed_dtypes:
+        raise InvalidRequestError(
+            f"{name}: dtype {proto.dtype or '?'} not allowed (expected one of {sorted(allowed_dtypes)})"
+        )
+    numel = 1
+    for dim in proto.size:
+        numel *= dim
+    if numel > max_numel:
+        raise InvalidRequestError(f"{name}: {numel} elements exceed the limit of {max_numel}")
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise InvalidRequestError(f"{name}: compression {proto.compression} is not accepted")
+    itemsize = torch.empty((), dtype=getattr(torch, proto.dtype)).element_size()
+    if len(proto.buffer) != numel * itemsize:
+        raise InvalidRequestError(
+            f"{name}: buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}"
+        )
+    try:
+        return deserialize_torch_tensor(proto)
+    except Exception as e:  # corrupt buffer
+        raise InvalidRequestError(f"{name}: cannot decode tensor: {e}") from None
+
+
+def split_tensors(tensors: Iterable[runtime_pb2.Tensor]) -> Iterator[runtime_pb2.Tensor]:
+    """Split serialized tensors into parts of at most STREAM_PART_BYTES for streaming."""
+    for proto in tensors:
+        yield from split_for_streaming(proto, STREAM_PART_BYTES)
+
+
+def join_tensor_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
+    """Inverse of ``split_tensors``: a part with a dtype starts a new tensor."""
+    tensors: list[runtime_pb2.Tensor] = []
+    current: list[runtime_pb2.Tensor] = []
+    for part in parts:
+        if part.dtype and current:
+            tensors.append(combine_from_streaming(current))
+            current = []
+        current.append(part)
+    if current:
+        tensors.append(combine_from_streaming(current))
+    return tensors
