@@ -63,6 +63,7 @@ def server(
     identity: Annotated[Path | None, typer.Option(help="Private key file for a stable peer id.")] = None,
     dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
     throughput: Annotated[float | None, typer.Option(help="Override measured steps/s per block.")] = None,
+    max_step_tokens: Annotated[int, typer.Option(help="Most tokens (batch × length) in one request.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is freed.")] = 300.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives.")] = 60.0,
     torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
@@ -81,7 +82,7 @@ def server(
             model=model, initial_peers=initial_peers, blocks=Span.parse(blocks) if blocks else None,
             num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
             port=port, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
-            session_timeout=session_timeout, record_ttl=record_ttl, torch_threads=torch_threads,
+            max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl, torch_threads=torch_threads,
             public_name=public_name,
         )
     except (ValidationError, ValueError) as e:

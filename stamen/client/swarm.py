@@ -81,7 +81,10 @@ class Swarm:
         return PeerID.from_base58(peer_id)
 
     def shutdown(self) -> None:
-        self.dht.shutdown()
+        try:
+            loop.run(self.p2p.shutdown(), timeout=10)
+        finally:
+            self.dht.shutdown()
 
 
 def _ranges(blocks: list[int]) -> str:

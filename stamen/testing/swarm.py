@@ -1,0 +1,134 @@
+"""Start a real swarm on 127.0.0.1: a bootstrap DHT peer and server processes through the CLI.
+
+Used by the test fixtures, the demo and the benchmarks. Readiness is awaited by reading the DHT,
+never by sleeping a fixed time; ``stop`` always reaps every process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stamen.types import Span
+
+
+@dataclass
+class ServerProcess:
+    model: str
+    span: Span
+    proc: subprocess.Popen
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalSwarm:
+    """A bootstrap peer plus any number of span servers, each a real ``stamen`` process."""
+
+    def __init__(self, log_dir: str | Path | None = None, env: dict[str, str] | None = None):
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="stamen-swarm-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.bootstrap: subprocess.Popen | None = None
+        self.initial_peers: list[str] = []
+        self.servers: list[ServerProcess] = []
+        self._dht = None
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "stamen", *args]
+
+    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
+        log = open(self.log_dir / "dht.log", "w")
+        self.bootstrap = subprocess.Popen(self._cmd("dht"), stdout=subprocess.PIPE, stderr=log, text=True,
+                                          env=self.env)
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line.startswith("/ip4/"):  # the first line appears once the peer is up
+            line = self.bootstrap.stdout.readline().strip()
+            if self.bootstrap.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bootstrap peer failed to start; see {self.log_dir / 'dht.log'}")
+        self.initial_peers = [line]
+        return self.initial_peers
+
+    def add_server(self, model: str | Path, span: Span, *extra: str) -> ServerProcess:
+        index = len(self.servers)
+        log_path = self.log_dir / f"server{index}-{span.start}-{span.end}.log"
+        args = [str(model), "--initial-peers", *self.initial_peers, "--blocks", f"{span.start}:{span.end}", *extra]
+        proc = subprocess.Popen(self._cmd("server", *args), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                env=self.env)
+        server = ServerProcess(str(model), span, proc, log_path, args)
+        self.servers.append(server)
+        return server
+
+    def client_dht(self):
+        if self._dht is None:
+            from hivemind import DHT
+
+            self._dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True)
+        return self._dht
+
+    def wait_online(self, model_name: str, num_blocks: int, servers: list[ServerProcess] | None = None,
+                    timeout: float = 180.0) -> None:
+        """Wait until every given server (default: all) is announced online for ``model_name``."""
+        from stamen.dht.records import ServerState, fetch_servers
+
+        servers = self.servers if servers is None else servers
+        wanted = {(s.span.start, s.span.end) for s in servers if s.proc.poll() is None}
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            for s in servers:
+                if s.proc.poll() is not None:
+                    raise RuntimeError(f"server {s.span} exited with {s.proc.returncode}:\n{s.log_tail()}")
+            records = fetch_servers(self.client_dht(), model_name, num_blocks)
+            online = {(r.start, r.end) for r in records.values() if r.state == ServerState.ONLINE}
+            if wanted <= online:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {s.log_path}\n{s.log_tail()}" for s in servers)
+                raise TimeoutError(f"servers not online after {timeout} s (online: {sorted(online)}):\n{tails}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    def stop_server(self, server: ServerProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if server.proc.poll() is None:
+            server.proc.send_signal(sig)
+            try:
+                server.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait()
+        return server.proc.returncode
+
+    def stop(self) -> None:
+        procs = [s.proc for s in self.servers] + ([self.bootstrap] if self.bootstrap else [])
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,119 @@
+"""End-to-end inference through a real swarm on 127.0.0.1, compared with local transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stamen import AutoDistributedModelForCausalLM
+
+pytestmark = pytest.mark.swarm
+
+MODELS = ["llama-gqa", "llama3-rope", "qwen2-bias"]
+
+
+@pytest.fixture(scope="module")
+def clients(swarm, model_dirs):
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = AutoDistributedModelForCausalLM.from_pretrained(
+                model_dirs[name], initial_peers=swarm.initial_peers, request_timeout=30
+            )
+        return made[name]
+
+    yield get
+    for model in made.values():
+        model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_models(model_dirs):
+    return {name: AutoModelForCausalLM.from_pretrained(path).eval() for name, path in model_dirs.items()}
+
+
+def _prompt(vocab: int, batch: int = 1, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_transformers(name, clients, local_models):
+    model, ref = clients(name), local_models[name]
+    ids = _prompt(ref.config.vocab_size, batch=2, length=17)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    got = model(ids).logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_generate_matches_transformers(name, clients, local_models):
+    model, ref = clients(name), local_models[name]
+    ids = _prompt(ref.config.vocab_size, seed=1)
+    expected = ref.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got.shape == (1, ids.shape[1] + 20)
+    assert torch.equal(got, expected)
+
+
+def test_two_generate_calls_in_one_session_equal_one_call(clients):
+    model = clients("llama-gqa")
+    ids = _prompt(model.block_config.vocab_size, seed=2)
+    once = model.generate(ids, max_new_tokens=16, eos_token_id=None)
+    with model.inference_session(max_length=ids.shape[1] + 16) as session:
+        first = model.generate(ids, max_new_tokens=7, eos_token_id=None)
+        sent_after_first = session.position
+        second = model.generate(first, max_new_tokens=9, eos_token_id=None)
+        # the second call sent only the one token the servers had not seen
+        assert session.position == sent_after_first + 9
+    assert torch.equal(second, once)
+
+
+def test_session_rolls_back_when_the_prefix_changes(clients):
+    model = clients("llama-gqa")
+    ids = _prompt(model.block_config.vocab_size, seed=3)
+    other = ids.clone()
+    other[0, -3:] = (other[0, -3:] + 1) % model.block_config.vocab_size
+    expected = model.generate(other, max_new_tokens=5, eos_token_id=None)
+    with model.inference_session(max_length=64):
+        model.generate(ids, max_new_tokens=5, eos_token_id=None)
+        got = model.generate(other, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(got, expected)
+
+
+def test_batched_generate_with_left_padding_matches_transformers(clients, local_models):
+    model, ref = clients("llama-gqa"), local_models["llama-gqa"]
+    ids = _prompt(ref.config.vocab_size, batch=2, length=10, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_sampling_matches_transformers_with_the_same_seed(clients, local_models):
+    model, ref = clients("llama-gqa"), local_models["llama-gqa"]
+    ids = _prompt(ref.config.vocab_size, seed=5)
+    settings = dict(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+                    repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(123)
+    expected = ref.generate(ids, **settings)
+    torch.manual_seed(123)
+    got = model.generate(ids, **settings)
+    assert torch.equal(got, expected)
+
+
+def test_eos_stops_generation(clients):
+    model = clients("llama-gqa")
+    ids = _prompt(model.block_config.vocab_size, seed=6)
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=None)
+    stop_token = int(free[0, ids.shape[1] + 2])
+    got = model.generate(ids, max_new_tokens=6, eos_token_id=stop_token)
+    first_stop = (free[0, ids.shape[1]:] == stop_token).nonzero()[0].item()
+    assert got.shape[1] == ids.shape[1] + first_stop + 1
+    assert int(got[0, -1]) == stop_token
