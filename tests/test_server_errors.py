@@ -1,0 +1,174 @@
+"""Bad input gets a typed error and the server keeps serving (real server processes)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from stamen.client import loop
+from stamen.client.swarm import Swarm
+from stamen.client.config import ClientConfig
+from stamen.errors import (
+    InvalidRequestError,
+    RemoteCallError,
+    ServerFullError,
+    SessionClosedError,
+    SessionLengthError,
+    UnknownSessionError,
+    WrongBlocksError,
+)
+from stamen.server.handler import InferenceStream, call_forward
+from stamen.types import ModelName, Span
+from stamen.wire.messages import CloseSession, Step, decode_inference_reply, encode
+from stamen.wire.tensors import encode_tensor
+
+pytestmark = pytest.mark.swarm
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def qwen(swarm):
+    """The qwen2 model's swarm: server [0:3) has a 4 s session timeout and a 1024-token cache budget."""
+    s = Swarm(ModelName("qwen2-bias"), 4, ClientConfig(initial_peers=swarm.initial_peers, request_timeout=20))
+    s.wait_until_ready()
+    peer = next(x.peer_id for x in s.servers(refresh=True) if x.span == Span(0, 3))
+    yield s, s.peer(peer)
+    s.shutdown()
+
+
+def _open(s: Swarm, peer, blocks=Span(0, 3), max_length=16, batch_size=1) -> InferenceStream:
+    return loop.run(InferenceStream.open(s.p2p, peer, blocks, uuid.uuid4().hex, max_length, batch_size, 20))
+
+
+def _step(stream: InferenceStream, hidden, position=0, session_id=None):
+    if session_id is not None:
+        stream.session_id = session_id
+    return loop.run(stream._step_once(hidden, position, None, None))
+
+
+def _good_step_works(s: Swarm, peer) -> None:
+    stream = _open(s, peer)
+    out = _step(stream, torch.randn(1, 3, HIDDEN))
+    assert out.shape == (1, 3, HIDDEN) and torch.isfinite(out).all()
+    loop.run(stream.close())
+
+
+def _raw(stream: InferenceStream, metadata: bytes, tensors=()):
+    response = loop.run(stream._exchange(runtime_pb2.ExpertRequest(metadata=metadata, tensors=list(tensors))))
+    return decode_inference_reply(response.metadata)
+
+
+BAD_STEPS = {
+    "wrong hidden size": (lambda: torch.randn(1, 2, HIDDEN + 1), InvalidRequestError),
+    "integer dtype": (lambda: torch.ones(1, 2, HIDDEN, dtype=torch.int64), InvalidRequestError),
+    "wrong rank": (lambda: torch.randn(2, HIDDEN), InvalidRequestError),
+    "wrong batch": (lambda: torch.randn(2, 1, HIDDEN), InvalidRequestError),
+    "nan": (lambda: torch.full((1, 1, HIDDEN), float("nan")), InvalidRequestError),
+    "past max length": (lambda: torch.randn(1, 17, HIDDEN), SessionLengthError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_step_gets_typed_error_and_server_keeps_serving(qwen, case):
+    s, peer = qwen
+    make, error = BAD_STEPS[case]
+    stream = _open(s, peer)
+    with pytest.raises(error):
+        _step(stream, make())
+    # the same session still works after the error, and so does a new one
+    assert _step(stream, torch.randn(1, 2, HIDDEN)).shape == (1, 2, HIDDEN)
+    loop.run(stream.close())
+    _good_step_works(s, peer)
+
+
+def test_oversized_request_is_refused(qwen):
+    s, peer = qwen
+    with pytest.raises(InvalidRequestError, match="exceed"):  # past the default --max-step-tokens 8192
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 8193, HIDDEN), None, None, 20))
+    _good_step_works(s, peer)
+
+
+def test_corrupt_tensor_and_malformed_metadata(qwen):
+    s, peer = qwen
+    stream = _open(s, peer)
+    assert _raw(stream, b"{not json").code == "invalid_request"
+    assert _raw(stream, b'{"kind": "step"}').code == "invalid_request"
+    bad = encode_tensor(torch.randn(1, 2, HIDDEN))
+    bad.buffer = bad.buffer[:-4]
+    step = Step(session_id=stream.session_id, position=0)
+    assert _raw(stream, encode(step), [bad]).code == "invalid_request"
+    assert _raw(stream, encode(step), []).code == "invalid_request"
+    loop.run(stream.close())
+    _good_step_works(s, peer)
+
+
+def test_unknown_and_closed_sessions(qwen):
+    s, peer = qwen
+    stream = _open(s, peer)
+    real_id = stream.session_id
+    with pytest.raises(UnknownSessionError):
+        _step(stream, torch.randn(1, 1, HIDDEN), session_id="no-such-session")
+    stream.session_id = real_id
+    reply = _raw(stream, encode(CloseSession(session_id=real_id)))
+    assert reply.kind == "closed"
+    with pytest.raises(SessionClosedError):
+        _step(stream, torch.randn(1, 1, HIDDEN))
+    stream.closed = True
+    stream._outbox.put_nowait(None)
+    _good_step_works(s, peer)
+
+
+def test_step_ahead_of_the_cache_is_refused(qwen):
+    s, peer = qwen
+    stream = _open(s, peer)
+    _step(stream, torch.randn(1, 2, HIDDEN))
+    with pytest.raises(SessionLengthError):
+        _step(stream, torch.randn(1, 1, HIDDEN), position=5)
+    assert _step(stream, torch.randn(1, 1, HIDDEN), position=2).shape == (1, 1, HIDDEN)
+    loop.run(stream.close())
+
+
+def test_blocks_the_server_does_not_host(qwen):
+    s, peer = qwen
+    with pytest.raises(WrongBlocksError):
+        _open(s, peer, blocks=Span(2, 4))
+    with pytest.raises(WrongBlocksError):
+        loop.run(call_forward(s.p2p, peer, Span(3, 4), torch.randn(1, 2, HIDDEN), None, None, 20))
+    _good_step_works(s, peer)
+
+
+def test_server_full_is_refused_at_open(qwen):
+    s, peer = qwen
+    with pytest.raises(ServerFullError, match="server full"):
+        _open(s, peer, max_length=2048)
+    held = _open(s, peer, max_length=1000)  # takes most of the 1024-token budget
+    with pytest.raises(ServerFullError):
+        _open(s, peer, max_length=100)
+    loop.run(held.close())
+    _good_step_works(s, peer)  # the budget came back
+
+
+def test_idle_session_is_freed(qwen):
+    s, peer = qwen
+    stream = _open(s, peer, max_length=1000)
+    time.sleep(5.5)  # the server's session timeout is 4 s: waiting past it is the behaviour under test
+    with pytest.raises((SessionClosedError, RemoteCallError)):  # the server replied and ended the stream
+        _step(stream, torch.randn(1, 1, HIDDEN))
+    held = _open(s, peer, max_length=1000)  # the idle session's cache was returned
+    loop.run(held.close())
+
+
+def test_forward_rejects_bad_input(qwen):
+    s, peer = qwen
+    with pytest.raises(InvalidRequestError):
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 2, HIDDEN + 3), None, None, 20))
+    with pytest.raises(InvalidRequestError):
+        mask = torch.ones(1, 5, dtype=torch.int64)
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 2, HIDDEN), mask, None, 20))
+    out = loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(2, 5, HIDDEN), None, None, 20))
+    assert out.shape == (2, 5, HIDDEN)
