@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
@@ -19,7 +19,17 @@ STREAM_PART_BYTES = 1 << 20
 
 
 def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach().cpu().contiguous())
+    """Serialize without compression, in the tensor's dtype. (hivemind's own serializer upcasts
+    bfloat16 to float32 unless USE_LEGACY_BFLOAT16=0 is set, doubling the bytes on the wire.)"""
+    tensor = tensor.detach().cpu().contiguous()
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return runtime_pb2.Tensor(
+        compression=runtime_pb2.CompressionType.NONE,
+        buffer=raw.numpy().tobytes(),
+        size=tensor.shape,
+        dtype=str(tensor.dtype).removeprefix("torch."),
+        requires_grad=tensor.requires_grad,
+    )
 
 
 def decode_tensor(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str], max_numel: int) -> torch.Tensor:

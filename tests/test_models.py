@@ -1,0 +1,148 @@
+"""Our block math against transformers on tiny random configs (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from stamen.errors import CheckpointError, UnsupportedModelError
+from stamen.models import BlockConfig, KVCache, load_client_parts, load_config, load_span, open_checkpoint
+from stamen.testing.models import save_random_llama
+from stamen.types import Span
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=97)
+CONFIGS = {
+    "llama-mha": ("llama", dict(TINY, num_key_value_heads=4)),
+    "llama-gqa": ("llama", TINY),
+    "llama3-rope": ("llama", dict(TINY, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8))),
+    "linear-rope": ("llama", dict(TINY, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "llama-bias": ("llama", dict(TINY, attention_bias=True, mlp_bias=True)),
+    "qwen2": ("qwen2", TINY),
+    "mistral-window": ("mistral", dict(TINY, sliding_window=5)),
+    "tied": ("llama", dict(TINY, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def saved(request, tmp_path_factory):
+    model_type, overrides = CONFIGS[request.param]
+    path = save_random_llama(tmp_path_factory.mktemp(request.param), overrides, model_type=model_type,
+                             with_tokenizer=False)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    return path, ref
+
+
+def _local_logits(path, spans, ids, attention_mask=None):
+    ck = open_checkpoint(path)
+    config = BlockConfig.from_hf(load_config(path))
+    parts = load_client_parts(ck, config)
+    models = [load_span(ck, config, s, torch.float32, progress=False) for s in spans]
+    h = F.embedding(ids, parts.embed_tokens)
+    for m in models:
+        h = m(h, attention_mask)
+    return _head(h, parts, config), models, parts, config
+
+
+def _head(h, parts, config):
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+    return (parts.norm * x) @ parts.lm_head.T
+
+
+def test_full_forward_matches_transformers(saved):
+    path, ref = saved
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    got, *_ = _local_logits(path, [Span(0, 1), Span(1, 4)], ids)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_steps_match_full_forward(saved):
+    path, ref = saved
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1))
+    _, models, parts, config = _local_logits(path, [Span(0, 2), Span(2, 4)], ids[:, :1])
+    caches = [KVCache(config, m.span.length, 2, 24, torch.float32) for m in models]
+    outs = []
+    with torch.no_grad():
+        for chunk in (ids[:, :6], ids[:, 6:7], ids[:, 7:15], ids[:, 15:16], ids[:, 16:]):
+            h = F.embedding(chunk, parts.embed_tokens)
+            for m, c in zip(models, caches):
+                h = m.step(h, c)
+            outs.append(_head(h, parts, config))
+        expected = ref(ids).logits
+    torch.testing.assert_close(torch.cat(outs, 1), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_batch_matches_transformers(saved):
+    path, ref = saved
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    got, *_ = _local_logits(path, [Span(0, 4)], ids, mask)
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def test_rollback_overwrites_the_cache(saved):
+    path, ref = saved
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(3))
+    _, models, parts, config = _local_logits(path, [Span(0, 4)], ids[:, :1])
+    model, cache = models[0], KVCache(config, 4, 1, 16, torch.float32)
+    with torch.no_grad():
+        model.step(F.embedding(torch.randint(0, 97, (1, 10)), parts.embed_tokens), cache)  # junk to roll back
+        cache.length = 0
+        got = _head(model.step(F.embedding(ids, parts.embed_tokens), cache), parts, config)
+        expected = ref(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_span_loading_reads_only_its_blocks(saved):
+    path, _ = saved
+    ck = open_checkpoint(path)
+    config = BlockConfig.from_hf(load_config(path))
+    model = load_span(ck, config, Span(1, 3), torch.float32, progress=False)
+    assert [b.index for b in model.blocks] == [1, 2]
+    assert sum(p.numel() for p in model.parameters()) < 3 * sum(
+        p.numel() for p in load_span(ck, config, Span(0, 1), torch.float32, progress=False).parameters()
+    )
+
+
+def test_sharded_checkpoint(tmp_path):
+    path = save_random_llama(tmp_path / "m", TINY, with_tokenizer=False)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 97, (1, 7))
+    got, *_ = _local_logits(tmp_path / "sharded", [Span(0, 4)], ids)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_span_is_close(saved):
+    path, ref = saved
+    ck = open_checkpoint(path)
+    config = BlockConfig.from_hf(load_config(path))
+    m32 = load_span(ck, config, Span(0, 4), torch.float32, progress=False)
+    m16 = load_span(ck, config, Span(0, 4), torch.bfloat16, progress=False)
+    h = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        out16 = m16(h.bfloat16())
+        assert out16.dtype == torch.bfloat16
+        torch.testing.assert_close(out16.float(), m32(h), atol=0.1, rtol=0.05)
+
+
+def test_unsupported_models_get_typed_errors(tmp_path):
+    with pytest.raises(UnsupportedModelError):
+        BlockConfig.from_hf(AutoConfig.for_model("gpt2"))
+    with pytest.raises(UnsupportedModelError):
+        BlockConfig.from_hf(AutoConfig.for_model("llama", rope_parameters=dict(rope_type="yarn", factor=2.0,
+                                                                                rope_theta=1e4)))
+    with pytest.raises(CheckpointError):
+        open_checkpoint(tmp_path)  # a directory without weights

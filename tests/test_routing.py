@@ -1,0 +1,69 @@
+"""Routing and placement are pure functions: tested on synthetic swarms."""
+
+from __future__ import annotations
+
+import pytest
+
+from stamen.client.routing import Candidate, Hop, find_route, missing_blocks
+from stamen.server.placement import choose_span
+from stamen.types import PeerIDStr, Span
+
+
+def c(name: str, start: int, end: int, throughput: float = 100.0, cache: int = 1 << 30) -> Candidate:
+    return Candidate(PeerIDStr(name), Span(start, end), throughput, cache)
+
+
+def test_route_covers_all_blocks_in_order():
+    route = find_route([c("a", 0, 4), c("b", 4, 8), c("c", 8, 12)], Span(0, 12))
+    assert route == [Hop("a", Span(0, 4)), Hop("b", Span(4, 8)), Hop("c", Span(8, 12))]
+
+
+def test_route_prefers_fewer_hops():
+    route = find_route([c("a", 0, 4), c("b", 4, 8), c("big", 0, 8)], Span(0, 8))
+    assert route == [Hop("big", Span(0, 8))]
+
+
+def test_route_uses_part_of_an_overlapping_server():
+    route = find_route([c("a", 0, 6), c("b", 3, 10, throughput=1000)], Span(0, 10))
+    assert [h.peer_id for h in route] == ["a", "b"]
+    assert route[0].blocks.start == 0 and route[-1].blocks.end == 10
+    assert route[0].blocks.end == route[1].blocks.start
+
+
+def test_route_avoids_slow_servers():
+    fast = find_route([c("slow", 0, 8, throughput=1), c("f1", 0, 4, 1000), c("f2", 4, 8, 1000)], Span(0, 8))
+    assert [h.peer_id for h in fast] == ["f1", "f2"]
+
+
+def test_route_skips_servers_without_cache():
+    route = find_route([c("full", 0, 8, cache=10), c("a", 0, 4), c("b", 4, 8)], Span(0, 8), min_cache_tokens=100)
+    assert [h.peer_id for h in route] == ["a", "b"]
+
+
+def test_route_rtt_matters():
+    servers = [c("near", 0, 8, throughput=100), c("far", 0, 8, throughput=120)]
+    route = find_route(servers, Span(0, 8), rtt={PeerIDStr("far"): 0.5, PeerIDStr("near"): 0.001})
+    assert route == [Hop("near", Span(0, 8))]
+
+
+def test_no_route_when_a_block_is_missing():
+    assert find_route([c("a", 0, 4), c("b", 5, 8)], Span(0, 8)) is None
+    assert missing_blocks(8, [Span(0, 4), Span(5, 8)]) == [4]
+
+
+def test_sub_range_route():
+    assert find_route([c("a", 0, 8)], Span(2, 5)) == [Hop("a", Span(2, 5))]
+
+
+@pytest.mark.parametrize(
+    "existing, length, expected",
+    [
+        ([], 4, Span(0, 4)),
+        ([(Span(0, 4), 10.0)], 4, Span(4, 8)),
+        ([(Span(0, 4), 10.0), (Span(8, 12), 10.0)], 4, Span(4, 8)),
+        ([(Span(0, 12), 10.0), (Span(0, 6), 50.0)], 6, Span(6, 12)),
+        ([], 20, Span(0, 12)),
+    ],
+)
+def test_choose_span_takes_the_weakest_window(existing, length, expected):
+    assert choose_span(12, length, existing) == expected
