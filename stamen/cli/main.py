@@ -104,6 +104,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="Ignore the end-of-sequence token.")] = False,
 ) -> None:
     """Generate text through the swarm, streaming tokens as they arrive."""
     setup_logging("WARNING")
@@ -125,7 +126,8 @@ def generate(
     with dmodel.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
         print(f"route: {session.describe_route()}", file=sys.stderr)
         dmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, streamer=streamer)
+                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, streamer=streamer,
+                        **({"eos_token_id": None} if no_eos else {}))
     print(file=sys.stdout)
     print(streamer.summary(), file=sys.stderr)
     dmodel.shutdown()
