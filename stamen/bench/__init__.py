@@ -1,0 +1,1 @@
+"""Benchmarks: Stamen side by side with local baselines, in one process run."""
