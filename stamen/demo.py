@@ -56,7 +56,7 @@ def main() -> None:
             print("route:", session.describe_route())
             sys.stdout.write(f"\n{prompt}")
             model.generate(ids, max_new_tokens=40, do_sample=True, top_k=40, temperature=0.8, streamer=Printer())
-        gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        gaps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
         print(f"\n{len(stamps) - 1} tokens, {1000 * sum(gaps) / len(gaps):.1f} ms/token through 3 servers "
               "(random weights: the text is noise; see the tests for parity with transformers)")
         model.shutdown()

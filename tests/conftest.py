@@ -45,9 +45,9 @@ def swarm(model_dirs, tmp_path_factory):
     """One bootstrap peer and servers for every model of SWARM_MODELS, online before tests run."""
     with LocalSwarm(log_dir=tmp_path_factory.mktemp("swarm-logs")) as s:
         s.start_bootstrap()
-        for name, (_, overrides, spans, extra) in SWARM_MODELS.items():
+        for name, (_, _, spans, extra) in SWARM_MODELS.items():
             for span in spans:
                 s.add_server(model_dirs[name], span, "--torch-threads", "1", *extra)
-        for name, (_, overrides, spans, _) in SWARM_MODELS.items():
+        for name, (_, overrides, _, _) in SWARM_MODELS.items():
             s.wait_online(name, overrides["num_hidden_layers"], [x for x in s.servers if x.model == model_dirs[name]])
         yield s

@@ -10,8 +10,8 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from stamen.client import loop
-from stamen.client.swarm import Swarm
 from stamen.client.config import ClientConfig
+from stamen.client.swarm import Swarm
 from stamen.errors import (
     InvalidRequestError,
     RemoteCallError,

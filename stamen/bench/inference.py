@@ -29,7 +29,7 @@ class _Clock:
         pass
 
     def ms_per_token(self) -> float:
-        gaps = [b - a for a, b in zip(self.times[1:], self.times[2:])]  # times[0] is the prompt
+        gaps = [b - a for a, b in zip(self.times[1:], self.times[2:], strict=False)]  # times[0] is the prompt
         return 1000 * statistics.mean(gaps)
 
     def first_token_ms(self) -> float:
@@ -38,7 +38,7 @@ class _Clock:
 
 def _even_spans(num_blocks: int, parts: int) -> list[Span]:
     bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
-    return [Span(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [Span(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _load_all_blocks(model_dir: str):

@@ -79,10 +79,12 @@ def server(
 
     try:
         config = ServerConfig(
-            model=model, initial_peers=initial_peers, blocks=Span.parse(blocks) if blocks else None,
+            model=model, initial_peers=initial_peers,
+            blocks=Span.parse(blocks) if blocks else None,
             num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
             port=port, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
-            max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl, torch_threads=torch_threads,
+            max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
+            torch_threads=torch_threads,
             public_name=public_name,
         )
     except (ValidationError, ValueError) as e:
