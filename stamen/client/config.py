@@ -20,3 +20,7 @@ class ClientConfig(BaseModel):
     """Never use these peer ids."""
     refresh_period: float = Field(default=5.0, gt=0)
     """Seconds a fetched view of the swarm stays fresh."""
+    max_retries: int = Field(default=5, ge=0)
+    """Times one step or forward is retried after network faults before giving up."""
+    ban_timeout: float = Field(default=30.0, ge=0)
+    """Seconds a server that failed is left out of routes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,13 +16,14 @@ from torch import nn
 from stamen.client import loop
 from stamen.client.config import ClientConfig
 from stamen.client.generation import GenerationMixin
+from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.session import InferenceSession
 from stamen.client.swarm import Swarm
 from stamen.models import BlockConfig, load_client_parts, load_config, open_checkpoint
 from stamen.models.llama import RMSNorm
 from stamen.server.config import default_dht_prefix
 from stamen.server.handler import call_forward
-from stamen.types import ModelName
+from stamen.types import ModelName, Span
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +109,22 @@ class DistributedModelForCausalLM(GenerationMixin, nn.Module):
 
     def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        route = self.swarm.route()
-        timeout = self.swarm.config.request_timeout
-        out = hidden.detach()
-        for hop in route:
-            out = loop.run(call_forward(self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, out,
-                                        attention_mask, position_ids, timeout))
+        """Stateless forward through every block; a failed server's blocks are re-run on another route."""
+        config = self.swarm.config
+        out, block, failures = hidden.detach(), 0, 0
+        while block < self.block_config.num_blocks:
+            for hop in self.swarm.route(Span(block, self.block_config.num_blocks)):
+                try:
+                    out = loop.run(call_forward(self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, out,
+                                                attention_mask, position_ids, config.request_timeout))
+                except Exception as e:
+                    if not is_retryable(e) or failures >= config.max_retries:
+                        raise
+                    self.swarm.ban(hop.peer_id, f"forward over blocks {hop.blocks} failed: {e}")
+                    time.sleep(backoff_delay(failures))
+                    failures += 1
+                    break  # find a new route from this block on
+                block = hop.blocks.end
         return out.to(hidden.dtype)
 
     def step_logits(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask=None,

@@ -1,14 +1,23 @@
-"""Inference sessions: a chain of per-server sessions whose KV caches hold the sequence so far."""
+"""Fault-tolerant inference sessions: a chain of per-server sessions whose KV caches hold the
+sequence so far.
+
+The client keeps, for every hop of the route, the hidden states it sent to that hop. When a server
+fails (lost connection, timeout, lost session), the client bans it, finds servers that cover
+exactly the failed hop's blocks (one or several), replays the hop's history into them to rebuild
+their caches, and retries the step. Greedy output with a failure equals output without one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass, field
 
 import torch
 
 from stamen.client import loop
+from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
@@ -16,6 +25,24 @@ from stamen.server.config import DTYPES
 from stamen.server.handler import InferenceStream
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _StepInputs:
+    """What every hop receives for one step besides its hidden states."""
+
+    position: int
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+
+@dataclass
+class _LiveHop:
+    hop: Hop
+    stream: InferenceStream
+    wire_dtype: torch.dtype
+    history: list[torch.Tensor] = field(default_factory=list)
+    """Hidden states sent to this hop, one tensor per step, aligned with the session's steps."""
 
 
 class InferenceSession:
@@ -26,13 +53,14 @@ class InferenceSession:
     def __init__(self, swarm: Swarm, max_length: int, batch_size: int = 1):
         self.swarm, self.max_length, self.batch_size = swarm, max_length, batch_size
         self.session_id = uuid.uuid4().hex
-        self.route: list[Hop] = []
-        self._streams: list[InferenceStream] = []
-        self._wire_dtypes: list[torch.dtype] = []
+        self._hops: list[_LiveHop] = []
+        self._steps: list[_StepInputs] = []
         self.position = 0
         self.input_ids: torch.Tensor | None = None
         """(B, position) token ids behind the cached positions, kept by the model's generate."""
         self.closed = False
+        self.recoveries = 0
+        """How many times a failed hop was replaced (for logs and tests)."""
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -41,24 +69,37 @@ class InferenceSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
+
     def open(self) -> None:
-        self.route = self.swarm.route(min_cache_tokens=self.max_length * self.batch_size)
-        self._wire_dtypes = [DTYPES.get(self.swarm.dtype_of(h.peer_id), torch.float32) for h in self.route]
-        self._streams = loop.run(self._open_streams(self.route))
+        self._hops = loop.run(self._open_route(self.swarm.num_blocks_span()))
         logger.info("session %s route: %s", self.session_id[:8], self.describe_route())
 
-    async def _open_streams(self, route: list[Hop]) -> list[InferenceStream]:
-        timeout = self.swarm.config.request_timeout
-        results = await asyncio.gather(
-            *(InferenceStream.open(self.swarm.p2p, self.swarm.peer(h.peer_id), h.blocks, self.session_id,
-                                   self.max_length, self.batch_size, timeout) for h in route),
-            return_exceptions=True,
+    async def _open_route(self, blocks) -> list[_LiveHop]:
+        """Open streams covering ``blocks``, rerouting around servers that fail to open."""
+        for attempt in range(self.swarm.config.max_retries + 1):
+            route = self.swarm.route(blocks, min_cache_tokens=self.max_length * self.batch_size)
+            results = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
+            opened = [r for r in results if isinstance(r, _LiveHop)]
+            failures = [(h, r) for h, r in zip(route, results, strict=True) if isinstance(r, BaseException)]
+            if not failures:
+                return opened
+            await asyncio.gather(*(h.stream.close() for h in opened), return_exceptions=True)
+            for hop, error in failures:
+                if not is_retryable(error) or attempt == self.swarm.config.max_retries:
+                    raise error
+                self.swarm.ban(hop.peer_id, f"cannot open a session for blocks {hop.blocks}: {error}")
+            await asyncio.sleep(backoff_delay(attempt))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _open_hop(self, hop: Hop) -> _LiveHop:
+        stream = await InferenceStream.open(
+            self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, self.session_id, self.max_length,
+            self.batch_size, self.swarm.config.request_timeout,
         )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await asyncio.gather(*(r.close() for r in results if isinstance(r, InferenceStream)))
-            raise errors[0]
-        return list(results)
+        return _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
 
     def describe_route(self) -> str:
         return " -> ".join(f"{h.peer_id[-6:]}{h.blocks}" for h in self.route)
@@ -73,19 +114,96 @@ class InferenceSession:
             raise SessionLengthError(
                 f"session max_length {self.max_length} exceeded: {self.position} positions + {num_new} new"
             )
-        out = loop.run(self._step(hidden, attention_mask, position_ids))
+        inputs = _StepInputs(self.position, attention_mask, position_ids)
+        out = loop.run(self._step(hidden, inputs))
+        self._steps.append(inputs)
         self.position += num_new
         return out.to(hidden.dtype)
 
-    async def _step(self, hidden, attention_mask, position_ids) -> torch.Tensor:
-        for wire_dtype, stream in zip(self._wire_dtypes, self._streams, strict=False):
-            hidden = await stream.step(hidden.to(wire_dtype), self.position, attention_mask, position_ids)
+    async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+        i = 0
+        while i < len(self._hops):
+            live = self._hops[i]
+            hidden = hidden.to(live.wire_dtype)
+            for attempt in range(self.swarm.config.max_retries + 1):
+                try:
+                    out = await live.stream.step(hidden, inputs.position, inputs.attention_mask,
+                                                 inputs.position_ids)
+                    break
+                except Exception as e:
+                    if not is_retryable(e) or attempt == self.swarm.config.max_retries:
+                        raise
+                    logger.warning("session %s: server %s failed on blocks %s at position %d: %s",
+                                   self.session_id[:8], live.hop.peer_id, live.hop.blocks, inputs.position, e)
+                    self.swarm.ban(live.hop.peer_id, str(e))
+                    await asyncio.sleep(backoff_delay(attempt))
+                    live = await self._replace(i)
+                    hidden = hidden.to(live.wire_dtype)
+            live.history.append(hidden)
+            hidden = out
+            i += 1
         return hidden
+
+    async def _replace(self, i: int) -> _LiveHop:
+        """Swap hop ``i`` for fresh servers covering exactly its blocks and replay its history into them.
+        Returns the first new hop (the others follow it in ``self._hops``)."""
+        failed = self._hops[i]
+        asyncio.ensure_future(failed.stream.close())  # best effort; the server may be gone
+        for attempt in range(self.swarm.config.max_retries + 1):
+            new_hops = await self._open_route(failed.hop.blocks)
+            try:
+                await self._replay(new_hops, failed.history)
+                break
+            except Exception as e:
+                await asyncio.gather(*(h.stream.close() for h in new_hops), return_exceptions=True)
+                if not is_retryable(e) or attempt == self.swarm.config.max_retries:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt))
+        self._hops[i : i + 1] = new_hops
+        self.recoveries += 1
+        logger.warning("session %s: replaced %s%s by %s, replayed %d positions", self.session_id[:8],
+                       failed.hop.peer_id[-6:], failed.hop.blocks,
+                       " + ".join(f"{h.hop.peer_id[-6:]}{h.hop.blocks}" for h in new_hops), self.position)
+        return new_hops[0]
+
+    async def _replay(self, new_hops: list[_LiveHop], history: list[torch.Tensor]) -> None:
+        """Feed the failed hop's inputs through the new hops; each one's outputs are the next one's inputs."""
+        for live in new_hops:
+            outputs = []
+            try:
+                for inputs, hidden in zip(self._steps, history, strict=True):
+                    hidden = hidden.to(live.wire_dtype)
+                    live.history.append(hidden)
+                    outputs.append(await live.stream.step(hidden, inputs.position, inputs.attention_mask,
+                                                          inputs.position_ids))
+            except Exception as e:
+                if is_retryable(e):
+                    self.swarm.ban(live.hop.peer_id, f"failed during replay: {e}")
+                raise
+            history = outputs
 
     def rollback(self, position: int) -> None:
         """Forget positions from ``position`` on; the next step overwrites them."""
         if not 0 <= position <= self.position:
             raise SessionLengthError(f"cannot roll back to {position}: the session holds {self.position}")
+        keep: list[_StepInputs] = []
+        for step_index, inputs in enumerate(self._steps):
+            if inputs.position >= position:
+                break
+            keep.append(inputs)
+            num = position - inputs.position  # tokens of this step to keep
+            for live in self._hops:
+                if step_index < len(live.history) and live.history[step_index].shape[1] > num:
+                    live.history[step_index] = live.history[step_index][:, :num]
+            if inputs.attention_mask is not None or inputs.position_ids is not None:
+                keep[-1] = _StepInputs(
+                    inputs.position,
+                    None if inputs.attention_mask is None else inputs.attention_mask[:, :num],
+                    None if inputs.position_ids is None else inputs.position_ids[:, :num],
+                )
+        for live in self._hops:
+            del live.history[len(keep):]
+        self._steps = keep
         self.position = position
         if self.input_ids is not None:
             self.input_ids = self.input_ids[:, :position]
@@ -94,8 +212,8 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-        if self._streams:
+        if self._hops:
             loop.run(self._close_streams())
 
     async def _close_streams(self) -> None:
-        await asyncio.gather(*(s.close() for s in self._streams), return_exceptions=True)
+        await asyncio.gather(*(h.stream.close() for h in self._hops), return_exceptions=True)

@@ -27,6 +27,12 @@ class Swarm:
         self.p2p: P2P = loop.run(self.dht.replicate_p2p())
         self._servers: dict[PeerIDStr, RemoteServer] = {}
         self._fetched_at = -float("inf")
+        self._banned_until: dict[PeerIDStr, float] = {}
+
+    def ban(self, peer_id: PeerIDStr, reason: str) -> None:
+        """Leave a failed server out of routes for ``ban_timeout`` seconds."""
+        logger.warning("banning %s for %.0f s: %s", peer_id, self.config.ban_timeout, reason)
+        self._banned_until[peer_id] = time.monotonic() + self.config.ban_timeout
 
     def servers(self, refresh: bool = False) -> list[RemoteServer]:
         """Online servers allowed by the config."""
@@ -34,7 +40,9 @@ class Swarm:
             records = fetch_servers(self.dht, self.model_name, self.num_blocks)
             self._servers = {p: RemoteServer(p, r) for p, r in records.items() if r.state == ServerState.ONLINE}
             self._fetched_at = time.monotonic()
-        allowed, blocked = self.config.allowed_servers, set(self.config.blocked_servers)
+        now = time.monotonic()
+        banned = {p for p, until in self._banned_until.items() if until > now}
+        allowed, blocked = self.config.allowed_servers, set(self.config.blocked_servers) | banned
         return [
             s for s in self._servers.values()
             if s.peer_id not in blocked and (allowed is None or s.peer_id in allowed)
@@ -56,6 +64,9 @@ class Swarm:
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
+    def num_blocks_span(self) -> Span:
+        return Span(0, self.num_blocks)
+
     def route(self, blocks: Span | None = None, min_cache_tokens: int = 0) -> list[Hop]:
         blocks = blocks or Span(0, self.num_blocks)
         for refresh in (False, True):
@@ -74,7 +85,8 @@ class Swarm:
         )
 
     def dtype_of(self, peer_id: PeerIDStr) -> str:
-        return self._servers[peer_id].record.dtype
+        server = self._servers.get(peer_id)
+        return server.record.dtype if server else "float32"
 
     @staticmethod
     def peer(peer_id: PeerIDStr) -> PeerID:

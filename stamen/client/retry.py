@@ -1,0 +1,21 @@
+"""The one retry policy: which failures are network faults worth retrying, and the backoff."""
+
+from __future__ import annotations
+
+import random
+
+from stamen.errors import RemoteCallError, ServerFullError, SessionClosedError, UnknownSessionError
+
+RETRYABLE = (RemoteCallError, ServerFullError, SessionClosedError, UnknownSessionError)
+"""A lost connection, a timeout, a crashed or restarted server (its sessions are gone), or a server
+that filled up since we read its record. Anything else (TypeError, ValueError, InvalidRequestError,
+SessionLengthError...) is a bug or bad input and is raised at once."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, RETRYABLE)
+
+
+def backoff_delay(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base · 2^attempt))."""
+    return random.uniform(0, min(cap, base * 2**attempt))

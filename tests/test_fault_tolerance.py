@@ -1,0 +1,156 @@
+"""Servers die or hang mid-generation; the client replays into replacements and the tokens do not change.
+
+A dedicated swarm (its own bootstrap peer) so killing servers does not disturb other tests.
+Model of 4 blocks; servers: A[0:2), C1[0:1) + C2[1:2) (together a replacement for A), and three
+servers for [2:4): each test below uses one up. Throughput is pinned so the first route is A -> one [2:4) server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stamen import AutoDistributedModelForCausalLM
+from stamen.errors import SwarmNotReadyError
+from stamen.testing.models import save_random_llama
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import Span
+
+pytestmark = pytest.mark.swarm
+
+NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory):
+    path = save_random_llama(tmp_path_factory.mktemp("ft") / "llama-ft", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    with LocalSwarm(log_dir=tmp_path_factory.mktemp("ft-logs")) as swarm:
+        swarm.start_bootstrap()
+        common = ("--torch-threads", "1", "--throughput", "100")
+        servers = {
+            "A": swarm.add_server(path, Span(0, 2), *common),
+            "C1": swarm.add_server(path, Span(0, 1), *common),
+            "C2": swarm.add_server(path, Span(1, 2), *common),
+            "B1": swarm.add_server(path, Span(2, 4), *common),
+            "B2": swarm.add_server(path, Span(2, 4), *common),
+            "B3": swarm.add_server(path, Span(2, 4), *common),
+            "B4": swarm.add_server(path, Span(2, 4), *common),
+        }
+        swarm.wait_online("llama-ft", 4)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, request_timeout=3, max_retries=3, ban_timeout=600)
+        prompt = torch.randint(3, model.block_config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+        expected = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+        local = AutoModelForCausalLM.from_pretrained(path)
+        assert torch.equal(expected, local.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                    eos_token_id=None, pad_token_id=0))
+        yield swarm, servers, model, prompt, expected
+        for s in servers.values():  # resume anything left stopped so it can be reaped
+            if s.proc.poll() is None:
+                os.kill(s.proc.pid, signal.SIGCONT)
+        model.shutdown()
+
+
+def _server_of(swarm, servers, session, blocks: Span):
+    """The process serving ``blocks`` in the session's current route."""
+    peer = next(h.peer_id for h in session.route if h.blocks == blocks)
+    for proc in servers.values():
+        if proc.span == blocks and proc.proc.poll() is None and peer[-6:] in proc.log_path.read_text():
+            return proc
+    raise LookupError(f"no live process for {peer} {blocks}")
+
+
+def _generate_with_fault(model, prompt, at_step: int, fault):
+    class FaultAt:
+        def __init__(self):
+            self.count = -1
+
+        def put(self, value):
+            self.count += 1
+            if self.count == at_step:
+                fault()
+
+        def end(self):
+            pass
+
+    with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
+        model._fault_session = session
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=FaultAt())
+        return out, session.recoveries
+
+
+def test_forward_survives_a_dead_server(ft):
+    swarm, servers, model, prompt, expected = ft
+    ids = expected[:, :20]
+    before = model(ids).logits
+    peer = next(h.peer_id for h in model.swarm.route() if h.blocks.start == 2)
+    victim = next(s for s in servers.values() if s.span == Span(2, 4) and peer[-6:] in s.log_path.read_text())
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    # the client's view still lists the dead server as online: the call fails, is banned, rerouted
+    after = model(ids).logits
+    assert torch.equal(after, before)
+    assert all(h.peer_id != peer for h in model.swarm.route())
+
+
+def test_sigkill_replaced_by_one_server(ft):
+    swarm, servers, model, prompt, expected = ft
+    killed = []
+
+    def kill():
+        victim = _server_of(swarm, servers, model._fault_session, Span(2, 4))
+        victim.proc.send_signal(signal.SIGKILL)
+        killed.append(victim)
+
+    out, recoveries = _generate_with_fault(model, prompt, at_step=int(torch.randint(3, 35, ())), fault=kill)
+    assert killed and recoveries >= 1
+    assert torch.equal(out, expected)
+
+
+def test_hung_server_is_detected_by_timeout(ft):
+    swarm, servers, model, prompt, expected = ft
+    stopped = []
+
+    def stop():
+        victim = _server_of(swarm, servers, model._fault_session, Span(2, 4))
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        stopped.append(victim)
+
+    start = time.monotonic()
+    out, recoveries = _generate_with_fault(model, prompt, at_step=int(torch.randint(3, 35, ())), fault=stop)
+    assert stopped and recoveries >= 1
+    assert torch.equal(out, expected)
+    assert time.monotonic() - start < 60
+    os.kill(stopped[0].proc.pid, signal.SIGCONT)
+    stopped[0].proc.kill()
+
+
+def test_sigkill_replaced_by_two_servers(ft):
+    swarm, servers, model, prompt, expected = ft
+
+    def kill():
+        _server_of(swarm, servers, model._fault_session, Span(0, 2)).proc.send_signal(signal.SIGKILL)
+
+    out, recoveries = _generate_with_fault(model, prompt, at_step=int(torch.randint(3, 35, ())), fault=kill)
+    assert recoveries >= 1
+    assert torch.equal(out, expected)
+
+
+def test_no_replacement_gives_a_clear_error_in_bounded_time(ft):
+    swarm, servers, model, prompt, expected = ft
+    last_b = next(s for name, s in servers.items() if name.startswith("B") and s.proc.poll() is None)
+
+    def kill():
+        last_b.proc.send_signal(signal.SIGKILL)
+
+    start = time.monotonic()
+    with pytest.raises(SwarmNotReadyError, match="2-3") as info:
+        _generate_with_fault(model, prompt, at_step=5, fault=kill)
+    assert info.value.missing_blocks == [2, 3]
+    assert time.monotonic() - start < 60
