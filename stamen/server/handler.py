@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises stream RPCs by typing.AsyncIterator hints)
 
 import torch
@@ -132,8 +133,10 @@ class SpanHandler(ServicerBase):
         hidden, mask, positions = self._decode_inputs(
             list(request.tensors), msg.has_attention_mask, msg.has_position_ids
         )
+        start = time.perf_counter()
         out = await self.backend.step(session, msg, hidden, mask, positions)
-        reply = StepDone(session_id=msg.session_id, position=session.cache.length)
+        reply = StepDone(session_id=msg.session_id, position=session.cache.length,
+                         compute_ms=1000 * (time.perf_counter() - start))
         return Response(metadata=encode(reply), tensors=[encode_tensor(out)])
 
     # --- forward: stateless, tensors streamed in parts both ways ---
@@ -231,6 +234,8 @@ class InferenceStream:
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._replies: AsyncIterator[Response] | None = None
         self.closed = False
+        self.server_compute_ms = 0.0
+        """Total compute time the server reported for this session's steps."""
 
     async def _requests(self) -> AsyncIterator[Request]:
         while (request := await self._outbox.get()) is not None:
@@ -293,6 +298,7 @@ class InferenceStream:
         _raise_if_error(reply)
         if not isinstance(reply, StepDone) or len(response.tensors) != 1:
             raise RemoteCallError(f"unexpected reply from {self.peer}: {reply!r}")
+        self.server_compute_ms += reply.compute_ms
         return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, hidden.numel())
 
     async def close(self) -> None:

@@ -83,6 +83,8 @@ class StepDone(_Msg):
     session_id: str
     position: int
     """The session's length after this step."""
+    compute_ms: float = 0.0
+    """Time the server spent computing this step (for latency breakdowns)."""
 
 
 class Closed(_Msg):
