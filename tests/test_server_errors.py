@@ -15,6 +15,7 @@ from stamen.client.swarm import Swarm
 from stamen.errors import (
     InvalidRequestError,
     RemoteCallError,
+    RequestError,
     ServerFullError,
     SessionClosedError,
     SessionLengthError,
@@ -23,7 +24,7 @@ from stamen.errors import (
 )
 from stamen.server.handler import InferenceStream, call_forward
 from stamen.types import ModelName, Span
-from stamen.wire.messages import CloseSession, Step, decode_inference_reply, encode
+from stamen.wire.messages import CloseSession, Step, encode
 from stamen.wire.tensors import encode_tensor
 
 pytestmark = pytest.mark.swarm
@@ -48,7 +49,7 @@ def _open(s: Swarm, peer, blocks=Span(0, 3), max_length=16, batch_size=1) -> Inf
 def _step(stream: InferenceStream, hidden, position=0, session_id=None):
     if session_id is not None:
         stream.session_id = session_id
-    return loop.run(stream._step_once(hidden, position, None, None))
+    return loop.run(stream.step(hidden, position))
 
 
 def _good_step_works(s: Swarm, peer) -> None:
@@ -59,8 +60,12 @@ def _good_step_works(s: Swarm, peer) -> None:
 
 
 def _raw(stream: InferenceStream, metadata: bytes, tensors=()):
-    response = loop.run(stream._exchange(runtime_pb2.ExpertRequest(metadata=metadata, tensors=list(tensors))))
-    return decode_inference_reply(response.metadata)
+    """Send a hand-made request; returns the reply, or the code of the typed error it raised."""
+    try:
+        reply, _ = loop.run(stream.control(runtime_pb2.ExpertRequest(metadata=metadata, tensors=list(tensors))))
+    except RequestError as e:
+        return e.code
+    return reply
 
 
 BAD_STEPS = {
@@ -96,13 +101,13 @@ def test_oversized_request_is_refused(qwen):
 def test_corrupt_tensor_and_malformed_metadata(qwen):
     s, peer = qwen
     stream = _open(s, peer)
-    assert _raw(stream, b"{not json").code == "invalid_request"
-    assert _raw(stream, b'{"kind": "step"}').code == "invalid_request"
+    assert _raw(stream, b"{not json") == "invalid_request"
+    assert _raw(stream, b'{"kind": "step"}') == "invalid_request"
     bad = encode_tensor(torch.randn(1, 2, HIDDEN))
     bad.buffer = bad.buffer[:-4]
-    step = Step(session_id=stream.session_id, position=0)
-    assert _raw(stream, encode(step), [bad]).code == "invalid_request"
-    assert _raw(stream, encode(step), []).code == "invalid_request"
+    step = Step(session_id=stream.session_id, step_id=0, position=0)
+    assert _raw(stream, encode(step), [bad]) == "invalid_request"
+    assert _raw(stream, encode(step), []) == "invalid_request"
     loop.run(stream.close())
     _good_step_works(s, peer)
 
@@ -119,7 +124,7 @@ def test_unknown_and_closed_sessions(qwen):
     with pytest.raises(SessionClosedError):
         _step(stream, torch.randn(1, 1, HIDDEN))
     stream.closed = True
-    stream._outbox.put_nowait(None)
+    stream._outbox.put_nowait(None)  # end the stream without another close message
     _good_step_works(s, peer)
 
 

@@ -117,3 +117,29 @@ def test_eos_stops_generation(clients):
     first_stop = (free[0, ids.shape[1]:] == stop_token).nonzero()[0].item()
     assert got.shape[1] == ids.shape[1] + first_stop + 1
     assert int(got[0, -1]) == stop_token
+
+
+def test_push_on_and_off_give_identical_tokens(swarm, model_dirs, clients):
+    from stamen.client import loop
+    from stamen.server.handler import call_info
+
+    pushed_model = clients("llama-gqa")
+    assert pushed_model.swarm.config.use_push
+    plain_model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_dirs["llama-gqa"], initial_peers=swarm.initial_peers, use_push=False)
+    try:
+        def pushed_steps() -> int:
+            servers = pushed_model.swarm.servers(refresh=True)
+            infos = [loop.run(call_info(pushed_model.swarm.p2p, pushed_model.swarm.peer(s.peer_id), 10))
+                     for s in servers]
+            return sum(i.pushed_steps for i in infos)
+
+        ids = _prompt(pushed_model.block_config.vocab_size, seed=7)
+        before = pushed_steps()
+        without_push = plain_model.generate(ids, max_new_tokens=20, eos_token_id=None)
+        assert pushed_steps() == before  # no server received a pushed input
+        with_push = pushed_model.generate(ids, max_new_tokens=20, eos_token_id=None)
+        assert pushed_steps() > before  # later servers computed from pushed inputs
+        assert torch.equal(with_push, without_push)
+    finally:
+        plain_model.shutdown()

@@ -14,15 +14,16 @@ from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor, encode_tensor, join
 def test_messages_round_trip():
     msg = OpenSession(session_id="s", blocks=SpanRef.of(Span(1, 3)), max_length=8, batch_size=2)
     assert decode_inference_request(encode(msg)) == msg
-    step = Step(session_id="s", position=4, has_attention_mask=True)
+    step = Step(session_id="s", step_id=3, position=4, has_attention_mask=True)
     assert decode_inference_request(encode(step)) == step
 
 
 @pytest.mark.parametrize("raw", [
     b"", b"[]", b'{"kind": "nope"}', b'{"kind": "open", "session_id": "s"}',
     b'{"kind": "open", "session_id": "s", "blocks": {"start": 3, "end": 1}, "max_length": 4, "batch_size": 1}',
-    b'{"kind": "step", "session_id": "s", "position": -1}',
-    b'{"kind": "step", "session_id": "s", "position": 0, "extra": 1}',
+    b'{"kind": "step", "session_id": "s", "step_id": 0, "position": -1}',
+    b'{"kind": "step", "session_id": "s", "step_id": 0, "position": 0, "extra": 1}',
+    b'{"kind": "step", "session_id": "s", "position": 0}',
 ])
 def test_malformed_messages_are_typed_errors(raw):
     with pytest.raises(InvalidRequestError):

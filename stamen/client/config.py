@@ -22,5 +22,7 @@ class ClientConfig(BaseModel):
     """Seconds a fetched view of the swarm stays fresh."""
     max_retries: int = Field(default=5, ge=0)
     """Times one step or forward is retried after network faults before giving up."""
+    use_push: bool = True
+    """Servers push their outputs straight to the next server of the route."""
     ban_timeout: float = Field(default=30.0, ge=0)
     """Seconds a server that failed is left out of routes."""

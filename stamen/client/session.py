@@ -23,6 +23,8 @@ from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
 from stamen.server.config import DTYPES
 from stamen.server.handler import InferenceStream
+from stamen.wire.messages import PushTarget
+from stamen.wire.tensors import STREAM_PART_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 class _StepInputs:
     """What every hop receives for one step besides its hidden states."""
 
+    step_id: int
     position: int
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
@@ -55,6 +58,7 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self._hops: list[_LiveHop] = []
         self._steps: list[_StepInputs] = []
+        self._next_step_id = 0
         self.position = 0
         self.input_ids: torch.Tensor | None = None
         """(B, position) token ids behind the cached positions, kept by the model's generate."""
@@ -96,7 +100,7 @@ class InferenceSession:
 
     async def _open_hop(self, hop: Hop) -> _LiveHop:
         stream = await InferenceStream.open(
-            self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, self.session_id, self.max_length,
+            self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, uuid.uuid4().hex, self.max_length,
             self.batch_size, self.swarm.config.request_timeout,
         )
         return _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
@@ -106,29 +110,51 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run hidden (B, T, H) through every block at the current position; returns (B, T, H)."""
+        """Run hidden (B, T, H) through every block at the current position; returns (B, T, H).
+        Long inputs go in several steps so that each message stays under the transport's cap."""
         if self.closed:
             raise SessionLengthError("the inference session is closed")
-        num_new = hidden.shape[1]
-        if self.position + num_new > self.max_length:
+        B, T, H = hidden.shape
+        if self.position + T > self.max_length:
             raise SessionLengthError(
-                f"session max_length {self.max_length} exceeded: {self.position} positions + {num_new} new"
+                f"session max_length {self.max_length} exceeded: {self.position} positions + {T} new"
             )
-        inputs = _StepInputs(self.position, attention_mask, position_ids)
-        out = loop.run(self._step(hidden, inputs))
-        self._steps.append(inputs)
-        self.position += num_new
+        chunk = max(1, STREAM_PART_BYTES * 2 // (B * H * 4))
+        outputs = []
+        for start in range(0, T, chunk):
+            end = min(T, start + chunk)
+            inputs = _StepInputs(
+                self._next_step_id, self.position,
+                None if attention_mask is None else attention_mask[:, start:end],
+                None if position_ids is None else position_ids[:, start:end],
+            )
+            self._next_step_id += 1
+            outputs.append(loop.run(self._step(hidden[:, start:end], inputs)))
+            self._steps.append(inputs)
+            self.position += end - start
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out.to(hidden.dtype)
 
+    def _push_chain(self, after: int) -> list[PushTarget]:
+        if not self.swarm.config.use_push:
+            return []
+        return [PushTarget(peer_id=h.hop.peer_id, session_id=h.stream.session_id) for h in self._hops[after:]]
+
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+        """One step through the chain. Hop 0 gets the input with the rest of the chain attached, so
+        each server pushes its output to the next; the client still sends every hop its input as
+        soon as it has it (ignored if the push came first), which also covers failed pushes."""
+        for live in self._hops:  # register before sending: a pushed reply may come back first
+            live.stream.expect(inputs.step_id)
         i = 0
         while i < len(self._hops):
             live = self._hops[i]
-            hidden = hidden.to(live.wire_dtype)
             for attempt in range(self.swarm.config.max_retries + 1):
                 try:
-                    out = await live.stream.step(hidden, inputs.position, inputs.attention_mask,
-                                                 inputs.position_ids)
+                    hidden = hidden.to(live.wire_dtype)
+                    live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
+                                          inputs.position_ids, self._push_chain(i + 1))
+                    out = await live.stream.result(inputs.step_id, hidden.numel())
                     break
                 except Exception as e:
                     if not is_retryable(e) or attempt == self.swarm.config.max_retries:
@@ -138,7 +164,8 @@ class InferenceSession:
                     self.swarm.ban(live.hop.peer_id, str(e))
                     await asyncio.sleep(backoff_delay(attempt))
                     live = await self._replace(i)
-                    hidden = hidden.to(live.wire_dtype)
+                    for new in self._hops:
+                        new.stream.expect(inputs.step_id)
             live.history.append(hidden)
             hidden = out
             i += 1
@@ -174,8 +201,9 @@ class InferenceSession:
                 for inputs, hidden in zip(self._steps, history, strict=True):
                     hidden = hidden.to(live.wire_dtype)
                     live.history.append(hidden)
-                    outputs.append(await live.stream.step(hidden, inputs.position, inputs.attention_mask,
-                                                          inputs.position_ids))
+                    live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
+                                          inputs.position_ids)
+                    outputs.append(await live.stream.result(inputs.step_id, hidden.numel()))
             except Exception as e:
                 if is_retryable(e):
                     self.swarm.ban(live.hop.peer_id, f"failed during replay: {e}")
@@ -197,6 +225,7 @@ class InferenceSession:
                     live.history[step_index] = live.history[step_index][:, :num]
             if inputs.attention_mask is not None or inputs.position_ids is not None:
                 keep[-1] = _StepInputs(
+                    inputs.step_id,
                     inputs.position,
                     None if inputs.attention_mask is None else inputs.attention_mask[:, :num],
                     None if inputs.position_ids is None else inputs.position_ids[:, :num],

@@ -67,6 +67,11 @@ class Session:
     blocks: Span
     cache: KVCache
     reserved: int
+    replies: asyncio.Queue
+    """Replies for the client's stream that owns this session (pushed steps answer there too)."""
+    last_step_id: int = -1
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Steps of one session run one at a time (a push and the client's copy may race)."""
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -92,7 +97,7 @@ class SpanBackend:
         if not self.span.covers(blocks):
             raise WrongBlocksError(f"this server hosts blocks {self.span}, not {blocks}")
 
-    def open(self, msg: OpenSession) -> Session:
+    def open(self, msg: OpenSession, replies: asyncio.Queue) -> Session:
         blocks = msg.blocks.span
         self.check_blocks(blocks)
         if msg.session_id in self.sessions:
@@ -108,7 +113,7 @@ class SpanBackend:
         except RuntimeError as e:  # the allocator refused despite the budget
             self.budget.release(reserved)
             raise ServerFullError(f"server full: cannot allocate the cache: {e}") from None
-        session = Session(msg.session_id, blocks, cache, reserved)
+        session = Session(msg.session_id, blocks, cache, reserved, replies)
         self.sessions[msg.session_id] = session
         return session
 

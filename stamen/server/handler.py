@@ -31,6 +31,8 @@ from stamen.wire.messages import (
     InfoReply,
     Opened,
     OpenSession,
+    PushAck,
+    PushTarget,
     SpanRef,
     Step,
     StepDone,
@@ -39,12 +41,13 @@ from stamen.wire.messages import (
     decode_inference_reply,
     decode_inference_request,
     decode_info_reply,
+    decode_push_reply,
+    decode_step,
     encode,
 )
 from stamen.wire.tensors import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    STREAM_PART_BYTES,
     decode_tensor,
     encode_tensor,
     join_tensor_parts,
@@ -57,11 +60,12 @@ Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
 
 
-def _error(e: Exception) -> Response:
+def _error(e: Exception, step_id: int | None = None) -> Response:
     if isinstance(e, RequestError):
-        return Response(metadata=encode(ErrorReply(code=e.code, message=str(e))))
+        return Response(metadata=encode(ErrorReply(code=e.code, message=str(e), step_id=step_id)))
     logger.exception("internal error while serving a request")
-    return Response(metadata=encode(ErrorReply(code="internal", message=f"internal server error: {e!r}")))
+    return Response(metadata=encode(ErrorReply(code="internal", message=f"internal server error: {e!r}",
+                                               step_id=step_id)))
 
 
 class SpanHandler(ServicerBase):
@@ -69,6 +73,13 @@ class SpanHandler(ServicerBase):
                  request_timeout: float):
         self.backend, self.peer_id, self.version = backend, peer_id, version
         self.session_timeout, self.request_timeout = session_timeout, request_timeout
+        self._p2p: P2P | None = None
+        self._pushes: set[asyncio.Task] = set()
+        self.pushed_steps = 0
+
+    async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
+        self._p2p = p2p  # pushes go out through the same daemon
+        await super().add_p2p_handlers(p2p, *args, **kwargs)
 
     def _decode_inputs(self, protos: list[runtime_pb2.Tensor], has_mask: bool, has_positions: bool):
         expected = 1 + has_mask + has_positions
@@ -90,13 +101,28 @@ class SpanHandler(ServicerBase):
             dtype=self.backend.dtype_name,
             cache_tokens_left=self.backend.budget.tokens_left,
             version=self.version,
+            pushed_steps=self.pushed_steps,
         )
         return Response(metadata=encode(reply))
 
     # --- inference: one stream per client connection, sessions with KV caches ---
 
     async def rpc_inference(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """Client messages are read by a task; replies (also those of steps that another server
+        pushed into this stream's sessions) leave through one queue."""
+        replies: asyncio.Queue[Response | None] = asyncio.Queue()
         opened: set[str] = set()
+        reader = asyncio.create_task(self._read_inference(requests, replies, opened, context))
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for session_id in opened:
+                self.backend.close(session_id)
+
+    async def _read_inference(self, requests: AsyncIterator[Request], replies: asyncio.Queue,
+                              opened: set[str], context: P2PContext) -> None:
         try:
             while True:
                 try:
@@ -105,20 +131,25 @@ class SpanHandler(ServicerBase):
                     return
                 except TimeoutError:
                     logger.info("closing idle sessions %s of %s", sorted(opened), context.remote_id)
-                    yield _error(SessionClosedError(f"idle for {self.session_timeout:.0f} s: session closed"))
+                    replies.put_nowait(_error(SessionClosedError(
+                        f"idle for {self.session_timeout:.0f} s: session closed")))
                     return
+                step_id = None
                 try:
-                    yield await self._inference_message(request, opened)
+                    msg = decode_inference_request(request.metadata)
+                    step_id = msg.step_id if isinstance(msg, Step) else None
+                    reply = await self._inference_message(msg, request, replies, opened)
                 except Exception as e:  # a typed error (or a bug): reply and keep serving
-                    yield _error(e)
+                    reply = _error(e, step_id)
+                if reply is not None:
+                    replies.put_nowait(reply)
         finally:
-            for session_id in opened:
-                self.backend.close(session_id)
+            replies.put_nowait(None)
 
-    async def _inference_message(self, request: Request, opened: set[str]) -> Response:
-        msg = decode_inference_request(request.metadata)
+    async def _inference_message(self, msg, request: Request, replies: asyncio.Queue,
+                                 opened: set[str]) -> Response | None:
         if isinstance(msg, OpenSession):
-            self.backend.open(msg)
+            self.backend.open(msg, replies)
             opened.add(msg.session_id)
             return Response(metadata=encode(Opened(session_id=msg.session_id)))
         if isinstance(msg, CloseSession):
@@ -126,18 +157,52 @@ class SpanHandler(ServicerBase):
             self.backend.close(msg.session_id)
             opened.discard(msg.session_id)
             return Response(metadata=encode(Closed(session_id=msg.session_id)))
-        return await self._step(msg, request)
+        await self._step(msg, list(request.tensors))
+        return None  # the step's reply went to the session's queue
 
-    async def _step(self, msg: Step, request: Request) -> Response:
+    async def _step(self, msg: Step, tensors: list[runtime_pb2.Tensor], pushed: bool = False) -> None:
+        """Run a step unless it is a duplicate, push the output on, and queue the reply to the client."""
         session = self.backend.get(msg.session_id)
-        hidden, mask, positions = self._decode_inputs(
-            list(request.tensors), msg.has_attention_mask, msg.has_position_ids
-        )
-        start = time.perf_counter()
-        out = await self.backend.step(session, msg, hidden, mask, positions)
-        reply = StepDone(session_id=msg.session_id, position=session.cache.length,
-                         compute_ms=1000 * (time.perf_counter() - start))
-        return Response(metadata=encode(reply), tensors=[encode_tensor(out)])
+        async with session.lock:
+            if msg.step_id <= session.last_step_id:
+                return  # already computed from the other copy (pushed or sent by the client)
+            hidden, mask, positions = self._decode_inputs(tensors, msg.has_attention_mask, msg.has_position_ids)
+            start = time.perf_counter()
+            out = await self.backend.step(session, msg, hidden, mask, positions)
+            session.last_step_id = msg.step_id
+            self.pushed_steps += pushed
+        compute_ms = 1000 * (time.perf_counter() - start)
+        encoded = encode_tensor(out)
+        if msg.push_to:
+            pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:],
+                                                has_attention_mask=msg.has_attention_mask,
+                                                has_position_ids=msg.has_position_ids))
+            task = asyncio.create_task(self._push(msg.push_to[0].peer_id, pushed, [encoded, *tensors[1:]]))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+        reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
+                         compute_ms=compute_ms)
+        session.replies.put_nowait(Response(metadata=encode(reply), tensors=[encoded]))
+
+    # --- push: a server hands its output straight to the next server of the route ---
+
+    async def _push(self, peer_id: str, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
+        """Best effort: if the push fails, the client's own copy of the input still arrives."""
+        try:
+            stub = SpanHandler.get_stub(self._p2p, PeerID.from_base58(peer_id))
+            response = await stub.rpc_push(Request(metadata=encode(msg), tensors=tensors),
+                                           timeout=self.request_timeout)
+            _raise_if_error(decode_push_reply(response.metadata))
+        except Exception as e:
+            logger.info("push of step %d to %s failed: %r", msg.step_id, peer_id, e)
+
+    async def rpc_push(self, request: Request, context: P2PContext) -> Response:
+        try:
+            msg = decode_step(request.metadata)
+            await self._step(msg, list(request.tensors), pushed=True)
+            return Response(metadata=encode(PushAck()))
+        except Exception as e:
+            return _error(e)
 
     # --- forward: stateless, tensors streamed in parts both ways ---
 
@@ -227,12 +292,19 @@ async def call_forward(
 
 
 class InferenceStream:
-    """The client half of ``rpc_inference``: one open session on one server."""
+    """The client half of ``rpc_inference``: one open session on one server.
+
+    A reader task matches replies to steps by ``step_id`` (a step may be answered without the
+    client's request when a previous server pushed its input), and other replies (open, close,
+    errors without a step) to the one pending control call."""
 
     def __init__(self, peer: PeerID, blocks: Span, session_id: str, timeout: float):
         self.peer, self.blocks, self.session_id, self.timeout = peer, blocks, session_id, timeout
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
-        self._replies: AsyncIterator[Response] | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._control: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self._next_step_id = 0
         self.closed = False
         self.server_compute_ms = 0.0
         """Total compute time the server reported for this session's steps."""
@@ -241,19 +313,50 @@ class InferenceStream:
         while (request := await self._outbox.get()) is not None:
             yield request
 
-    async def _exchange(self, request: Request) -> Response:
-        if self._replies is None:
-            raise RemoteCallError("stream is not open")
-        self._outbox.put_nowait(request)
+    async def _read(self, replies: AsyncIterator[Response]) -> None:
+        failure: Exception = RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}")
         try:
-            response = await asyncio.wait_for(anext(self._replies), self.timeout)
-        except StopAsyncIteration:
-            raise RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}") from None
+            async for response in replies:
+                self._dispatch(response)
+        except Exception as e:
+            failure = RemoteCallError(f"inference stream to {self.peer} failed: {e!r}")
+        for future in [*self._pending.values(), self._control]:
+            if future is not None and not future.done():
+                future.set_exception(failure)
+
+    def _dispatch(self, response: Response) -> None:
+        try:
+            reply = decode_inference_reply(response.metadata)
+        except StamenError as e:
+            reply = ErrorReply(code="internal", message=f"undecodable reply: {e}")
+        step_id = getattr(reply, "step_id", None)
+        future = self._pending.get(step_id) if step_id is not None else None
+        if future is None:
+            future = self._control
+        if future is None or future.done():
+            if isinstance(reply, ErrorReply):  # an error for no one in particular fails everything
+                for pending in self._pending.values():
+                    if not pending.done():
+                        pending.set_exception(request_error_from_code(reply.code, reply.message))
+            return
+        if isinstance(reply, ErrorReply):
+            future.set_exception(request_error_from_code(reply.code, reply.message))
+        else:
+            future.set_result((reply, response))
+
+    async def _await(self, future: asyncio.Future):
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except TimeoutError:
             raise RemoteCallError(f"{self.peer} did not answer within {self.timeout} s") from None
-        except Exception as e:
-            raise RemoteCallError(f"inference stream to {self.peer} failed: {e!r}") from e
-        return response
+
+    async def control(self, request: Request):
+        """Send a non-step request (open, close, or anything malformed) and await its reply."""
+        if self._reader is None or self._reader.done():
+            raise RemoteCallError(f"the stream to {self.peer} is not open")
+        self._control = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait(request)
+        return await self._await(self._control)
 
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, session_id: str, max_length: int, batch_size: int,
@@ -261,52 +364,64 @@ class InferenceStream:
         self = cls(peer, blocks, session_id, timeout)
         stub = SpanHandler.get_stub(p2p, peer)
         try:
-            self._replies = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
+            replies = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
         except Exception as e:
             raise RemoteCallError(f"cannot open a stream to {peer}: {e!r}") from e
+        self._reader = asyncio.create_task(self._read(replies))
         msg = OpenSession(session_id=session_id, blocks=SpanRef.of(blocks), max_length=max_length,
                           batch_size=batch_size)
         try:
-            reply = decode_inference_reply((await self._exchange(Request(metadata=encode(msg)))).metadata)
-            _raise_if_error(reply)
+            await self.control(Request(metadata=encode(msg)))
         except BaseException:
             self._outbox.put_nowait(None)
             raise
         return self
 
-    async def step(self, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Send hidden (B, T, H) at ``position``; long inputs go in several messages under the size cap."""
-        B, T, H = hidden.shape
-        chunk = max(1, STREAM_PART_BYTES * 2 // (B * H * hidden.element_size()))
-        outputs = []
-        for start in range(0, T, chunk):
-            end = min(T, start + chunk)
-            outputs.append(await self._step_once(
-                hidden[:, start:end], position + start,
-                None if attention_mask is None else attention_mask[:, start:end],
-                None if position_ids is None else position_ids[:, start:end],
-            ))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    def new_step_id(self) -> int:
+        self._next_step_id += 1
+        return self._next_step_id - 1
 
-    async def _step_once(self, hidden, position, attention_mask, position_ids) -> torch.Tensor:
-        msg = Step(session_id=self.session_id, position=position, has_attention_mask=attention_mask is not None,
-                   has_position_ids=position_ids is not None)
+    def expect(self, step_id: int) -> asyncio.Future:
+        """The future of a step's output (created before sending, so a pushed reply is not missed)."""
+        if step_id not in self._pending:
+            self._pending[step_id] = asyncio.get_running_loop().create_future()
+        return self._pending[step_id]
+
+    def send_step(self, step_id: int, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, push_to: list[PushTarget] | None = None) -> None:
+        self.expect(step_id)
+        self._next_step_id = max(self._next_step_id, step_id + 1)
+        msg = Step(session_id=self.session_id, step_id=step_id, position=position,
+                   has_attention_mask=attention_mask is not None, has_position_ids=position_ids is not None,
+                   push_to=push_to or [])
         tensors = [encode_tensor(t) for t in (hidden, attention_mask, position_ids) if t is not None]
-        response = await self._exchange(Request(metadata=encode(msg), tensors=tensors))
-        reply = decode_inference_reply(response.metadata)
-        _raise_if_error(reply)
+        self._outbox.put_nowait(Request(metadata=encode(msg), tensors=tensors))
+
+    async def result(self, step_id: int, num_elements: int) -> torch.Tensor:
+        """Await a step's output hidden states."""
+        try:
+            reply, response = await self._await(self.expect(step_id))
+        finally:
+            if self._pending.get(step_id) is not None and self._pending[step_id].done():
+                del self._pending[step_id]
         if not isinstance(reply, StepDone) or len(response.tensors) != 1:
             raise RemoteCallError(f"unexpected reply from {self.peer}: {reply!r}")
         self.server_compute_ms += reply.compute_ms
-        return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, hidden.numel())
+        return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, num_elements)
+
+    async def step(self, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on this server alone (no push), with the next step id."""
+        step_id = self.new_step_id()
+        self.send_step(step_id, hidden, position, attention_mask, position_ids)
+        return await self.result(step_id, hidden.numel())
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            await self._exchange(Request(metadata=encode(CloseSession(session_id=self.session_id))))
+            await self.control(Request(metadata=encode(CloseSession(session_id=self.session_id))))
         except StamenError as e:
             logger.debug("closing session %s on %s: %s", self.session_id, self.peer, e)
         finally:

@@ -49,16 +49,29 @@ class OpenSession(_Msg):
     batch_size: int = Field(gt=0)
 
 
+class PushTarget(_Msg):
+    """A later hop of the route: where a server pushes its output."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(min_length=1, max_length=64)
+
+
 class Step(_Msg):
     """Append new hidden states at ``position``; tensors: hidden (B, T, H), then optional
     attention_mask (B, T) and position_ids (B, T) as flagged. ``position`` below the server's
-    current length rolls the cache back to it."""
+    current length rolls the cache back to it.
+
+    ``step_id`` grows with every step of a session: a step whose id was already processed (the
+    client's copy of an input that a previous server already pushed) is ignored. ``push_to``
+    lists the following hops: the server sends its output to the first with the rest attached."""
 
     kind: Literal["step"] = "step"
     session_id: str = Field(min_length=1, max_length=64)
+    step_id: int = Field(ge=0)
     position: int = Field(ge=0)
     has_attention_mask: bool = False
     has_position_ids: bool = False
+    push_to: list[PushTarget] = Field(default_factory=list, max_length=256)
 
 
 class CloseSession(_Msg):
@@ -81,6 +94,7 @@ class StepDone(_Msg):
 
     kind: Literal["step_done"] = "step_done"
     session_id: str
+    step_id: int
     position: int
     """The session's length after this step."""
     compute_ms: float = 0.0
@@ -98,6 +112,14 @@ class ErrorReply(_Msg):
     kind: Literal["error"] = "error"
     code: str
     message: str
+    step_id: int | None = None
+    """The step that failed, when the error belongs to one."""
+
+
+class PushAck(_Msg):
+    """Reply to ``rpc_push``: accepted (processed, or ignored as a duplicate)."""
+
+    kind: Literal["push_ack"] = "push_ack"
 
 
 InferenceReply = Annotated[Opened | StepDone | Closed | ErrorReply, Field(discriminator="kind")]
@@ -134,6 +156,8 @@ class InfoReply(_Msg):
     dtype: str
     cache_tokens_left: int
     version: str
+    pushed_steps: int = 0
+    """Steps this server computed from an input another server pushed (before the client's copy)."""
 
 
 _inference_request = TypeAdapter(InferenceRequest)
@@ -159,6 +183,14 @@ def decode_forward_request(raw: bytes) -> ForwardRequest:
 
 def decode_forward_reply(raw: bytes) -> ForwardDone | ErrorReply:
     return _parse(_forward_reply, raw)
+
+
+def decode_step(raw: bytes) -> Step:
+    return _parse(TypeAdapter(Step), raw)
+
+
+def decode_push_reply(raw: bytes) -> PushAck | ErrorReply:
+    return _parse(TypeAdapter(Annotated[PushAck | ErrorReply, Field(discriminator="kind")]), raw)
 
 
 def decode_info_reply(raw: bytes) -> InfoReply:
