@@ -18,6 +18,7 @@ from stamen.errors import (
     RequestError,
     SessionClosedError,
     StamenError,
+    UnknownSessionError,
     request_error_from_code,
 )
 from stamen.server.backend import SpanBackend
@@ -31,7 +32,6 @@ from stamen.wire.messages import (
     InfoReply,
     Opened,
     OpenSession,
-    PushAck,
     PushTarget,
     SpanRef,
     Step,
@@ -75,6 +75,7 @@ class SpanHandler(ServicerBase):
         self.session_timeout, self.request_timeout = session_timeout, request_timeout
         self._p2p: P2P | None = None
         self._pushes: set[asyncio.Task] = set()
+        self._push_queues: dict[str, asyncio.Queue] = {}
         self.pushed_steps = 0
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
@@ -177,32 +178,49 @@ class SpanHandler(ServicerBase):
             pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:],
                                                 has_attention_mask=msg.has_attention_mask,
                                                 has_position_ids=msg.has_position_ids))
-            task = asyncio.create_task(self._push(msg.push_to[0].peer_id, pushed, [encoded, *tensors[1:]]))
-            self._pushes.add(task)
-            task.add_done_callback(self._pushes.discard)
+            self._push(msg.push_to[0].peer_id, pushed, [encoded, *tensors[1:]])
         reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
                          compute_ms=compute_ms)
         session.replies.put_nowait(Response(metadata=encode(reply), tensors=[encoded]))
 
     # --- push: a server hands its output straight to the next server of the route ---
+    # One long-lived stream per next server: a unary call would open a new libp2p stream per step.
 
-    async def _push(self, peer_id: str, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
-        """Best effort: if the push fails, the client's own copy of the input still arrives."""
+    def _push(self, peer_id: str, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
+        """Best effort: if the push is lost, the client's own copy of the input still arrives."""
+        queue = self._push_queues.get(peer_id)
+        if queue is None:
+            queue = self._push_queues[peer_id] = asyncio.Queue()
+            task = asyncio.create_task(self._push_stream(peer_id, queue))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+        queue.put_nowait(Request(metadata=encode(msg), tensors=tensors))
+
+    async def _push_stream(self, peer_id: str, queue: asyncio.Queue) -> None:
+        async def requests() -> AsyncIterator[Request]:
+            while (request := await queue.get()) is not None:
+                yield request
+
         try:
             stub = SpanHandler.get_stub(self._p2p, PeerID.from_base58(peer_id))
-            response = await stub.rpc_push(Request(metadata=encode(msg), tensors=tensors),
-                                           timeout=self.request_timeout)
-            _raise_if_error(decode_push_reply(response.metadata))
+            async for response in await stub.rpc_push(requests()):
+                _raise_if_error(decode_push_reply(response.metadata))
         except Exception as e:
-            logger.info("push of step %d to %s failed: %r", msg.step_id, peer_id, e)
+            logger.info("push stream to %s ended: %r", peer_id, e)
+        finally:
+            if self._push_queues.get(peer_id) is queue:
+                del self._push_queues[peer_id]
 
-    async def rpc_push(self, request: Request, context: P2PContext) -> Response:
-        try:
-            msg = decode_step(request.metadata)
-            await self._step(msg, list(request.tensors), pushed=True)
-            return Response(metadata=encode(PushAck()))
-        except Exception as e:
-            return _error(e)
+    async def rpc_push(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """Steps pushed by a previous server; only errors are answered (they are logged there)."""
+        async for request in requests:
+            try:
+                msg = decode_step(request.metadata)
+                await self._step(msg, list(request.tensors), pushed=True)
+            except (UnknownSessionError, SessionClosedError):
+                continue  # the client closed or moved its session: nothing to do
+            except Exception as e:
+                yield _error(e)
 
     # --- forward: stateless, tensors streamed in parts both ways ---
 
@@ -235,6 +253,11 @@ class SpanHandler(ServicerBase):
 # ---------------------------------------------------------------------------------------------
 # Client halves
 # ---------------------------------------------------------------------------------------------
+
+
+def _mark_retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _raise_if_error(reply) -> None:
@@ -384,7 +407,8 @@ class InferenceStream:
     def expect(self, step_id: int) -> asyncio.Future:
         """The future of a step's output (created before sending, so a pushed reply is not missed)."""
         if step_id not in self._pending:
-            self._pending[step_id] = asyncio.get_running_loop().create_future()
+            future = self._pending[step_id] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_mark_retrieved)  # a failed stream fails steps nobody awaits
         return self._pending[step_id]
 
     def send_step(self, step_id: int, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None,

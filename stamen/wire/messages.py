@@ -116,10 +116,6 @@ class ErrorReply(_Msg):
     """The step that failed, when the error belongs to one."""
 
 
-class PushAck(_Msg):
-    """Reply to ``rpc_push``: accepted (processed, or ignored as a duplicate)."""
-
-    kind: Literal["push_ack"] = "push_ack"
 
 
 InferenceReply = Annotated[Opened | StepDone | Closed | ErrorReply, Field(discriminator="kind")]
@@ -189,8 +185,8 @@ def decode_step(raw: bytes) -> Step:
     return _parse(TypeAdapter(Step), raw)
 
 
-def decode_push_reply(raw: bytes) -> PushAck | ErrorReply:
-    return _parse(TypeAdapter(Annotated[PushAck | ErrorReply, Field(discriminator="kind")]), raw)
+def decode_push_reply(raw: bytes) -> ErrorReply:
+    return _parse(TypeAdapter(ErrorReply), raw)
 
 
 def decode_info_reply(raw: bytes) -> InfoReply:
