@@ -7,7 +7,6 @@ servers for [2:4): each test below uses one up. Throughput is pinned so the firs
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -35,8 +34,9 @@ def ft(tmp_path_factory):
         common = ("--torch-threads", "1", "--throughput", "100")
         servers = {
             "A": swarm.add_server(path, Span(0, 2), *common),
-            "C1": swarm.add_server(path, Span(0, 1), *common),
-            "C2": swarm.add_server(path, Span(1, 2), *common),
+            # slower, so routes prefer A until it dies
+            "C1": swarm.add_server(path, Span(0, 1), "--torch-threads", "1", "--throughput", "5"),
+            "C2": swarm.add_server(path, Span(1, 2), "--torch-threads", "1", "--throughput", "5"),
             "B1": swarm.add_server(path, Span(2, 4), *common),
             "B2": swarm.add_server(path, Span(2, 4), *common),
             "B3": swarm.add_server(path, Span(2, 4), *common),
@@ -51,9 +51,6 @@ def ft(tmp_path_factory):
         assert torch.equal(expected, local.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
                                                     eos_token_id=None, pad_token_id=0))
         yield swarm, servers, model, prompt, expected
-        for s in servers.values():  # resume anything left stopped so it can be reaped
-            if s.proc.poll() is None:
-                os.kill(s.proc.pid, signal.SIGCONT)
         model.shutdown()
 
 
@@ -91,7 +88,7 @@ def test_forward_survives_a_dead_server(ft):
     before = model(ids).logits
     peer = next(h.peer_id for h in model.swarm.route() if h.blocks.start == 2)
     victim = next(s for s in servers.values() if s.span == Span(2, 4) and peer[-6:] in s.log_path.read_text())
-    victim.proc.send_signal(signal.SIGKILL)
+    swarm.signal_group(victim, signal.SIGKILL)
     victim.proc.wait()
     # the client's view still lists the dead server as online: the call fails, is banned, rerouted
     after = model(ids).logits
@@ -105,7 +102,7 @@ def test_sigkill_replaced_by_one_server(ft):
 
     def kill():
         victim = _server_of(swarm, servers, model._fault_session, Span(2, 4))
-        victim.proc.send_signal(signal.SIGKILL)
+        swarm.signal_group(victim, signal.SIGKILL)
         killed.append(victim)
 
     out, recoveries = _generate_with_fault(model, prompt, at_step=int(torch.randint(3, 35, ())), fault=kill)
@@ -119,7 +116,7 @@ def test_hung_server_is_detected_by_timeout(ft):
 
     def stop():
         victim = _server_of(swarm, servers, model._fault_session, Span(2, 4))
-        os.kill(victim.proc.pid, signal.SIGSTOP)
+        swarm.signal_group(victim, signal.SIGSTOP)
         stopped.append(victim)
 
     start = time.monotonic()
@@ -127,15 +124,14 @@ def test_hung_server_is_detected_by_timeout(ft):
     assert stopped and recoveries >= 1
     assert torch.equal(out, expected)
     assert time.monotonic() - start < 60
-    os.kill(stopped[0].proc.pid, signal.SIGCONT)
-    stopped[0].proc.kill()
+    swarm.signal_group(stopped[0], signal.SIGKILL)
 
 
 def test_sigkill_replaced_by_two_servers(ft):
     swarm, servers, model, prompt, expected = ft
 
     def kill():
-        _server_of(swarm, servers, model._fault_session, Span(0, 2)).proc.send_signal(signal.SIGKILL)
+        swarm.signal_group(_server_of(swarm, servers, model._fault_session, Span(0, 2)), signal.SIGKILL)
 
     out, recoveries = _generate_with_fault(model, prompt, at_step=int(torch.randint(3, 35, ())), fault=kill)
     assert recoveries >= 1
@@ -147,7 +143,7 @@ def test_no_replacement_gives_a_clear_error_in_bounded_time(ft):
     last_b = next(s for name, s in servers.items() if name.startswith("B") and s.proc.poll() is None)
 
     def kill():
-        last_b.proc.send_signal(signal.SIGKILL)
+        swarm.signal_group(last_b, signal.SIGKILL)
 
     start = time.monotonic()
     with pytest.raises(SwarmNotReadyError, match="2-3") as info:

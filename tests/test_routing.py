@@ -35,15 +35,27 @@ def test_route_avoids_slow_servers():
     assert [h.peer_id for h in fast] == ["f1", "f2"]
 
 
-def test_route_skips_servers_without_cache():
+def test_route_avoids_servers_without_cache():
     route = find_route([c("full", 0, 8, cache=10), c("a", 0, 4), c("b", 4, 8)], Span(0, 8), min_cache_tokens=100)
     assert [h.peer_id for h in route] == ["a", "b"]
+    # but a full server is still better than no route at all
+    assert [h.peer_id for h in find_route([c("full", 0, 8, cache=10)], Span(0, 8), min_cache_tokens=100)] == ["full"]
 
 
 def test_route_rtt_matters():
     servers = [c("near", 0, 8, throughput=100), c("far", 0, 8, throughput=120)]
-    route = find_route(servers, Span(0, 8), rtt={PeerIDStr("far"): 0.5, PeerIDStr("near"): 0.001})
+    route = find_route(servers, Span(0, 8), client_rtt={PeerIDStr("far"): 0.5, PeerIDStr("near"): 0.001})
     assert route == [Hop("near", Span(0, 8))]
+
+
+def test_route_uses_server_to_server_pings_with_push():
+    # b1 and b2 are equally close to the client, but a measured a short link to b2 only
+    a = Candidate(PeerIDStr("a"), Span(0, 4), 100.0, next_pings={PeerIDStr("b1"): 0.2, PeerIDStr("b2"): 0.001})
+    servers = [a, c("b1", 4, 8, throughput=110), c("b2", 4, 8, throughput=100)]
+    rtt = {PeerIDStr(p): 0.01 for p in ("a", "b1", "b2")}
+    assert [h.peer_id for h in find_route(servers, Span(0, 8), client_rtt=rtt)] == ["a", "b2"]
+    # without push every hop is a client round trip, so the faster b1 wins
+    assert [h.peer_id for h in find_route(servers, Span(0, 8), client_rtt=rtt, push=False)] == ["a", "b1"]
 
 
 def test_no_route_when_a_block_is_missing():

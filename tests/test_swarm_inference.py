@@ -143,3 +143,25 @@ def test_push_on_and_off_give_identical_tokens(swarm, model_dirs, clients):
         assert torch.equal(with_push, without_push)
     finally:
         plain_model.shutdown()
+
+
+def test_servers_announce_pings_to_the_next_servers_and_routes_use_them(swarm, clients):
+    import time as _time
+
+    from stamen.dht.records import fetch_servers
+
+    model = clients("llama-gqa")
+    deadline = _time.monotonic() + 60
+    while True:  # servers measure their pings at every announcement (each ttl/3)
+        records = fetch_servers(swarm.client_dht(), "llama-gqa", 6)
+        first = [r for r in records.values() if r.start == 0 and r.end == 2]
+        if first and first[0].next_pings:
+            break
+        assert _time.monotonic() < deadline, "no server announced pings to the servers after it"
+        _time.sleep(1)
+    followers = {p for p, r in records.items() if r.start <= 2 < r.end}
+    assert set(first[0].next_pings) <= followers and all(0 < v < 1 for v in first[0].next_pings.values())
+    from stamen.client import loop
+
+    rtts = loop.run(model.swarm.client_rtts(model.swarm.servers(refresh=True)))
+    assert rtts and all(0 < v < 1 for v in rtts.values())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stamen.types import PeerIDStr, Span
+
+CLIENT = PeerIDStr("")
+"""The client, as the origin of a route."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,8 @@ class Candidate:
     throughput: float
     """Single-token steps per second per block."""
     cache_tokens_left: int = 1 << 62
+    next_pings: dict[PeerIDStr, float] = field(default_factory=dict, hash=False, compare=False)
+    """Round-trip seconds from this server to servers that follow it, as it measured them."""
 
 
 @dataclass(frozen=True)
@@ -40,53 +45,75 @@ def find_route(
     candidates: Sequence[Candidate],
     blocks: Span,
     *,
-    hop_cost: float = 0.002,
-    rtt: dict[PeerIDStr, float] | None = None,
+    client_rtt: dict[PeerIDStr, float] | None = None,
+    push: bool = True,
+    default_rtt: float = 0.002,
     min_cache_tokens: int = 0,
+    cache_penalty: float = 60.0,
 ) -> list[Hop] | None:
-    """The chain of servers covering ``blocks`` with the least expected time per token:
-    per hop, the round trip to that server (``rtt``, else ``hop_cost`` seconds), plus per block
-    1/throughput. Servers without ``min_cache_tokens`` free are skipped. None if no chain exists.
+    """The chain of servers covering ``blocks`` with the least expected time per token.
 
-    Shortest path over block boundaries: a hop goes from boundary b to any boundary e with
-    server.start <= b < e <= server.end.
+    Per block: 1/throughput of the server running it. Network, with ``push``: half the client's
+    round trip to the first server, half of each server-to-server round trip (as the earlier
+    server announced it, else the client's to the later one), and half the client's round trip to
+    the last server; without push: the client's full round trip to every server. Unknown round
+    trips count ``default_rtt``. Servers lacking ``min_cache_tokens`` free cost ``cache_penalty``
+    seconds more (used only when nothing else covers the blocks). None if no chain exists.
+
+    Dijkstra over states (block boundary, previous server): a hop from boundary b to boundary e
+    goes through a server with start <= b < e <= end.
     """
-    usable = [
-        c for c in candidates
-        if c.throughput > 0 and c.cache_tokens_left >= min_cache_tokens
-        and c.span.start < blocks.end and c.span.end > blocks.start
-    ]
+    client_rtt = client_rtt or {}
+    usable = [c for c in candidates if c.throughput > 0 and c.span.start < blocks.end and c.span.end > blocks.start]
+    by_peer = {c.peer_id: c for c in usable}
     bounds = sorted(
         {blocks.start, blocks.end}
         | {c.span.start for c in usable if blocks.start < c.span.start < blocks.end}
         | {c.span.end for c in usable if blocks.start < c.span.end < blocks.end}
     )
-    rtt = rtt or {}
-    best: dict[int, float] = {blocks.start: 0.0}
-    back: dict[int, tuple[int, Candidate]] = {}
-    heap = [(0.0, blocks.start)]
+
+    def to_client(peer: PeerIDStr) -> float:
+        return client_rtt.get(peer, default_rtt)
+
+    def link(prev: PeerIDStr, peer: PeerIDStr) -> float:
+        if not push:
+            return to_client(peer)
+        if prev == CLIENT:
+            return to_client(peer) / 2
+        return by_peer[prev].next_pings.get(peer, to_client(peer)) / 2
+
+    start_state = (blocks.start, CLIENT)
+    best: dict[tuple[int, PeerIDStr], float] = {start_state: 0.0}
+    back: dict[tuple[int, PeerIDStr], tuple[tuple[int, PeerIDStr], Span]] = {}
+    heap: list[tuple[float, int, PeerIDStr]] = [(0.0, blocks.start, CLIENT)]
+    done: tuple[int, PeerIDStr] | None = None
     while heap:
-        cost, b = heapq.heappop(heap)
+        cost, b, prev = heapq.heappop(heap)
         if b == blocks.end:
+            done = (b, prev)
             break
-        if cost > best.get(b, float("inf")):
+        if cost > best.get((b, prev), float("inf")):
             continue
         for c in usable:
-            if not (c.span.start <= b < c.span.end):
+            if not (c.span.start <= b < c.span.end) or c.peer_id == prev:
                 continue
+            penalty = cache_penalty if c.cache_tokens_left < min_cache_tokens else 0.0
             for e in bounds:
                 if e <= b or e > c.span.end:
                     continue
-                new = cost + rtt.get(c.peer_id, hop_cost) + (e - b) / c.throughput
-                if new < best.get(e, float("inf")):
-                    best[e], back[e] = new, (b, c)
-                    heapq.heappush(heap, (new, e))
-    if blocks.end not in back and blocks.start != blocks.end:
+                new = cost + link(prev, c.peer_id) + (e - b) / c.throughput + penalty
+                if e == blocks.end and push:
+                    new += to_client(c.peer_id) / 2  # the last server returns the result to the client
+                state = (e, c.peer_id)
+                if new < best.get(state, float("inf")):
+                    best[state], back[state] = new, ((b, prev), Span(b, e))
+                    heapq.heappush(heap, (new, e, c.peer_id))
+    if done is None:
         return None
     hops: list[Hop] = []
-    e = blocks.end
-    while e != blocks.start:
-        b, c = back[e]
-        hops.append(Hop(c.peer_id, Span(b, e)))
-        e = b
+    state = done
+    while state != start_state:
+        previous, span = back[state]
+        hops.append(Hop(state[1], span))
+        state = previous
     return hops[::-1]

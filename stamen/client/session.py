@@ -84,7 +84,7 @@ class InferenceSession:
     async def _open_route(self, blocks) -> list[_LiveHop]:
         """Open streams covering ``blocks``, rerouting around servers that fail to open."""
         for attempt in range(self.swarm.config.max_retries + 1):
-            route = self.swarm.route(blocks, min_cache_tokens=self.max_length * self.batch_size)
+            route = await self.swarm.route_async(blocks, min_cache_tokens=self.max_length * self.batch_size)
             results = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
             opened = [r for r in results if isinstance(r, _LiveHop)]
             failures = [(h, r) for h, r in zip(route, results, strict=True) if isinstance(r, BaseException)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -13,6 +14,7 @@ from stamen.client.config import ClientConfig
 from stamen.client.routing import Candidate, Hop, find_route, missing_blocks
 from stamen.dht.records import RemoteServer, ServerState, fetch_servers
 from stamen.errors import SwarmNotReadyError
+from stamen.server.handler import ping
 from stamen.types import ModelName, PeerIDStr, Span
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class Swarm:
         self._servers: dict[PeerIDStr, RemoteServer] = {}
         self._fetched_at = -float("inf")
         self._banned_until: dict[PeerIDStr, float] = {}
+        self._rtts: dict[PeerIDStr, tuple[float, float]] = {}  # peer -> (rtt seconds, measured at)
 
     def ban(self, peer_id: PeerIDStr, reason: str) -> None:
         """Leave a failed server out of routes for ``ban_timeout`` seconds."""
@@ -67,14 +70,38 @@ class Swarm:
     def num_blocks_span(self) -> Span:
         return Span(0, self.num_blocks)
 
+    async def client_rtts(self, servers: list[RemoteServer]) -> dict[PeerIDStr, float]:
+        """Round trips from this client to ``servers``, each pinged at most once a minute;
+        a server that does not answer a ping is banned. (Runs on the client loop.)"""
+        now = time.monotonic()
+        stale = [s.peer_id for s in servers if now - self._rtts.get(s.peer_id, (0.0, -float("inf")))[1] > 60.0]
+        if stale:
+            results = await self._ping_all(stale)
+            for peer_id, rtt in zip(stale, results, strict=True):
+                if rtt is None:
+                    self.ban(peer_id, "did not answer a ping")
+                else:
+                    self._rtts[peer_id] = (rtt, now)
+        return {p: rtt for p, (rtt, _) in self._rtts.items()}
+
+    async def _ping_all(self, peers: list[PeerIDStr]) -> list[float | None]:
+        return await asyncio.gather(*(ping(self.p2p, self.peer(p), timeout=2.0) for p in peers))
+
     def route(self, blocks: Span | None = None, min_cache_tokens: int = 0) -> list[Hop]:
+        """The fastest chain through ``blocks`` (from any thread but the client loop's)."""
+        return loop.run(self.route_async(blocks, min_cache_tokens))
+
+    async def route_async(self, blocks: Span | None = None, min_cache_tokens: int = 0) -> list[Hop]:
         blocks = blocks or Span(0, self.num_blocks)
         for refresh in (False, True):
-            servers = self.servers(refresh=refresh)
+            rtts = await self.client_rtts(self.servers(refresh=refresh))
             candidates = [
-                Candidate(s.peer_id, s.span, s.record.throughput, s.record.cache_tokens_left) for s in servers
+                Candidate(s.peer_id, s.span, s.record.throughput, s.record.cache_tokens_left,
+                          {PeerIDStr(p): r for p, r in s.record.next_pings.items()})
+                for s in self.servers()  # without any server that failed its ping
             ]
-            route = find_route(candidates, blocks, min_cache_tokens=min_cache_tokens)
+            route = find_route(candidates, blocks, client_rtt=rtts, push=self.config.use_push,
+                               min_cache_tokens=min_cache_tokens)
             if route is not None:
                 return route
         missing = missing_blocks(self.num_blocks, (s.span for s in self.servers()))

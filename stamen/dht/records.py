@@ -48,6 +48,8 @@ class ServerRecord(BaseModel):
     """Stamen version of the server."""
     public_name: str | None = None
     """Optional human-readable name."""
+    next_pings: dict[str, float] = Field(default_factory=dict)
+    """Round-trip seconds to servers hosting the block after this span, as this server measured them."""
 
     @property
     def span(self) -> Span:
@@ -81,9 +83,10 @@ async def _store_many(dht: DHT, node: DHTNode, keys: list[str], subkey: str, val
     await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
 
 
-def fetch_servers(dht: DHT, model: ModelName, num_blocks: int) -> dict[PeerIDStr, ServerRecord]:
-    """Every server announced for any block of the model, by peer id (latest record wins)."""
-    keys = [block_key(model, b) for b in range(num_blocks)]
+def fetch_servers(dht: DHT, model: ModelName, num_blocks: int,
+                  blocks: list[int] | None = None) -> dict[PeerIDStr, ServerRecord]:
+    """Every server announced for any block of the model (or of ``blocks``), by peer id (latest record wins)."""
+    keys = [block_key(model, b) for b in (range(num_blocks) if blocks is None else blocks)]
     found = dht.run_coroutine(partial(_get_many, keys=keys))
     servers: dict[PeerIDStr, ServerRecord] = {}
     expirations: dict[PeerIDStr, float] = {}

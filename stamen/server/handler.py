@@ -274,6 +274,16 @@ async def call_info(p2p: P2P, peer: PeerID, timeout: float) -> InfoReply:
     return decode_info_reply(response.metadata)
 
 
+async def ping(p2p: P2P, peer: PeerID, timeout: float) -> float | None:
+    """Round-trip seconds of an info call, or None if the server did not answer."""
+    start = time.perf_counter()
+    try:
+        await call_info(p2p, peer, timeout)
+    except Exception:
+        return None
+    return time.perf_counter() - start
+
+
 async def call_forward(
     p2p: P2P,
     peer: PeerID,
@@ -378,6 +388,7 @@ class InferenceStream:
         if self._reader is None or self._reader.done():
             raise RemoteCallError(f"the stream to {self.peer} is not open")
         self._control = asyncio.get_running_loop().create_future()
+        self._control.add_done_callback(_mark_retrieved)
         self._outbox.put_nowait(request)
         return await self._await(self._control)
 

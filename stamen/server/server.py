@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import time
 
 import torch
 from hivemind import DHT
+from hivemind.p2p import PeerID
 
 from stamen.dht.records import ServerRecord, ServerState, announce, fetch_servers
 from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
 from stamen.server.config import ServerConfig, default_dht_prefix
-from stamen.server.handler import SpanHandler
+from stamen.server.handler import SpanHandler, ping
 from stamen.server.placement import choose_span
 from stamen.types import ModelName, PeerIDStr, Span
 from stamen.version import __version__
@@ -89,10 +91,11 @@ class Server:
         tag = f"[{peer_id[-6:]} {self.model_name} blocks {span}]"
         logger.info("%s joining; visible at %s", tag, " ".join(str(m) for m in dht.get_visible_maddrs()))
 
-        def record(state: ServerState, throughput: float = 0.0, cache_left: int = 0) -> ServerRecord:
+        def record(state: ServerState, throughput: float = 0.0, cache_left: int = 0,
+                   next_pings: dict[str, float] | None = None) -> ServerRecord:
             return ServerRecord(state=state, start=span.start, end=span.end, throughput=throughput,
                                 cache_tokens_left=cache_left, dtype=cfg.dtype, version=__version__,
-                                public_name=cfg.public_name)
+                                public_name=cfg.public_name, next_pings=next_pings or {})
 
         announce(dht, self.model_name, peer_id, record(ServerState.JOINING, cfg.throughput or 1.0), cfg.record_ttl)
         try:
@@ -108,8 +111,9 @@ class Server:
             logger.info("%s online: %.1f steps/s per block, cache budget %d tokens", tag, throughput,
                         cfg.max_cache_tokens)
             while not self._stop.is_set():
+                pings = await self._ping_next_servers(dht, p2p, peer_id, span, block_config.num_blocks)
                 announce(dht, self.model_name, peer_id,
-                         record(ServerState.ONLINE, throughput, backend.budget.tokens_left), cfg.record_ttl)
+                         record(ServerState.ONLINE, throughput, backend.budget.tokens_left, pings), cfg.record_ttl)
                 try:
                     await asyncio.wait_for(self._stop.wait(), cfg.record_ttl / 3)
                 except TimeoutError:
@@ -121,6 +125,18 @@ class Server:
         finally:
             dht.shutdown()
         logger.info("%s stopped", tag)
+
+    async def _ping_next_servers(self, dht: DHT, p2p, peer_id: str, span: Span, num_blocks: int,
+                                 max_peers: int = 8) -> dict[str, float]:
+        """Round trips to servers hosting the block right after our span (clients route with them)."""
+        if span.end >= num_blocks:
+            return {}
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(None, lambda: fetch_servers(dht, self.model_name, num_blocks, [span.end]))
+        peers = [p for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id]
+        peers = random.sample(peers, min(max_peers, len(peers)))
+        rtts = await asyncio.gather(*(ping(p2p, PeerID.from_base58(p), timeout=2.0) for p in peers))
+        return {p: round(rtt, 6) for p, rtt in zip(peers, rtts, strict=True) if rtt is not None}
 
     def _choose_span(self, dht: DHT, block_config: BlockConfig) -> Span:
         servers = fetch_servers(dht, self.model_name, block_config.num_blocks)

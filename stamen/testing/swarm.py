@@ -6,6 +6,7 @@ never by sleeping a fixed time; ``stop`` always reaps every process it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,7 +52,7 @@ class LocalSwarm:
     def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
         log = open(self.log_dir / "dht.log", "w")
         self.bootstrap = subprocess.Popen(self._cmd("dht"), stdout=subprocess.PIPE, stderr=log, text=True,
-                                          env=self.env)
+                                          env=self.env, start_new_session=True)
         deadline = time.monotonic() + timeout
         line = ""
         while not line.startswith("/ip4/"):  # the first line appears once the peer is up
@@ -65,8 +66,10 @@ class LocalSwarm:
         index = len(self.servers)
         log_path = self.log_dir / f"server{index}-{span.start}-{span.end}.log"
         args = [str(model), "--initial-peers", *self.initial_peers, "--blocks", f"{span.start}:{span.end}", *extra]
+        # each server leads its own process group: its hivemind DHT process and libp2p daemons
+        # die with it when a test kills the group (as when a machine vanishes)
         proc = subprocess.Popen(self._cmd("server", *args), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                                env=self.env)
+                                env=self.env, start_new_session=True)
         server = ServerProcess(str(model), span, proc, log_path, args)
         self.servers.append(server)
         return server
@@ -101,7 +104,14 @@ class LocalSwarm:
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 
+    @staticmethod
+    def signal_group(server: ServerProcess, sig: int) -> None:
+        """Send ``sig`` to the server and every process it started (SIGKILL: the machine is gone)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, sig)
+
     def stop_server(self, server: ServerProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal the server alone (a graceful stop), wait, then reap its whole process group."""
         if server.proc.poll() is None:
             server.proc.send_signal(sig)
             try:
@@ -109,11 +119,15 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 server.proc.kill()
                 server.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
         return server.proc.returncode
 
     def stop(self) -> None:
         procs = [s.proc for s in self.servers] + ([self.bootstrap] if self.bootstrap else [])
         for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
@@ -123,6 +137,8 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # leftovers: DHT processes, libp2p daemons
         if self._dht is not None:
             self._dht.shutdown()
             self._dht = None
