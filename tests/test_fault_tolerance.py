@@ -41,6 +41,8 @@ def ft(tmp_path_factory):
             "B2": swarm.add_server(path, Span(2, 4), *common),
             "B3": swarm.add_server(path, Span(2, 4), *common),
             "B4": swarm.add_server(path, Span(2, 4), *common),
+            "B5": swarm.add_server(path, Span(2, 4), *common),
+            "B6": swarm.add_server(path, Span(2, 4), *common),
         }
         swarm.wait_online("llama-ft", 4)
         model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -125,6 +127,44 @@ def test_hung_server_is_detected_by_timeout(ft):
     assert torch.equal(out, expected)
     assert time.monotonic() - start < 60
     swarm.signal_group(stopped[0], signal.SIGKILL)
+
+
+class _KillAtStep:
+    """A logits processor (called once per generated token, in beam search too) that runs a fault."""
+
+    def __init__(self, at_step: int, fault):
+        self.at_step, self.fault, self.count = at_step, fault, 0
+
+    def __call__(self, input_ids, scores):
+        self.count += 1
+        if self.count == self.at_step:
+            self.fault()
+        return scores
+
+
+def _kill_b_in(swarm, servers, session):
+    return lambda: swarm.signal_group(_server_of(swarm, servers, session, Span(2, 4)), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["batch", "beam"])
+def test_batch_and_beam_sessions_survive_a_kill(ft, mode):
+    from transformers import LogitsProcessorList
+
+    swarm, servers, model, prompt, expected = ft
+    if mode == "batch":
+        ids = torch.cat([prompt, prompt.flip(1)])
+        settings = dict(max_new_tokens=16, eos_token_id=None)
+        batch = 2
+    else:
+        ids = prompt
+        settings = dict(max_new_tokens=16, eos_token_id=None, num_beams=3, length_penalty=1.0)
+        batch = 3
+    reference = model.generate(ids, **settings)
+    with model.inference_session(max_length=ids.shape[1] + 16, batch_size=batch) as session:
+        fault = _KillAtStep(int(torch.randint(3, 14, ())), _kill_b_in(swarm, servers, session))
+        got = model.generate(ids, logits_processor=LogitsProcessorList([fault]), **settings)
+        assert session.recoveries >= 1
+    assert torch.equal(got, reference)
 
 
 def test_sigkill_replaced_by_two_servers(ft):

@@ -165,3 +165,13 @@ def test_servers_announce_pings_to_the_next_servers_and_routes_use_them(swarm, c
 
     rtts = loop.run(model.swarm.client_rtts(model.swarm.servers(refresh=True)))
     assert rtts and all(0 < v < 1 for v in rtts.values())
+
+
+def test_beam_search_matches_transformers(clients, local_models):
+    model, ref = clients("llama-gqa"), local_models["llama-gqa"]
+    ids = _prompt(ref.config.vocab_size, batch=2, length=6, seed=8)
+    settings = dict(max_new_tokens=10, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                    length_penalty=1.0, early_stopping=False)
+    expected = ref.generate(ids, **settings)
+    got = model.generate(ids, **settings)
+    assert torch.equal(got, expected)

@@ -46,7 +46,8 @@ class GenerationMixin:
         """Generate continuations of ``input_ids`` (B, T); returns (B, T + new) like transformers.
 
         Keyword arguments override ``generation_config`` fields: max_new_tokens, max_length,
-        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id.
+        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id,
+        num_beams, length_penalty (beam search keeps num_beams sequences per input in the session).
         Inside ``inference_session`` (or with ``session=``), earlier tokens are not sent again.
         """
         config = copy.deepcopy(generation_config or self.generation_config or GenerationConfig())
@@ -67,6 +68,11 @@ class GenerationMixin:
         processors = _processors(config, logits_processor)
         criteria = stopping_criteria or StoppingCriteriaList()
 
+        if config.num_beams and config.num_beams > 1:
+            if config.do_sample:
+                raise InvalidRequestError("beam sampling is not supported: use do_sample=False with num_beams")
+            return self._beam_search(input_ids, attention_mask, config, max_length, eos, pad, processors,
+                                     session or self.active_session, streamer)
         session = session or self.active_session
         with contextlib.ExitStack() as stack:
             if session is None:
@@ -102,6 +108,80 @@ class GenerationMixin:
         if streamer is not None:
             streamer.end()
         return ids
+
+
+    def _beam_search(self, input_ids, attention_mask, config, max_length, eos, pad, processors, session,
+                     streamer) -> torch.LongTensor:
+        """Beam search over an inference session of batch × num_beams sequences: each step tells the
+        servers which cached sequence every beam continues (``hypo_ids``), so caches are reordered
+        in place, and the reordering is part of the history replayed after a failure."""
+        batch, num_beams = input_ids.shape[0], config.num_beams
+        length_penalty = config.length_penalty if config.length_penalty is not None else 1.0
+        prompt_len = input_ids.shape[1]
+        ids = input_ids.repeat_interleave(num_beams, dim=0)
+        mask = None if attention_mask is None else attention_mask.repeat_interleave(num_beams, dim=0)
+        beam_scores = torch.zeros(batch, num_beams)
+        beam_scores[:, 1:] = -1e9  # the first step expands beam 0 only
+        beam_scores = beam_scores.view(-1)
+        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.inference_session(max_length, batch_size=batch * num_beams))
+            if session.batch_size != batch * num_beams:
+                raise InvalidRequestError(f"beam search needs a session of batch {batch * num_beams}")
+            session.rollback(0)
+            positions = None if mask is None or bool(mask.all()) else (mask.long().cumsum(-1) - 1).clamp(min=0)
+            step_mask = None if positions is None else mask
+            new_ids, hypo_ids = ids, None
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            while True:
+                logits = self.step_logits(session, new_ids, step_mask, positions, hypo_ids).float()
+                scores = processors(ids, torch.log_softmax(logits, dim=-1))
+                vocab = scores.shape[-1]
+                scores = (scores + beam_scores[:, None]).view(batch, num_beams * vocab)
+                top_scores, top_index = scores.topk(2 * num_beams, dim=1)
+                next_beams, next_tokens, next_scores = [], [], []
+                for b in range(batch):
+                    kept = 0
+                    for score, index in zip(top_scores[b].tolist(), top_index[b].tolist(), strict=True):
+                        beam, token = b * num_beams + index // vocab, index % vocab
+                        if token in eos:
+                            generated = ids.shape[1] + 1 - prompt_len
+                            finished[b].append((score / generated**length_penalty,
+                                                torch.cat([ids[beam], torch.tensor([token])])))
+                            continue
+                        next_beams.append(beam)
+                        next_tokens.append(token)
+                        next_scores.append(score)
+                        kept += 1
+                        if kept == num_beams:
+                            break
+                hypo_ids = torch.tensor(next_beams)
+                beam_scores = torch.tensor(next_scores)
+                ids = torch.cat([ids[hypo_ids], torch.tensor(next_tokens)[:, None]], dim=1)
+                session.input_ids = None  # beams move between sequences: no prefix reuse
+                if positions is not None:
+                    positions = positions[hypo_ids][:, -1:] + 1
+                    step_mask = torch.ones(ids.shape[0], 1, dtype=torch.long)
+                new_ids = ids[:, -1:]
+                done = all(len(f) >= num_beams for f in finished)
+                if done or ids.shape[1] >= max_length:
+                    break
+        best = []
+        for b in range(batch):
+            generated = ids.shape[1] - prompt_len
+            alive = [(float(beam_scores[b * num_beams + k]) / generated**length_penalty, ids[b * num_beams + k])
+                     for k in range(num_beams)]
+            best.append(max(finished[b] + alive, key=lambda item: item[0])[1])
+        width = max(seq.shape[0] for seq in best)
+        out = torch.full((batch, width), pad, dtype=input_ids.dtype)
+        for b, seq in enumerate(best):
+            out[b, : seq.shape[0]] = seq
+        if streamer is not None:
+            streamer.put(out[:, prompt_len:].reshape(-1).cpu())
+            streamer.end()
+        return out
 
 
 def _unsent(session, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -128,9 +128,9 @@ class DistributedModelForCausalLM(GenerationMixin, nn.Module):
         return out.to(hidden.dtype)
 
     def step_logits(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask=None,
-                    position_ids=None) -> torch.Tensor:
+                    position_ids=None, hypo_ids=None) -> torch.Tensor:
         """Send new tokens through the session; logits (B, vocab) of the last one."""
-        hidden = session.step(self.embed_tokens(input_ids), attention_mask, position_ids)
+        hidden = session.step(self.embed_tokens(input_ids), attention_mask, position_ids, hypo_ids)
         return self.lm_head(self.norm(hidden[:, -1]))
 
     def shutdown(self) -> None:

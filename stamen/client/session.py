@@ -37,6 +37,7 @@ class _StepInputs:
     position: int
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
+    hypo_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,8 +110,9 @@ class InferenceSession:
         return " -> ".join(f"{h.peer_id[-6:]}{h.blocks}" for h in self.route)
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+             position_ids: torch.Tensor | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run hidden (B, T, H) through every block at the current position; returns (B, T, H).
+        ``hypo_ids`` (B,) first reorders the cached sequences (beam search).
         Long inputs go in several steps so that each message stays under the transport's cap."""
         if self.closed:
             raise SessionLengthError("the inference session is closed")
@@ -127,6 +129,7 @@ class InferenceSession:
                 self._next_step_id, self.position,
                 None if attention_mask is None else attention_mask[:, start:end],
                 None if position_ids is None else position_ids[:, start:end],
+                hypo_ids if start == 0 else None,
             )
             self._next_step_id += 1
             outputs.append(loop.run(self._step(hidden[:, start:end], inputs)))
@@ -153,7 +156,7 @@ class InferenceSession:
                 try:
                     hidden = hidden.to(live.wire_dtype)
                     live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
-                                          inputs.position_ids, self._push_chain(i + 1))
+                                          inputs.position_ids, self._push_chain(i + 1), inputs.hypo_ids)
                     out = await live.stream.result(inputs.step_id, hidden.numel())
                     break
                 except Exception as e:
@@ -202,7 +205,7 @@ class InferenceSession:
                     hidden = hidden.to(live.wire_dtype)
                     live.history.append(hidden)
                     live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
-                                          inputs.position_ids)
+                                          inputs.position_ids, hypo_ids=inputs.hypo_ids)
                     outputs.append(await live.stream.result(inputs.step_id, hidden.numel()))
             except Exception as e:
                 if is_retryable(e):
@@ -229,6 +232,7 @@ class InferenceSession:
                     inputs.position,
                     None if inputs.attention_mask is None else inputs.attention_mask[:, :num],
                     None if inputs.position_ids is None else inputs.position_ids[:, :num],
+                    inputs.hypo_ids,
                 )
         for live in self._hops:
             del live.history[len(keep):]

@@ -32,6 +32,13 @@ class KVCache:
         """Bytes of cache one token (of one sequence) takes over ``num_blocks`` blocks."""
         return num_blocks * 2 * config.num_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
 
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        """Make sequence i continue the cached sequence ``hypo_ids[i]`` (beam search)."""
+        filled = self.tensor[:, :, :, :, : self.length]
+        filled.copy_(filled.index_select(2, hypo_ids))
+        if self.key_padding is not None:
+            self.key_padding.copy_(self.key_padding.index_select(0, hypo_ids))
+
     def block(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensor[i, 0], self.tensor[i, 1]
 

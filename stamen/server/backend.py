@@ -162,9 +162,13 @@ class SpanBackend:
     # --- compute (on the worker thread) ---
 
     async def step(self, session: Session, msg: Step, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position_ids: torch.Tensor | None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
         cache = session.cache
         hidden = self.check_hidden(hidden, cache.batch_size)
+        if hypo_ids is not None:
+            if tuple(hypo_ids.shape) != (cache.batch_size,) or not bool(
+                    ((hypo_ids >= 0) & (hypo_ids < cache.batch_size)).all()):
+                raise InvalidRequestError(f"hypo_ids must be {cache.batch_size} indices in [0, {cache.batch_size})")
         attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
         position_ids = self.check_aux(position_ids, hidden, "position_ids")
         if msg.position > cache.length:
@@ -174,6 +178,8 @@ class SpanBackend:
                 f"step to position {msg.position + hidden.shape[1]} exceeds the session's max length {cache.max_length}"
             )
         cache.length = msg.position  # a position below the current length rolls back
+        if hypo_ids is not None:
+            cache.reorder(hypo_ids.to(cache.tensor.device))
         session.last_used = time.monotonic()
         if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:
             return self._step(session, hidden, attention_mask, position_ids)  # a thread handoff costs more

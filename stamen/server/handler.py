@@ -82,8 +82,9 @@ class SpanHandler(ServicerBase):
         self._p2p = p2p  # pushes go out through the same daemon
         await super().add_p2p_handlers(p2p, *args, **kwargs)
 
-    def _decode_inputs(self, protos: list[runtime_pb2.Tensor], has_mask: bool, has_positions: bool):
-        expected = 1 + has_mask + has_positions
+    def _decode_inputs(self, protos: list[runtime_pb2.Tensor], has_mask: bool, has_positions: bool,
+                       has_hypo_ids: bool = False):
+        expected = 1 + has_mask + has_positions + has_hypo_ids
         if len(protos) != expected:
             raise InvalidRequestError(f"expected {expected} tensors, got {len(protos)}")
         limit = self.backend.max_step_tokens * self.backend.hidden_size
@@ -91,7 +92,9 @@ class SpanHandler(ServicerBase):
         rest = iter(protos[1:])
         mask = decode_tensor(next(rest), "attention_mask", INDEX_DTYPES, limit) if has_mask else None
         positions = decode_tensor(next(rest), "position_ids", {"int64", "int32"}, limit) if has_positions else None
-        return hidden, mask, positions
+        if not has_hypo_ids:
+            return hidden, mask, positions
+        return hidden, mask, positions, decode_tensor(next(rest), "hypo_ids", {"int64", "int32"}, limit)
 
     # --- info: a cheap unary call, also used as a ping ---
 
@@ -167,17 +170,17 @@ class SpanHandler(ServicerBase):
         async with session.lock:
             if msg.step_id <= session.last_step_id:
                 return  # already computed from the other copy (pushed or sent by the client)
-            hidden, mask, positions = self._decode_inputs(tensors, msg.has_attention_mask, msg.has_position_ids)
+            hidden, mask, positions, *hypo_ids = self._decode_inputs(
+                tensors, msg.has_attention_mask, msg.has_position_ids, msg.has_hypo_ids
+            )
             start = time.perf_counter()
-            out = await self.backend.step(session, msg, hidden, mask, positions)
+            out = await self.backend.step(session, msg, hidden, mask, positions, *hypo_ids)
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
         compute_ms = 1000 * (time.perf_counter() - start)
         encoded = encode_tensor(out)
         if msg.push_to:
-            pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:],
-                                                has_attention_mask=msg.has_attention_mask,
-                                                has_position_ids=msg.has_position_ids))
+            pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:]))
             self._push(msg.push_to[0].peer_id, pushed, [encoded, *tensors[1:]])
         reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
                          compute_ms=compute_ms)
@@ -423,13 +426,14 @@ class InferenceStream:
         return self._pending[step_id]
 
     def send_step(self, step_id: int, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None,
-                  position_ids: torch.Tensor | None, push_to: list[PushTarget] | None = None) -> None:
+                  position_ids: torch.Tensor | None, push_to: list[PushTarget] | None = None,
+                  hypo_ids: torch.Tensor | None = None) -> None:
         self.expect(step_id)
         self._next_step_id = max(self._next_step_id, step_id + 1)
         msg = Step(session_id=self.session_id, step_id=step_id, position=position,
                    has_attention_mask=attention_mask is not None, has_position_ids=position_ids is not None,
-                   push_to=push_to or [])
-        tensors = [encode_tensor(t) for t in (hidden, attention_mask, position_ids) if t is not None]
+                   has_hypo_ids=hypo_ids is not None, push_to=push_to or [])
+        tensors = [encode_tensor(t) for t in (hidden, attention_mask, position_ids, hypo_ids) if t is not None]
         self._outbox.put_nowait(Request(metadata=encode(msg), tensors=tensors))
 
     async def result(self, step_id: int, num_elements: int) -> torch.Tensor:

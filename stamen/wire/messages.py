@@ -58,7 +58,7 @@ class PushTarget(_Msg):
 
 class Step(_Msg):
     """Append new hidden states at ``position``; tensors: hidden (B, T, H), then optional
-    attention_mask (B, T) and position_ids (B, T) as flagged. ``position`` below the server's
+    attention_mask (B, T), position_ids (B, T) and hypo_ids (B,) as flagged. ``position`` below the server's
     current length rolls the cache back to it.
 
     ``step_id`` grows with every step of a session: a step whose id was already processed (the
@@ -71,6 +71,8 @@ class Step(_Msg):
     position: int = Field(ge=0)
     has_attention_mask: bool = False
     has_position_ids: bool = False
+    has_hypo_ids: bool = False
+    """A (B,) tensor follows: reorder the cached sequences by it before this step (beam search)."""
     push_to: list[PushTarget] = Field(default_factory=list, max_length=256)
 
 
