@@ -70,3 +70,25 @@ def test_client_waits_then_fails_with_missing_blocks(swarm, tmp_path):
         AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, connect_timeout=2)
     assert info.value.missing_blocks == [0, 1, 2]
     assert time.monotonic() - start < 30
+
+
+def test_blocked_servers_are_never_used(swarm, model_dirs):
+    from stamen import AutoDistributedModelForCausalLM
+    from stamen.errors import SwarmNotReadyError
+
+    path = model_dirs["llama-gqa"]
+    records = fetch_servers(swarm.client_dht(), "llama-gqa", 6)
+    first = [p for p, r in records.items() if r.span == Span(0, 2) and r.state == ServerState.ONLINE]
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                            wait_for_servers=False, blocked_servers=first)
+    try:
+        with pytest.raises(SwarmNotReadyError, match="0-1"):
+            model.swarm.route()
+        allowed = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                  allowed_servers=list(records))
+        try:
+            assert {h.peer_id for h in allowed.swarm.route()} <= set(records)
+        finally:
+            allowed.shutdown()
+    finally:
+        model.shutdown()

@@ -79,3 +79,18 @@ def test_sub_range_route():
 )
 def test_choose_span_takes_the_weakest_window(existing, length, expected):
     assert choose_span(12, length, existing) == expected
+
+
+def test_sampled_routes_spread_load_by_throughput():
+    import random
+    from collections import Counter
+
+    from stamen.client.routing import sample_route
+
+    servers = [c("fast", 0, 4, throughput=300), c("slow", 0, 4, throughput=100), c("tail", 4, 8)]
+    rng = random.Random(0)
+    counts = Counter(sample_route(servers, Span(0, 8), rng)[0].peer_id for _ in range(4000))
+    assert 0.70 < counts["fast"] / 4000 < 0.80  # expected 0.75
+    route = sample_route(servers, Span(2, 8), rng)
+    assert route[0].blocks == Span(2, 4) and route[-1] == Hop("tail", Span(4, 8))
+    assert sample_route([c("a", 0, 3)], Span(0, 8), rng) is None

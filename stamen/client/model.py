@@ -113,7 +113,7 @@ class DistributedModelForCausalLM(GenerationMixin, nn.Module):
         config = self.swarm.config
         out, block, failures = hidden.detach(), 0, 0
         while block < self.block_config.num_blocks:
-            for hop in self.swarm.route(Span(block, self.block_config.num_blocks)):
+            for hop in self.swarm.forward_route(Span(block, self.block_config.num_blocks)):
                 try:
                     out = loop.run(call_forward(self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, out,
                                                 attention_mask, position_ids, config.request_timeout))

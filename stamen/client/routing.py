@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -117,3 +118,20 @@ def find_route(
         hops.append(Hop(state[1], span))
         state = previous
     return hops[::-1]
+
+
+def sample_route(candidates: Sequence[Candidate], blocks: Span, rng: random.Random) -> list[Hop] | None:
+    """A chain for stateless forward/backward calls that spreads load over servers in proportion
+    to their throughput: from each boundary, a server covering the next block is drawn with
+    probability ∝ throughput and runs as far as it can. None if some block has no server."""
+    hops: list[Hop] = []
+    b = blocks.start
+    while b < blocks.end:
+        covering = [c for c in candidates if c.span.start <= b < c.span.end and c.throughput > 0]
+        if not covering:
+            return None
+        chosen = rng.choices(covering, weights=[c.throughput for c in covering])[0]
+        e = min(chosen.span.end, blocks.end)
+        hops.append(Hop(chosen.peer_id, Span(b, e)))
+        b = e
+    return hops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 from hivemind import DHT
@@ -11,7 +12,7 @@ from hivemind.p2p import P2P, PeerID
 
 from stamen.client import loop
 from stamen.client.config import ClientConfig
-from stamen.client.routing import Candidate, Hop, find_route, missing_blocks
+from stamen.client.routing import Candidate, Hop, find_route, missing_blocks, sample_route
 from stamen.dht.records import RemoteServer, ServerState, fetch_servers
 from stamen.errors import SwarmNotReadyError
 from stamen.server.handler import ping
@@ -31,6 +32,7 @@ class Swarm:
         self._fetched_at = -float("inf")
         self._banned_until: dict[PeerIDStr, float] = {}
         self._rtts: dict[PeerIDStr, tuple[float, float]] = {}  # peer -> (rtt seconds, measured at)
+        self._rng = random.Random()
 
     def ban(self, peer_id: PeerIDStr, reason: str) -> None:
         """Leave a failed server out of routes for ``ban_timeout`` seconds."""
@@ -110,6 +112,14 @@ class Swarm:
             + (f"blocks {_ranges(missing)} have no online server" if missing else "servers lack free cache"),
             missing,
         )
+
+    def forward_route(self, blocks: Span) -> list[Hop]:
+        """A chain for stateless calls, drawn so that load spreads in proportion to throughput."""
+        candidates = [Candidate(s.peer_id, s.span, s.record.throughput) for s in self.servers()]
+        route = sample_route(candidates, blocks, self._rng)
+        if route is None:
+            return self.route(blocks)  # raises SwarmNotReadyError naming the missing blocks
+        return route
 
     def dtype_of(self, peer_id: PeerIDStr) -> str:
         server = self._servers.get(peer_id)
