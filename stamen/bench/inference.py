@@ -88,8 +88,8 @@ def run_inference_bench(model: str | None, num_servers: int, new_tokens: int, pr
 
     spans = _even_spans(num_blocks, num_servers)
     say(f"starting a bootstrap peer and {num_servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
-    results: dict[str, list[float]] = {"local_ms": [], "swarm_ms": [], "blocks_ms": [], "swarm_ttft_ms": [],
-                                       "local_ttft_ms": []}
+    results: dict[str, list[float]] = {"local_ms": [], "swarm_ms": [], "swarm_nopush_ms": [], "blocks_ms": [],
+                                       "swarm_ttft_ms": [], "local_ttft_ms": [], "swarm_nopush_ttft_ms": []}
     all_blocks = _load_all_blocks(model)
     with LocalSwarm(log_dir=workdir / "logs") as swarm:
         swarm.start_bootstrap()
@@ -97,22 +97,28 @@ def run_inference_bench(model: str | None, num_servers: int, new_tokens: int, pr
             swarm.add_server(model, span)
         swarm.wait_online(default_dht_prefix(model), num_blocks)
         dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers)
+        nopush = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers,
+                                                                 use_push=False)
+        contenders = (("local", local), ("swarm", dmodel), ("swarm_nopush", nopush))
         try:
-            for contender in ("local", "swarm"):  # warm-up
-                _timed(local if contender == "local" else dmodel, prompt, dict(settings, max_new_tokens=4))
+            for _, m in contenders:  # warm-up
+                _timed(m, prompt, dict(settings, max_new_tokens=4))
             for i in range(runs):
-                for contender, m in (("local", local), ("swarm", dmodel)):
+                for contender, m in contenders:
                     clock = _timed(m, prompt, settings)
                     results[f"{contender}_ms"].append(clock.ms_per_token())
                     results[f"{contender}_ttft_ms"].append(clock.first_token_ms())
                 results["blocks_ms"].append(_local_blocks_ms(all_blocks, new_tokens, prompt))
                 say(f"run {i + 1}/{runs}: local {results['local_ms'][-1]:.1f} ms/token, "
-                    f"swarm {results['swarm_ms'][-1]:.1f} ms/token, blocks alone {results['blocks_ms'][-1]:.1f} ms")
+                    f"swarm {results['swarm_ms'][-1]:.1f} (push off {results['swarm_nopush_ms'][-1]:.1f}), "
+                    f"blocks alone {results['blocks_ms'][-1]:.1f} ms")
         finally:
             dmodel.shutdown()
+            nopush.shutdown()
     blocks_ms = statistics.median(results["blocks_ms"])
 
     local_ms, swarm_ms = statistics.median(results["local_ms"]), statistics.median(results["swarm_ms"])
+    nopush_ms = statistics.median(results["swarm_nopush_ms"])
     summary = {
         "model": model,
         "num_blocks": num_blocks,
@@ -124,6 +130,10 @@ def run_inference_bench(model: str | None, num_servers: int, new_tokens: int, pr
         "local_transformers_ms_per_token": round(local_ms, 2),
         "swarm_ms_per_token": round(swarm_ms, 2),
         "swarm_over_local": round(swarm_ms / local_ms, 3),
+        "swarm_over_local_median_of_runs": round(statistics.median(
+            s / loc for s, loc in zip(results["swarm_ms"], results["local_ms"], strict=True)), 3),
+        "swarm_push_off_ms_per_token": round(nopush_ms, 2),
+        "swarm_push_off_over_local": round(nopush_ms / local_ms, 3),
         "blocks_in_process_ms_per_token": round(blocks_ms, 2),
         "swarm_over_blocks_in_process": round(swarm_ms / blocks_ms, 3),
         "local_time_to_first_token_ms": round(statistics.median(results["local_ttft_ms"]), 1),
@@ -149,6 +159,7 @@ def _table(s: dict) -> str:
     rows = [
         ("local transformers generate", s["local_transformers_ms_per_token"], 1.0),
         (f"swarm, {s['servers']} loopback servers", s["swarm_ms_per_token"], s["swarm_over_local"]),
+        ("swarm, push off", s["swarm_push_off_ms_per_token"], s["swarm_push_off_over_local"]),
         ("blocks alone, in-process", s["blocks_in_process_ms_per_token"],
          s["blocks_in_process_ms_per_token"] / s["local_transformers_ms_per_token"]),
     ]
