@@ -92,3 +92,23 @@ def test_blocked_servers_are_never_used(swarm, model_dirs):
             allowed.shutdown()
     finally:
         model.shutdown()
+
+
+def test_health_command_reports_servers_and_coverage(swarm, model_dirs):
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "stamen", "health", model_dirs["qwen2-bias"], "--initial-peers", *swarm.initial_peers,
+         "--json"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["num_blocks"] == 4 and report["uncovered_blocks"] == []
+    online = [s for s in report["servers"] if s["state"] == "online"]
+    assert sorted((s["start"], s["end"]) for s in online) == [(0, 3), (3, 4)]
+    assert report["block_servers"] == [1, 1, 1, 1] and report["bottleneck_throughput"] > 0
+    text = subprocess.run(
+        [sys.executable, "-m", "stamen", "health", model_dirs["qwen2-bias"], "--initial-peers", *swarm.initial_peers],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert "uncovered blocks: none" in text and "[0:3)" in text

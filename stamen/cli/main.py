@@ -166,6 +166,32 @@ class _TimedStreamer:
                 f"{per_token * 1000:.1f} ms/token ({1 / per_token:.1f} tokens/s)")
 
 
+@app.command()
+def health(
+    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    initial_peers: PeersOpt,
+    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the swarm: servers with span, state, throughput, free cache, version; per-block coverage."""
+    setup_logging("WARNING")
+    from hivemind import DHT
+
+    from stamen.dht.health import format_health, swarm_health
+    from stamen.dht.records import fetch_servers
+    from stamen.models import BlockConfig, load_config
+    from stamen.server.config import default_dht_prefix
+
+    num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
+    name = dht_prefix or default_dht_prefix(model)
+    node = DHT(initial_peers=initial_peers, start=True, client_mode=True)
+    try:
+        report = swarm_health(name, num_blocks, fetch_servers(node, name, num_blocks))
+    finally:
+        node.shutdown()
+    print(report.model_dump_json(indent=2) if json_out else format_health(report))
+
+
 @bench_app.command("inference")
 def bench_inference(
     model: Annotated[str | None, typer.Option(help="Model directory (default: a random 246M Llama).")] = None,
