@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 from stamen.cli.main import setup_logging
+from stamen.cli.streamer import TimedTextStreamer
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
@@ -40,24 +38,12 @@ def main() -> None:
         model = AutoDistributedModelForCausalLM.from_pretrained(MODEL_DIR, initial_peers=swarm.initial_peers)
         prompt = "The swarm shares the work"
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        stamps: list[float] = []
-
-        class Printer:
-            def put(self, value: torch.Tensor) -> None:
-                stamps.append(time.perf_counter())
-                if len(stamps) > 1:
-                    sys.stdout.write(tokenizer.decode(value.reshape(-1)))
-                    sys.stdout.flush()
-
-            def end(self) -> None:
-                print()
-
+        streamer = TimedTextStreamer(tokenizer)
         with model.inference_session(max_length=ids.shape[1] + 40) as session:
             print("route:", session.describe_route())
             sys.stdout.write(f"\n{prompt}")
-            model.generate(ids, max_new_tokens=40, do_sample=True, top_k=40, temperature=0.8, streamer=Printer())
-        gaps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-        print(f"\n{len(stamps) - 1} tokens, {1000 * sum(gaps) / len(gaps):.1f} ms/token through 3 servers "
+            model.generate(ids, max_new_tokens=40, do_sample=True, top_k=40, temperature=0.8, streamer=streamer)
+        print(f"\n\n{streamer.summary()} through 3 servers "
               "(random weights: the text is noise; see the tests for parity with transformers)")
         model.shutdown()
     print("swarm shut down cleanly")

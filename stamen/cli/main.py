@@ -7,11 +7,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from stamen.cli.streamer import TimedTextStreamer
 
 app = typer.Typer(help="Stamen: run large language models over a swarm of peers.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -124,7 +125,7 @@ def generate(
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    streamer = _TimedStreamer(tokenizer)
+    streamer = TimedTextStreamer(tokenizer)
     with dmodel.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
         print(f"route: {session.describe_route()}", file=sys.stderr)
         dmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -133,37 +134,6 @@ def generate(
     print(file=sys.stdout)
     print(streamer.summary(), file=sys.stderr)
     dmodel.shutdown()
-
-
-class _TimedStreamer:
-    """Prints new text as tokens arrive and times them (transformers' streamer protocol: put/end)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.printed, self.times = tokenizer, [], "", []
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            self._start = time.perf_counter()
-            return
-        self.times.append(time.perf_counter())
-        self.tokens.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
-        self.printed = text
-
-    def end(self) -> None:
-        pass
-
-    def summary(self) -> str:
-        if len(self.times) < 2:
-            return f"{len(self.times)} tokens"
-        first = self.times[0] - self._start
-        per_token = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
-        return (f"{len(self.times)} tokens; time to first token {first * 1000:.0f} ms; "
-                f"{per_token * 1000:.1f} ms/token ({1 / per_token:.1f} tokens/s)")
 
 
 @app.command()

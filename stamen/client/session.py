@@ -23,6 +23,7 @@ from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
 from stamen.server.config import DTYPES
 from stamen.server.handler import InferenceStream
+from stamen.types import Span
 from stamen.wire.messages import PushTarget
 from stamen.wire.tensors import STREAM_PART_BYTES
 
@@ -79,10 +80,10 @@ class InferenceSession:
         return [h.hop for h in self._hops]
 
     def open(self) -> None:
-        self._hops = loop.run(self._open_route(self.swarm.num_blocks_span()))
+        self._hops = loop.run(self._open_route(None))  # None: every block
         logger.info("session %s route: %s", self.session_id[:8], self.describe_route())
 
-    async def _open_route(self, blocks) -> list[_LiveHop]:
+    async def _open_route(self, blocks: Span | None) -> list[_LiveHop]:
         """Open streams covering ``blocks``, rerouting around servers that fail to open."""
         for attempt in range(self.swarm.config.max_retries + 1):
             route = await self.swarm.route_async(blocks, min_cache_tokens=self.max_length * self.batch_size)

@@ -69,9 +69,6 @@ class Swarm:
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
-    def num_blocks_span(self) -> Span:
-        return Span(0, self.num_blocks)
-
     async def client_rtts(self, servers: list[RemoteServer]) -> dict[PeerIDStr, float]:
         """Round trips from this client to ``servers``, each pinged at most once a minute;
         a server that does not answer a ping is banned. (Runs on the client loop.)"""

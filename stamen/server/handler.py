@@ -92,9 +92,8 @@ class SpanHandler(ServicerBase):
         rest = iter(protos[1:])
         mask = decode_tensor(next(rest), "attention_mask", INDEX_DTYPES, limit) if has_mask else None
         positions = decode_tensor(next(rest), "position_ids", {"int64", "int32"}, limit) if has_positions else None
-        if not has_hypo_ids:
-            return hidden, mask, positions
-        return hidden, mask, positions, decode_tensor(next(rest), "hypo_ids", {"int64", "int32"}, limit)
+        hypo_ids = decode_tensor(next(rest), "hypo_ids", {"int64", "int32"}, limit) if has_hypo_ids else None
+        return hidden, mask, positions, hypo_ids
 
     # --- info: a cheap unary call, also used as a ping ---
 
@@ -170,11 +169,11 @@ class SpanHandler(ServicerBase):
         async with session.lock:
             if msg.step_id <= session.last_step_id:
                 return  # already computed from the other copy (pushed or sent by the client)
-            hidden, mask, positions, *hypo_ids = self._decode_inputs(
+            hidden, mask, positions, hypo_ids = self._decode_inputs(
                 tensors, msg.has_attention_mask, msg.has_position_ids, msg.has_hypo_ids
             )
             start = time.perf_counter()
-            out = await self.backend.step(session, msg, hidden, mask, positions, *hypo_ids)
+            out = await self.backend.step(session, msg, hidden, mask, positions, hypo_ids)
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
         compute_ms = 1000 * (time.perf_counter() - start)
@@ -240,7 +239,7 @@ class SpanHandler(ServicerBase):
                     raise InvalidRequestError(f"request exceeds {limit} bytes")
             if msg is None:
                 raise InvalidRequestError("empty forward request")
-            hidden, mask, positions = self._decode_inputs(
+            hidden, mask, positions, _ = self._decode_inputs(
                 join_tensor_parts(parts), msg.has_attention_mask, msg.has_position_ids
             )
             out = await asyncio.wait_for(
