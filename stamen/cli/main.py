@@ -137,6 +137,80 @@ def generate(
 
 
 @app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="A .gguf file, a directory with one, or `smollm2` (packaged default).")],
+    out: Annotated[Path, typer.Argument(help="Hugging Face model directory to write.")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    force: Annotated[bool, typer.Option(help="Convert again even if OUT holds this conversion.")] = False,
+) -> None:
+    """Write a Hugging Face model directory (safetensors, config, tokenizer, chat template) from GGUF."""
+    setup_logging("WARNING")
+    from stamen.errors import CheckpointError
+    from stamen.models.convert import convert_gguf
+    from stamen.server.config import DTYPES
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {sorted(DTYPES)}")
+    try:
+        convert_gguf(src, out, DTYPES[dtype], force=force)
+    except CheckpointError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    initial_peers: PeersOpt,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    max_length: Annotated[int, typer.Option(help="Tokens the conversation's session can hold.")] = 2048,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
+) -> None:
+    """Chat in the terminal: one inference session across turns, streamed answers; Ctrl-C stops an answer."""
+    setup_logging("WARNING")
+    from stamen.cli.chat import run_chat
+
+    run_chat(model, initial_peers, max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
+             top_p=top_p, seed=seed, system=system, dht_prefix=dht_prefix)
+
+
+@app.command()
+def api(
+    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    initial_peers: PeersOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model_id: Annotated[str | None, typer.Option(help="The model name clients send (default: the swarm's).")] = None,
+    default_max_tokens: Annotated[int, typer.Option(help="New tokens when a request sets no limit.")] = 256,
+    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an OpenAI-compatible HTTP API (chat completions, completions, models) over the swarm."""
+    setup_logging("INFO")
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from stamen.api.app import create_app
+    from stamen.api.engine import Engine
+    from stamen.client.model import AutoDistributedModelForCausalLM
+    from stamen.server.config import default_dht_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix,
+                                                             wait_for_servers=False)
+    engine = Engine(dmodel, tokenizer, model_id or dht_prefix or default_dht_prefix(model),
+                    default_max_tokens=default_max_tokens)
+    logging.getLogger(__name__).info("serving %s at http://%s:%d/v1", engine.model_id, host, port)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+    finally:
+        dmodel.shutdown()
+
+
+@app.command()
 def health(
     model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
     initial_peers: PeersOpt,

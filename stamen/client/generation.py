@@ -41,6 +41,7 @@ class GenerationMixin:
         stopping_criteria: StoppingCriteriaList | None = None,
         streamer: Any = None,
         session: Any = None,
+        generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> torch.LongTensor:
         """Generate continuations of ``input_ids`` (B, T); returns (B, T + new) like transformers.
@@ -49,6 +50,7 @@ class GenerationMixin:
         do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id,
         num_beams, length_penalty (beam search keeps num_beams sequences per input in the session).
         Inside ``inference_session`` (or with ``session=``), earlier tokens are not sent again.
+        ``generator`` draws the samples (a per-request seed that concurrent requests do not disturb).
         """
         config = copy.deepcopy(generation_config or self.generation_config or GenerationConfig())
         unknown = config.update(**kwargs)
@@ -89,7 +91,8 @@ class GenerationMixin:
                 session.input_ids = ids
                 scores = processors(ids, logits)
                 if config.do_sample:
-                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1,
+                                                    generator=generator).squeeze(1)
                 else:
                     next_tokens = scores.argmax(dim=-1)
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))

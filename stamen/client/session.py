@@ -67,6 +67,8 @@ class InferenceSession:
         self.closed = False
         self.recoveries = 0
         """How many times a failed hop was replaced (for logs and tests)."""
+        self.sent_tokens = 0
+        """Positions sent through the chain over the session's life (rolled-back ones count again)."""
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -136,6 +138,7 @@ class InferenceSession:
             outputs.append(loop.run(self._step(hidden[:, start:end], inputs)))
             self._steps.append(inputs)
             self.position += end - start
+            self.sent_tokens += end - start
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out.to(hidden.dtype)
 

@@ -1,0 +1,263 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn): ``GET /v1/models``,
+``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed as server-sent events.
+
+Every request runs in its own worker thread and its own inference session; tokens reach the event
+loop through a queue. A client that disconnects mid-stream sets its request's cancel flag: the
+worker stops at the next token and closes the session, which frees the servers' cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from stamen.api.engine import Engine, Event, Finished, SamplingParams, Started, TextDelta
+from stamen.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, _Request
+from stamen.errors import InvalidRequestError, RemoteCallError, ServerFullError, StamenError, SwarmNotReadyError
+
+logger = logging.getLogger(__name__)
+
+WORKER_THREADS = 64
+"""Requests generating at once; more wait for a thread."""
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, ErrorResponse(error=ErrorBody(message=message, type=type_, code=code,
+                                                                       param=param))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body.model_dump(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", "invalid_request", param)
+
+
+def _from_stamen_error(e: Exception) -> APIError:
+    if isinstance(e, InvalidRequestError):
+        return bad_request(str(e))
+    if isinstance(e, SwarmNotReadyError):
+        return APIError(503, str(e), "service_unavailable", "swarm_not_ready")
+    if isinstance(e, (ServerFullError, RemoteCallError)):
+        return APIError(503, f"the swarm cannot serve this request now: {e}", "service_unavailable",
+                        "swarm_unavailable")
+    if isinstance(e, StamenError):
+        return APIError(500, f"{type(e).__name__}: {e}", "server_error", getattr(e, "code", None))
+    logger.exception("unexpected error while serving a request", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    message = first.get("msg", str(e))
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+    return (f"{param}: {message}" if param else message), param
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="Stamen OpenAI-compatible API", version="1")
+    limiter = anyio.CapacityLimiter(WORKER_THREADS)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        _check_model(engine, model_id)
+        return _model_card(engine)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _parse(request, ChatCompletionRequest)
+        prompt = _tokenize(lambda: engine.chat_prompt([m.as_template_message() for m in body.messages]))
+        return await _serve(engine, limiter, request, body, prompt, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
+            prompt = list(body.prompt)
+            vocab = engine.model.block_config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise bad_request(f"prompt token ids must lie in [0, {vocab})", "prompt")
+        else:
+            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            prompt = _tokenize(lambda: engine.text_prompt(text))
+        return await _serve(engine, limiter, request, body, prompt, chat=False)
+
+    return app
+
+
+def _model_card(engine: Engine) -> dict[str, Any]:
+    return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "stamen"}
+
+
+def _check_model(engine: Engine, model_id: str) -> None:
+    if model_id != engine.model_id:
+        raise APIError(404, f"the model {model_id!r} does not exist; this server serves {engine.model_id!r}",
+                       "invalid_request_error", "model_not_found", "model")
+
+
+async def _parse(request: Request, schema: type[_Request]) -> Any:
+    raw = await request.body()
+    try:
+        body = schema.model_validate_json(raw)
+    except ValidationError as e:
+        message, param = _validation_message(e)
+        raise bad_request(message, param) from None
+    return body
+
+
+def _tokenize(fn) -> list[int]:
+    try:
+        ids = fn()
+    except InvalidRequestError as e:
+        raise bad_request(str(e)) from None
+    if not ids:
+        raise bad_request("the prompt is empty", "prompt")
+    return ids
+
+
+async def _serve(engine: Engine, limiter: anyio.CapacityLimiter, request: Request, body: _Request,
+                 prompt: list[int], chat: bool):
+    _check_model(engine, body.model)
+    try:
+        max_new = engine.resolve_max_tokens(len(prompt), body.limit)
+        engine.check_ready()
+    except StamenError as e:
+        raise _from_stamen_error(e) from None
+    params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                            stop=body.stop_strings)
+    job = _Job(engine, prompt, params)
+    job.start(limiter)
+    try:
+        first = await job.next()  # Started, or an error before any text: answer with a status code
+    except Exception as e:
+        job.cancel.set()
+        raise _from_stamen_error(e) from None
+    assert isinstance(first, Started)
+    completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(job, completion_id, engine.model_id, chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        done = await job.wait_finished()
+    except Exception as e:
+        raise _from_stamen_error(e) from None
+    return JSONResponse(_full_response(completion_id, engine.model_id, chat, done))
+
+
+class _Job:
+    """One request's generation in a worker thread, its events delivered to the event loop."""
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams):
+        self.engine, self.prompt, self.params = engine, prompt, params
+        self.cancel = threading.Event()
+        self.queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task | None = None
+
+    def start(self, limiter: anyio.CapacityLimiter) -> None:
+        self._task = asyncio.ensure_future(anyio.to_thread.run_sync(self._work, limiter=limiter))
+
+    def _put(self, item: Event | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _work(self) -> None:
+        try:
+            self.engine.generate(self.prompt, self.params, self._put, self.cancel)
+        except BaseException as e:  # delivered to the request; the thread ends cleanly
+            self._put(e)
+
+    async def next(self) -> Event:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def wait_finished(self) -> Finished:
+        while True:
+            event = await self.next()
+            if isinstance(event, Finished):
+                return event
+
+
+def _usage(done: Finished) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def _full_response(completion_id: str, model_id: str, chat: bool, done: Finished) -> dict[str, Any]:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "logprobs": None,
+                  "finish_reason": done.reason}
+    else:
+        choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.reason}
+    return {"id": completion_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model_id, "choices": [choice], "usage": _usage(done)}
+
+
+def _chunk(completion_id: str, model_id: str, chat: bool, text: str | None, finish: str | None,
+           first: bool = False) -> dict[str, Any]:
+    if chat:
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model_id, "choices": [choice]}
+
+
+def _sse_line(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _sse(job: _Job, completion_id: str, model_id: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: deltas, a final chunk with the finish reason, optionally usage, [DONE].
+    If the client goes away, the generator is cancelled and the finally clause stops generation."""
+    try:
+        if chat:
+            yield _sse_line(_chunk(completion_id, model_id, chat, "", None, first=True))
+        while True:
+            try:
+                event = await job.next()
+            except Exception as e:  # the stream has started: report in-band, then end it
+                yield _sse_line(_from_stamen_error(e).body.model_dump())
+                break
+            if isinstance(event, TextDelta):
+                yield _sse_line(_chunk(completion_id, model_id, chat, event.text, None))
+            elif isinstance(event, Finished):
+                yield _sse_line(_chunk(completion_id, model_id, chat, None if chat else "", event.reason))
+                if include_usage:
+                    usage_chunk = _chunk(completion_id, model_id, chat, None, None)
+                    usage_chunk["choices"], usage_chunk["usage"] = [], _usage(event)
+                    yield _sse_line(usage_chunk)
+                break
+        yield _sse_line("[DONE]")
+    finally:
+        job.cancel.set()
