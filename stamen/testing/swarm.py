@@ -44,6 +44,7 @@ class LocalSwarm:
         self.bootstrap: subprocess.Popen | None = None
         self.initial_peers: list[str] = []
         self.servers: list[ServerProcess] = []
+        self.apis: list[subprocess.Popen] = []
         self._dht = None
 
     def _cmd(self, *args: str) -> list[str]:
@@ -73,6 +74,31 @@ class LocalSwarm:
         server = ServerProcess(str(model), span, proc, log_path, args)
         self.servers.append(server)
         return server
+
+    def start_api(self, model: str | Path, *extra: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+        """Start ``stamen api`` on a free port; returns the process and its base URL (``.../v1``),
+        once ``GET /v1/models`` answers."""
+        import socket
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log_path = self.log_dir / f"api{len(self.apis)}.log"
+        proc = subprocess.Popen(
+            self._cmd("api", str(model), "--initial-peers", *self.initial_peers, "--port", str(port), *extra),
+            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.apis.append(proc)
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=5):
+                    return proc, url
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"stamen api did not start:\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.2)
 
     def client_dht(self):
         if self._dht is None:
@@ -124,7 +150,7 @@ class LocalSwarm:
         return server.proc.returncode
 
     def stop(self) -> None:
-        procs = [s.proc for s in self.servers] + ([self.bootstrap] if self.bootstrap else [])
+        procs = self.apis + [s.proc for s in self.servers] + ([self.bootstrap] if self.bootstrap else [])
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
