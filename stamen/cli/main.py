@@ -236,6 +236,41 @@ def health(
     print(report.model_dump_json(indent=2) if json_out else format_health(report))
 
 
+@app.command()
+def simulate(
+    servers: Annotated[int, typer.Option(help="Virtual servers present at once.")] = 500,
+    blocks: Annotated[int, typer.Option(help="Blocks of the model.")] = 80,
+    hours: Annotated[float, typer.Option(help="Simulated hours.")] = 24.0,
+    warmup_hours: Annotated[float, typer.Option(help="Hours left out of the means.")] = 2.0,
+    churn: Annotated[float, typer.Option(help="Fraction of servers replaced per hour.")] = 0.2,
+    min_throughput: Annotated[float, typer.Option(help="Slowest server (log-uniform range).")] = 1.0,
+    max_throughput: Annotated[float, typer.Option(help="Fastest server.")] = 10.0,
+    min_memory: Annotated[int, typer.Option(help="Fewest blocks a server can hold.")] = 4,
+    max_memory: Annotated[int, typer.Option(help="Most blocks a server can hold.")] = 40,
+    balance_period: Annotated[float, typer.Option(help="Mean seconds between rebalancing checks.")] = 120.0,
+    balance_quality: Annotated[float, typer.Option(help="Move only below this bottleneck / mean.")] = 0.9,
+    exodus_hour: Annotated[float | None, typer.Option(help="Hour at which a quarter of the model loses its "
+                                                           "servers at once, unreplaced.")] = None,
+    no_rebalance: Annotated[bool, typer.Option("--no-rebalance", help="Servers only choose when joining.")] = False,
+    baseline: Annotated[bool, typer.Option(help="Also run the same swarm without rebalancing.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    png: Annotated[Path | None, typer.Option(help="Write the plot here.")] = Path("simulate.png"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary here.")] = Path("simulate.json"),
+) -> None:
+    """Simulate a swarm of virtual servers placing themselves with the real placement code."""
+    from stamen.server.placement import PlacementSettings
+    from stamen.sim.report import run_and_report
+    from stamen.sim.simulate import SimConfig
+
+    config = SimConfig(
+        num_servers=servers, num_blocks=blocks, hours=hours, warmup_hours=warmup_hours, churn_per_hour=churn,
+        min_throughput=min_throughput, max_throughput=max_throughput, min_memory_blocks=min_memory,
+        max_memory_blocks=max_memory, balance_period=balance_period, exodus_hour=exodus_hour,
+        rebalance=not no_rebalance, placement=PlacementSettings(balance_quality=balance_quality), seed=seed,
+    )
+    run_and_report(config, baseline, png, json_path)
+
+
 @bench_app.command("inference")
 def bench_inference(
     model: Annotated[str | None, typer.Option(help="Model directory (default: a random 246M Llama).")] = None,

@@ -1,31 +1,145 @@
-"""Which span a joining server takes: a pure function over plain data."""
+"""Where servers put their spans: pure functions over plain data.
+
+The same functions drive real servers (``stamen/server/server.py``) and the simulator
+(``stamen/sim``). Throughput is additive per block: block ``b`` serves the summed throughput of
+the servers hosting it, and the swarm serves at most its weakest block's throughput (the
+*bottleneck*). A server hosting ``L`` blocks adds its throughput to each of them.
+
+- ``choose_start``: the window of a given length where the swarm is weakest, compared leximin
+  (the sorted throughputs of the window, weakest block first), so uncovered blocks come first.
+- ``plan_move``: whether a server should leave its window for the weakest one. It moves only when
+  the swarm is out of balance (bottleneck below ``balance_quality`` × mean block throughput) and
+  the move raises the weakest of the blocks it touches by at least ``min_gain`` × its own
+  throughput, or covers a block nobody serves. Such a move strictly improves the swarm's sorted
+  block throughputs, so servers moving one at a time never cycle.
+- ``upper_bound``: the best bottleneck any assignment could reach for the servers present.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from pydantic import BaseModel, ConfigDict, Field
 
 from stamen.types import Span
 
+EPS = 1e-9
+"""Throughput at or below this counts as none (sums of floats leave tiny residues)."""
 
-def block_throughputs(num_blocks: int, spans: Iterable[tuple[Span, float]]) -> list[float]:
-    """Total announced throughput per block."""
-    totals = [0.0] * num_blocks
+
+class PlacementSettings(BaseModel):
+    """Thresholds of the rebalancing decision, the same for real servers and the simulator."""
+
+    model_config = ConfigDict(frozen=True)
+
+    balance_quality: float = Field(default=0.9, gt=0, le=1)
+    """The swarm counts as balanced (nobody moves) while its bottleneck is at least this fraction of
+    the mean block throughput, i.e. of what spreading today's spans' capacity evenly would give."""
+    min_gain: float = Field(default=0.5, ge=0, le=1)
+    """A move must raise the weakest block it touches by at least this fraction of the mover's own
+    throughput; smaller gains are not worth reloading blocks (covering an uncovered block always is)."""
+
+
+def block_throughputs(num_blocks: int, spans: Iterable[tuple[Span, float]]) -> np.ndarray:
+    """Total throughput per block, as a float array of ``num_blocks``."""
+    diff = np.zeros(num_blocks + 1)
     for span, throughput in spans:
-        for b in range(span.start, min(span.end, num_blocks)):
-            totals[b] += throughput
+        diff[min(span.start, num_blocks)] += throughput
+        diff[min(span.end, num_blocks)] -= throughput
+    totals = np.cumsum(diff[:-1])
+    totals[np.abs(totals) <= EPS] = 0.0
     return totals
 
 
+def window_minima(totals: np.ndarray, length: int) -> np.ndarray:
+    """``out[s] = min(totals[s : s + length])`` for every window start."""
+    return sliding_window_view(totals, length).min(axis=1)
+
+
+def choose_start(others: np.ndarray, length: int, current: int | None = None) -> int:
+    """The start of the weakest window of ``length`` blocks over the per-block throughput ``others``
+    (the swarm without the server choosing): leximin on each window's sorted throughputs, so the
+    weakest block decides first, then the next weakest, and more uncovered blocks come first.
+    Ties go to ``current`` (a server does not move for nothing), then to the leftmost window."""
+    length = min(length, len(others))
+    windows = np.sort(sliding_window_view(others, length), axis=1)  # (starts, length), weakest first
+    windows = np.round(windows, 9)  # float residues must not break ties
+    best = int(np.lexsort(windows.T[::-1])[0])  # lexsort's last key is primary; stable: leftmost wins
+    if current is not None and 0 <= current < len(windows) and np.array_equal(windows[current], windows[best]):
+        return current
+    return best
+
+
 def choose_span(num_blocks: int, length: int, spans: Iterable[tuple[Span, float]]) -> Span:
-    """The window of ``length`` blocks where the swarm is weakest: fewest uncovered-first, then the
-    lowest bottleneck throughput, then the lowest total; ties go to the leftmost window."""
+    """The span of ``length`` blocks a joining server takes, given the others' (span, throughput)."""
     length = min(length, num_blocks)
-    totals = block_throughputs(num_blocks, spans)
+    start = choose_start(block_throughputs(num_blocks, spans), length)
+    return Span(start, start + length)
 
-    def weakness(start: int) -> tuple[int, float, float]:
-        window = totals[start : start + length]
-        uncovered = sum(1 for t in window if t <= 0)
-        return (-uncovered, min(window), sum(window))
 
-    best = min(range(num_blocks - length + 1), key=weakness)
-    return Span(best, best + length)
+def quality(totals: np.ndarray) -> float:
+    """Bottleneck over mean block throughput: 1 when every block serves the same, 0 with a gap."""
+    mean = float(totals.mean()) if len(totals) else 0.0
+    return float(totals.min()) / mean if mean > EPS else 0.0
+
+
+@dataclass(frozen=True)
+class MoveDecision:
+    """What ``plan_move`` decided and why (for logs and tests)."""
+
+    move: bool
+    target: Span
+    """The span to move to (the current span when staying)."""
+    reason: str
+    quality: float
+    """Bottleneck over mean block throughput before the move."""
+    before: float
+    """The weakest throughput among the blocks the move touches, now."""
+    after: float
+    """The same after the move."""
+
+    @property
+    def gain(self) -> float:
+        return self.after - self.before
+
+
+def plan_move(others: np.ndarray, span: Span, throughput: float,
+              settings: PlacementSettings = PlacementSettings()) -> MoveDecision:
+    """Should a server of ``throughput`` hosting ``span`` move, given the per-block throughput of
+    every other server (``others``, where servers already moving count at their target)?"""
+    totals = others.copy()
+    totals[span.start : span.end] += throughput
+    q = quality(totals)
+
+    def stay(reason: str, before: float = 0.0, after: float = 0.0) -> MoveDecision:
+        return MoveDecision(False, span, reason, q, before, after)
+
+    if q >= settings.balance_quality and not (totals <= EPS).any():
+        return stay(f"balanced: bottleneck is {q:.1%} of the mean block throughput")
+    start = choose_start(others, span.length, current=span.start)
+    target = Span(start, start + span.length)
+    if target == span:
+        return stay("already on the weakest window")
+    moved = others.copy()
+    moved[target.start : target.end] += throughput
+    touched = np.r_[span.start : span.end, target.start : target.end]
+    before, after = float(totals[touched].min()), float(moved[touched].min())
+    if before <= EPS < after:
+        return MoveDecision(True, target, f"covers uncovered blocks in {target}", q, before, after)
+    if after - before < settings.min_gain * throughput - EPS:
+        return stay(f"gain {after - before:.3g} < {settings.min_gain} × own throughput {throughput:.3g}",
+                    before, after)
+    return MoveDecision(True, target, f"weakest touched block {before:.3g} -> {after:.3g} steps/s", q, before, after)
+
+
+def upper_bound(num_blocks: int, servers: Iterable[tuple[float, int]]) -> float:
+    """The highest bottleneck any placement could reach for servers given as (throughput, most
+    blocks they can hold): every server hosts as many blocks as it can and the capacity is spread
+    perfectly evenly. This is the optimum of the linear programme that lets each server cover any
+    fraction x[i, b] ∈ [0, 1] of every block with Σ_b x[i, b] ≤ its memory (spreading each server
+    uniformly is feasible and reaches Σ capacity / blocks), so no contiguous, integral placement
+    beats it."""
+    return sum(t * min(mem, num_blocks) for t, mem in servers) / num_blocks

@@ -1,0 +1,1 @@
+"""`stamen simulate`: many virtual servers placing themselves with the real placement code."""

@@ -1,0 +1,350 @@
+"""A discrete-event simulation of a swarm placing itself with the real placement code.
+
+Virtual servers with heterogeneous throughput and memory join, check whether to move at jittered
+intervals, move (loading new blocks before leaving old ones), and leave, gracefully or by crashing.
+Each server decides on a *view* of the swarm like the DHT's: announcements reach the others after
+``dht_delay`` seconds and a crashed server's record lingers for ``record_ttl`` seconds. The swarm's
+real bottleneck (online servers only) is sampled against the upper bound for the servers present.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from stamen.server.placement import PlacementSettings, choose_start, plan_move, upper_bound
+from stamen.types import Span
+
+
+class SimConfig(BaseModel):
+    """Settings of one simulation run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_servers: int = Field(default=500, gt=0)
+    """Servers present at once (churn replaces them one for one)."""
+    num_blocks: int = Field(default=80, gt=0)
+    """Blocks of the model."""
+    min_throughput: float = Field(default=1.0, gt=0)
+    """Slowest server's throughput (steps/s per block); throughputs are log-uniform in the range."""
+    max_throughput: float = Field(default=10.0, gt=0)
+    """Fastest server's throughput."""
+    min_memory_blocks: int = Field(default=4, gt=0)
+    """Fewest blocks a server's memory holds; memories are uniform integers in the range."""
+    max_memory_blocks: int = Field(default=40, gt=0)
+    """Most blocks a server's memory holds."""
+    churn_per_hour: float = Field(default=0.2, ge=0)
+    """Fraction of the servers replaced per hour (a Poisson process of leaves, each followed by a join)."""
+    hours: float = Field(default=24.0, gt=0)
+    """Simulated time."""
+    warmup_hours: float = Field(default=2.0, ge=0)
+    """Samples before this are left out of the summary's means."""
+    join_minutes: float = Field(default=30.0, ge=0)
+    """The initial servers join one by one at random times within this window."""
+    balance_period: float = Field(default=120.0, gt=0)
+    """Mean seconds between a server's rebalancing checks (each wait uniform in 0.5×–1.5×)."""
+    move_jitter: float = Field(default=10.0, ge=0)
+    """A server that decides to move waits uniform(0, this) seconds, then looks again before moving."""
+    load_seconds_per_block: float = Field(default=5.0, ge=0)
+    """Seconds to load one block (joins and moves)."""
+    dht_delay: float = Field(default=5.0, ge=0)
+    """Seconds before an announcement is visible to other servers."""
+    record_ttl: float = Field(default=60.0, ge=0)
+    """Seconds a crashed server's record stays visible."""
+    crash_fraction: float = Field(default=0.5, ge=0, le=1)
+    """Fraction of leaves that are crashes (no offline announcement)."""
+    sample_period: float = Field(default=60.0, gt=0)
+    """Seconds between samples of the bottleneck."""
+    rebalance: bool = True
+    """Whether servers rebalance (off: they only choose a span when joining)."""
+    exodus_hour: float | None = None
+    """At this hour, every server whose span starts in the first ``exodus_fraction`` of the blocks
+    crashes at once and is not replaced (a correlated failure, e.g. one hosting provider going away)."""
+    exodus_fraction: float = Field(default=0.25, gt=0, le=1)
+    """The share of the blocks whose servers leave in the exodus."""
+    placement: PlacementSettings = PlacementSettings()
+    """The thresholds of the rebalancing decision."""
+    seed: int = 0
+    """Random seed."""
+
+
+class SimSummary(BaseModel):
+    """What a run measured; ``ratio`` is bottleneck / upper bound."""
+
+    config: SimConfig
+    mean_ratio: float
+    """Mean of bottleneck / upper bound over the samples after warm-up."""
+    min_ratio: float
+    """The lowest sampled ratio after warm-up."""
+    p5_ratio: float
+    """The 5th percentile of the sampled ratio after warm-up."""
+    mean_bottleneck: float
+    """Mean bottleneck throughput (steps/s) after warm-up."""
+    mean_upper_bound: float
+    """Mean upper bound after warm-up."""
+    joins: int
+    leaves: int
+    checks: int
+    """Rebalancing checks run."""
+    moves: int
+    """Moves carried out."""
+    blocks_reloaded: int
+    """Blocks loaded by moves (blocks a mover already held are kept, not counted)."""
+    blocks_reloaded_after_warmup: int
+    moves_after_warmup: int
+    blocks_loaded_by_joins: int
+    runtime_s: float
+    """Wall-clock seconds the simulation took."""
+    hours: list[float]
+    bottleneck: list[float]
+    bound: list[float]
+    uncovered: list[int]
+    """Blocks no online server serves, per sample."""
+
+
+class _Ev(IntEnum):  # order breaks ties at equal times
+    VIEW = 0
+    ONLINE = 1
+    MOVED = 2
+    LEAVE = 3
+    JOIN = 4
+    CHECK = 5
+    CONFIRM = 6
+    SAMPLE = 7
+    EXODUS = 8
+
+
+@dataclass
+class _Server:
+    id: int
+    throughput: float
+    memory: int
+    length: int
+    span: Span | None = None
+    """Blocks it serves (None while loading its first span)."""
+    target: Span | None = None
+    """Blocks it is loading (joining or moving)."""
+    alive: bool = True
+
+    @property
+    def placed(self) -> Span:
+        """Where its capacity counts for placement: the target while loading, else the span."""
+        return self.target or self.span  # type: ignore[return-value]
+
+
+@dataclass
+class _Swarm:
+    """True and viewed per-block throughput, kept incrementally."""
+
+    num_blocks: int
+    truth: np.ndarray = field(init=False)
+    view: np.ndarray = field(init=False)
+    viewed: dict[int, tuple[Span, float]] = field(default_factory=dict)
+    """Each server's placement as the others see it."""
+
+    def __post_init__(self) -> None:
+        self.truth = np.zeros(self.num_blocks)
+        self.view = np.zeros(self.num_blocks)
+
+    def set_view(self, sid: int, placement: tuple[Span, float] | None) -> None:
+        old = self.viewed.pop(sid, None)
+        if old is not None:
+            self.view[old[0].start : old[0].end] -= old[1]
+        if placement is not None:
+            self.view[placement[0].start : placement[0].end] += placement[1]
+            self.viewed[sid] = placement
+
+    def others(self, sid: int) -> np.ndarray:
+        """The view without server ``sid``'s own record."""
+        others = self.view.copy()
+        mine = self.viewed.get(sid)
+        if mine is not None:
+            others[mine[0].start : mine[0].end] -= mine[1]
+        np.maximum(others, 0.0, out=others)  # float residues
+        others[others < 1e-9] = 0.0
+        return others
+
+
+class Simulation:
+    def __init__(self, config: SimConfig):
+        self.c = config
+        self.rng = random.Random(config.seed)  # the population: who joins, with what, who leaves when
+        self.timing = random.Random(config.seed + 1)  # check and move jitter: runs with and without
+        # rebalancing then see the same servers come and go
+        self.swarm = _Swarm(config.num_blocks)
+        self.servers: dict[int, _Server] = {}
+        self.alive: list[int] = []
+        self._alive_index: dict[int, int] = {}
+        self.events: list[tuple[float, int, int, int, object]] = []
+        self._seq = 0
+        self.stats = dict(joins=0, leaves=0, checks=0, moves=0, blocks_reloaded=0, blocks_reloaded_after_warmup=0,
+                          moves_after_warmup=0, blocks_loaded_by_joins=0)
+        self.samples: list[tuple[float, float, float, int]] = []
+
+    # --- events ---
+
+    def _at(self, t: float, kind: _Ev, sid: int = -1, payload: object = None) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, int(kind), self._seq, sid, payload))
+
+    def _announce(self, now: float, s: _Server, delay: float | None = None) -> None:
+        placement = (s.placed, s.throughput) if s.alive else None
+        self._at(now + (self.c.dht_delay if delay is None else delay), _Ev.VIEW, s.id, placement)
+
+    def _new_server(self) -> _Server:
+        c = self.c
+        sid = len(self.servers)
+        throughput = math.exp(self.rng.uniform(math.log(c.min_throughput), math.log(c.max_throughput)))
+        memory = self.rng.randint(c.min_memory_blocks, c.max_memory_blocks)
+        s = _Server(sid, throughput, memory, min(memory, c.num_blocks))
+        self.servers[sid] = s
+        self._alive_index[sid] = len(self.alive)
+        self.alive.append(sid)
+        return s
+
+    def _truth(self, span: Span | None, delta: float) -> None:
+        if span is not None:
+            self.swarm.truth[span.start : span.end] += delta
+
+    def join(self, now: float) -> None:
+        s = self._new_server()
+        self.stats["joins"] += 1
+        start = choose_start(self.swarm.others(s.id), s.length)
+        s.target = Span(start, start + s.length)
+        self.stats["blocks_loaded_by_joins"] += s.length
+        self._announce(now, s)
+        self._at(now + self.c.load_seconds_per_block * s.length, _Ev.ONLINE, s.id)
+
+    def online(self, now: float, s: _Server) -> None:
+        s.span, s.target = s.target, None
+        self._truth(s.span, s.throughput)
+        if self.c.rebalance:
+            self._schedule_check(now, s)
+
+    def _schedule_check(self, now: float, s: _Server) -> None:
+        self._at(now + self.c.balance_period * self.timing.uniform(0.5, 1.5), _Ev.CHECK, s.id)
+
+    def _decide(self, s: _Server):
+        return plan_move(self.swarm.others(s.id), s.span, s.throughput, self.c.placement)
+
+    def check(self, now: float, s: _Server) -> None:
+        self.stats["checks"] += 1
+        if self._decide(s).move:
+            self._at(now + self.timing.uniform(0, self.c.move_jitter), _Ev.CONFIRM, s.id)
+        else:
+            self._schedule_check(now, s)
+
+    def confirm(self, now: float, s: _Server) -> None:
+        """A fresh look before moving: another server may have moved meanwhile."""
+        decision = self._decide(s)
+        if not decision.move:
+            self._schedule_check(now, s)
+            return
+        s.target = decision.target
+        new_blocks = len(set(range(s.target.start, s.target.end)) - set(range(s.span.start, s.span.end)))
+        self.stats["moves"] += 1
+        self.stats["blocks_reloaded"] += new_blocks
+        if now >= self.c.warmup_hours * 3600:
+            self.stats["moves_after_warmup"] += 1
+            self.stats["blocks_reloaded_after_warmup"] += new_blocks
+        self._announce(now, s)
+        self._at(now + self.c.load_seconds_per_block * new_blocks, _Ev.MOVED, s.id)
+
+    def moved(self, now: float, s: _Server) -> None:
+        self._truth(s.span, -s.throughput)
+        s.span, s.target = s.target, None
+        self._truth(s.span, s.throughput)
+        self._schedule_check(now, s)
+
+    def leave(self, now: float, sid: int | None = None, crashed: bool | None = None) -> None:
+        if sid is None:
+            sid = self.alive[self.rng.randrange(len(self.alive))]
+        s = self.servers[sid]
+        s.alive = False
+        last = self.alive.pop()
+        if last != sid:
+            index = self._alive_index[sid]
+            self.alive[index] = last
+            self._alive_index[last] = index
+        del self._alive_index[sid]
+        self._truth(s.span, -s.throughput)
+        self.stats["leaves"] += 1
+        if crashed is None:
+            crashed = self.rng.random() < self.c.crash_fraction
+        self._announce(now, s, delay=self.c.record_ttl if crashed else self.c.dht_delay)
+
+    def exodus(self, now: float) -> None:
+        limit = self.c.exodus_fraction * self.c.num_blocks
+        for sid in [i for i in self.alive if self.servers[i].placed.start < limit]:
+            self.leave(now, sid, crashed=True)
+
+    def sample(self, now: float) -> None:
+        truth = self.swarm.truth
+        present = (self.servers[i] for i in self.alive)  # loading ones too: the bound counts every server present
+        bound = upper_bound(self.c.num_blocks, ((s.throughput, s.memory) for s in present))
+        self.samples.append((now / 3600, float(truth.min()), bound, int((truth <= 1e-9).sum())))
+
+    # --- run ---
+
+    def run(self) -> SimSummary:
+        c = self.c
+        started = time.perf_counter()
+        end = c.hours * 3600
+        for _ in range(c.num_servers):
+            self._at(self.rng.uniform(0, c.join_minutes * 60), _Ev.JOIN)
+        if c.churn_per_hour > 0:
+            rate = c.churn_per_hour * c.num_servers / 3600
+            t = c.join_minutes * 60
+            while (t := t + self.rng.expovariate(rate)) < end:
+                self._at(t, _Ev.LEAVE)
+        if c.exodus_hour is not None:
+            self._at(c.exodus_hour * 3600, _Ev.EXODUS)
+        for i in range(int(end // c.sample_period) + 1):
+            self._at(i * c.sample_period, _Ev.SAMPLE)
+        while self.events:
+            now, kind, _, sid, payload = heapq.heappop(self.events)
+            if now > end:
+                break
+            self._dispatch(now, _Ev(kind), sid, payload)
+        return self._summary(time.perf_counter() - started)
+
+    def _dispatch(self, now: float, kind: _Ev, sid: int, payload: object) -> None:
+        if kind == _Ev.VIEW:
+            self.swarm.set_view(sid, payload)  # type: ignore[arg-type]
+        elif kind == _Ev.JOIN:
+            self.join(now)
+        elif kind == _Ev.LEAVE:
+            self.leave(now)
+            self.join(now)  # churn replaces the server
+        elif kind == _Ev.SAMPLE:
+            self.sample(now)
+        elif kind == _Ev.EXODUS:
+            self.exodus(now)
+        else:
+            s = self.servers[sid]
+            if not s.alive:
+                return
+            {_Ev.ONLINE: self.online, _Ev.MOVED: self.moved, _Ev.CHECK: self.check,
+             _Ev.CONFIRM: self.confirm}[kind](now, s)
+
+    def _summary(self, runtime: float) -> SimSummary:
+        hours, bottleneck, bound, uncovered = (list(x) for x in zip(*self.samples, strict=True))
+        after = [(b, u) for h, b, u in zip(hours, bottleneck, bound, strict=True) if h >= self.c.warmup_hours]
+        ratios = np.array([max(0.0, b / u) if u > 0 else 0.0 for b, u in after])
+        return SimSummary(
+            config=self.c, mean_ratio=float(ratios.mean()), min_ratio=float(ratios.min()),
+            p5_ratio=float(np.percentile(ratios, 5)), mean_bottleneck=float(np.mean([b for b, _ in after])),
+            mean_upper_bound=float(np.mean([u for _, u in after])), runtime_s=runtime,
+            hours=hours, bottleneck=bottleneck, bound=bound, uncovered=uncovered, **self.stats,
+        )
+
+
+def simulate(config: SimConfig) -> SimSummary:
+    return Simulation(config).run()

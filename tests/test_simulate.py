@@ -1,0 +1,43 @@
+"""`stamen simulate`: the real placement code over many virtual servers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from stamen.cli.main import app
+from stamen.sim.simulate import SimConfig, simulate
+
+SMALL = dict(num_servers=200, num_blocks=40, max_memory_blocks=20, hours=3.0, warmup_hours=1.0, join_minutes=10.0)
+
+
+def test_a_churning_swarm_stays_near_its_upper_bound():
+    run = simulate(SimConfig(**SMALL))
+    assert run.mean_ratio >= 0.9 and run.min_ratio > 0.5
+    assert run.joins > 120 and run.leaves > 0 and run.checks > 0
+    assert all(b <= u + 1e-6 for b, u in zip(run.bottleneck, run.bound, strict=True))  # it is an upper bound
+
+
+def test_rebalancing_recovers_from_an_exodus_that_joins_alone_do_not():
+    config = SimConfig(**SMALL, exodus_hour=2.0)
+    with_moves, joins_only = simulate(config), simulate(config.model_copy(update=dict(rebalance=False)))
+
+    def after_exodus(run) -> float:
+        hours, ratio = np.array(run.hours), np.array(run.bottleneck) / np.maximum(run.bound, 1e-9)
+        return float(ratio[(hours >= 2.25) & (hours < 3.0)].mean())
+
+    assert with_moves.moves > 0 and joins_only.moves == 0
+    assert after_exodus(with_moves) >= 0.85 and after_exodus(with_moves) > after_exodus(joins_only) + 0.1
+
+
+def test_simulate_command_writes_a_plot_and_a_summary(tmp_path):
+    png, summary = tmp_path / "sim.png", tmp_path / "sim.json"
+    result = CliRunner().invoke(app, ["simulate", "--servers", "60", "--blocks", "16", "--hours", "1",
+                                      "--warmup-hours", "0.5", "--baseline", "--png", str(png), "--json", str(summary)])
+    assert result.exit_code == 0, result.output
+    assert "bottleneck / upper bound" in result.output
+    assert png.read_bytes().startswith(b"\x89PNG")
+    runs = json.loads(summary.read_text())
+    assert set(runs) == {"rebalancing", "joins only"} and 0 < runs["rebalancing"]["mean_ratio"] <= 1
