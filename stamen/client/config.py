@@ -26,3 +26,9 @@ class ClientConfig(BaseModel):
     """Servers push their outputs straight to the next server of the route."""
     ban_timeout: float = Field(default=30.0, ge=0)
     """Seconds a server that failed is left out of routes."""
+    route_grace: float = Field(default=10.0, ge=0)
+    """Seconds to keep re-reading the DHT when no route exists before giving up (a joining
+    replacement reaches every peer's view of the DHT a few seconds after it announces itself)."""
+    sub_batch_tokens: int = Field(default=512, gt=0)
+    """Most tokens (sequences × length) in one sub-batch of a stateless forward or backward;
+    sub-batches run on servers in parallel. A sequence is never split."""

@@ -92,8 +92,11 @@ class Swarm:
 
     async def route_async(self, blocks: Span | None = None, min_cache_tokens: int = 0) -> list[Hop]:
         blocks = blocks or Span(0, self.num_blocks)
-        for refresh in (False, True):
-            rtts = await self.client_rtts(self.servers(refresh=refresh))
+        deadline, refresh = time.monotonic() + self.config.route_grace, False
+        while True:
+            # reading the DHT blocks: do it off the client loop, which other sessions share
+            servers = await asyncio.to_thread(self.servers, refresh)
+            rtts = await self.client_rtts(servers)
             candidates = [
                 Candidate(s.peer_id, s.span, s.record.throughput, s.record.cache_tokens_left,
                           {PeerIDStr(p): r for p, r in s.record.next_pings.items()})
@@ -103,6 +106,11 @@ class Swarm:
                                min_cache_tokens=min_cache_tokens)
             if route is not None:
                 return route
+            if refresh and time.monotonic() >= deadline:
+                break
+            if refresh:
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            refresh = True
         missing = missing_blocks(self.num_blocks, (s.span for s in self.servers()))
         raise SwarmNotReadyError(
             f"no route through blocks {blocks} of {self.model_name}: "

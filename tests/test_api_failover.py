@@ -1,0 +1,112 @@
+"""A server dies during an API request: with a replacement the request finishes with the same text;
+without one it ends with a clear error, never a hang. Own swarm: the test kills servers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import openai
+import pytest
+import torch
+
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import Span
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The history of the city of Rome begins"
+pytestmark = pytest.mark.swarm
+
+
+@pytest.fixture(scope="module")
+def swarm(smol_dir, tmp_path_factory):
+    with LocalSwarm(log_dir=tmp_path_factory.mktemp("failover-logs")) as s:
+        s.start_bootstrap()
+        for span in (Span(0, 10), Span(10, 20), Span(20, 30), Span(10, 20)):  # a spare for [10:20)
+            s.add_server(smol_dir, span, "--torch-threads", "1")
+        s.wait_online(MODEL, 30)
+        _, s.api_url = s.start_api(smol_dir)
+        yield s
+
+
+def _busy_middle_server(swarm):
+    """The live [10:20) server holding a session (less free cache than an idle one)."""
+    from stamen.client import loop
+    from stamen.client.swarm import Swarm
+    from stamen.dht.records import fetch_servers
+    from stamen.server.handler import call_info
+
+    p2p = loop.run(swarm.client_dht().replicate_p2p())
+    records = fetch_servers(swarm.client_dht(), MODEL, 30)
+    for server in swarm.servers:
+        if server.span != Span(10, 20) or server.proc.poll() is not None:
+            continue
+        peer = next(p for p, r in records.items() if (r.start, r.end) == (10, 20) and _same(server, p, swarm))
+        info = loop.run(call_info(p2p, Swarm.peer(peer), 10))
+        if info.cache_tokens_left < 8192:
+            return server
+    return None
+
+
+def _same(server, peer: str, swarm) -> bool:
+    return peer in server.log_path.read_text()  # servers log their peer id when they start
+
+
+def _stream_in_thread(url: str, max_tokens: int):
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=180)
+    state = {"deltas": [], "finish": None, "error": None}
+
+    def run() -> None:
+        try:
+            stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                               stream=True)
+            for chunk in stream:
+                state["deltas"].append(chunk.choices[0].text)
+                state["finish"] = chunk.choices[0].finish_reason or state["finish"]
+        except Exception as e:  # checked by the test
+            state["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, state
+
+
+def _wait_for_text(state, pieces: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len([d for d in state["deltas"] if d]) < pieces and state["error"] is None:
+        assert time.monotonic() < deadline, "no text arrived"
+        time.sleep(0.05)
+
+
+def test_server_killed_mid_request_with_replacement_gives_the_same_text(swarm, smol_dir, smol_local):
+    model, tok = smol_local
+    ids = tok(PROMPT)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)
+    expected = tok.decode(out[0, len(ids):], skip_special_tokens=True).rstrip("\ufffd")
+
+    thread, state = _stream_in_thread(swarm.api_url, 60)
+    _wait_for_text(state, 5)
+    victim = _busy_middle_server(swarm)
+    assert victim is not None, "no [10:20) server holds the request's session"
+    swarm.signal_group(victim, signal.SIGKILL)
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the request hung after a server died"
+    assert state["error"] is None, state["error"]
+    assert "".join(state["deltas"]) == expected
+    assert state["finish"] == "length"
+
+
+def test_server_killed_without_replacement_ends_the_request_with_an_error(swarm):
+    thread, state = _stream_in_thread(swarm.api_url, 400)
+    _wait_for_text(state, 3)
+    start = time.monotonic()
+    victim = _busy_middle_server(swarm)
+    assert victim is not None
+    swarm.signal_group(victim, signal.SIGKILL)
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the request hung after the last server of its blocks died"
+    assert isinstance(state["error"], openai.APIError), state
+    assert "10" in str(state["error"])  # names the blocks that have no server
+    assert time.monotonic() - start < 150
