@@ -66,6 +66,12 @@ class SessionLengthError(RequestError):
     code = "session_length"
 
 
+class UnknownAdapterError(RequestError):
+    """The request names LoRA adapters (by content hash) that the server does not hold: upload them."""
+
+    code = "unknown_adapter"
+
+
 _REQUEST_ERRORS: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (
@@ -76,6 +82,7 @@ _REQUEST_ERRORS: dict[str, type[RequestError]] = {
         UnknownSessionError,
         SessionClosedError,
         SessionLengthError,
+        UnknownAdapterError,
     )
 }
 

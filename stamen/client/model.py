@@ -1,29 +1,28 @@
-"""The distributed model: a torch module holding the embeddings, final norm and LM head; the
-blocks run on servers of the swarm."""
+"""The distributed model: a torch module holding the embeddings, final norm and LM head (or a
+classification head), and whatever the client trains (prompts, LoRA); the blocks run on servers of
+the swarm. ``loss.backward()`` flows through the servers (``client/remote.py``)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from stamen.client import loop
 from stamen.client.config import ClientConfig
 from stamen.client.generation import GenerationMixin
-from stamen.client.retry import backoff_delay, is_retryable
-from stamen.client.session import InferenceSession
+from stamen.client.remote import RemoteBlocks, Tuning
+from stamen.client.session import InferenceSession, SessionTuning
 from stamen.client.swarm import Swarm
+from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning, TuningMode
 from stamen.models import BlockConfig, load_client_parts, load_config, open_checkpoint
 from stamen.models.llama import RMSNorm
 from stamen.server.config import default_dht_prefix
-from stamen.server.handler import call_forward
-from stamen.types import ModelName, Span
+from stamen.types import ModelName, PeerIDStr, Span
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +31,23 @@ logger = logging.getLogger(__name__)
 class CausalLMOutput:
     logits: torch.Tensor
     """(B, T, vocab)"""
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy over labels that are not -100 (when labels were given)."""
 
 
-class DistributedModelForCausalLM(GenerationMixin, nn.Module):
-    """A Llama-family causal LM whose blocks live in the swarm."""
+class DistributedModelBase(nn.Module):
+    """Embeddings, final norm and trainable prompts/LoRA on the client; every block in the swarm.
+    Frozen parts have ``requires_grad=False``; prompts and LoRA weights train."""
 
-    def __init__(self, hf_config, block_config: BlockConfig, swarm: Swarm, generation_config=None):
+    def __init__(self, hf_config, block_config: BlockConfig, swarm: Swarm):
         super().__init__()
         self.config, self.block_config, self.swarm = hf_config, block_config, swarm
-        self.generation_config = generation_config
+        self.name_or_path: str | None = None
         self.embed_tokens = nn.Embedding(block_config.vocab_size, block_config.hidden_size)
         self.norm = RMSNorm(block_config.hidden_size, block_config.rms_norm_eps)
-        self.lm_head = nn.Linear(block_config.hidden_size, block_config.vocab_size, bias=False)
-        self._active_session: InferenceSession | None = None
+        self.remote = RemoteBlocks(swarm)
+        self.prompts: PromptTuning | None = None
+        self.lora: ClientLoRA | None = None
 
     @classmethod
     def from_pretrained(
@@ -55,39 +58,160 @@ class DistributedModelForCausalLM(GenerationMixin, nn.Module):
         dht_prefix: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
         wait_for_servers: bool = True,
-        **client_kwargs,
-    ) -> DistributedModelForCausalLM:
-        """Load the client parts of ``model`` (a local directory or hub id) and join the swarm."""
+        tuning_mode: TuningMode | None = None,
+        pre_seq_len: int = 16,
+        lora: LoraSettings | None = None,
+        **kwargs,
+    ):
+        """Load the client parts of ``model`` (a local directory or hub id) and join the swarm.
+
+        ``tuning_mode`` "ptune" adds ``pre_seq_len`` trainable prompt embeddings before the input;
+        "deep_ptune" also trains prompts added at every block. ``lora`` adds a client-owned LoRA
+        adapter. Other keyword arguments are ``ClientConfig`` fields (or the head's, see subclasses)."""
         model = str(model)
-        config = ClientConfig(initial_peers=list(initial_peers), dht_prefix=dht_prefix, **client_kwargs)
+        head_kwargs = {k: kwargs.pop(k) for k in cls._head_kwargs if k in kwargs}
+        config = ClientConfig(initial_peers=list(initial_peers), dht_prefix=dht_prefix, **kwargs)
         hf_config = load_config(model)
         block_config = BlockConfig.from_hf(hf_config)
         checkpoint = open_checkpoint(model)
         parts = load_client_parts(checkpoint, block_config)
         swarm = Swarm(ModelName(config.dht_prefix or default_dht_prefix(model)), block_config.num_blocks, config)
-        self = cls(hf_config, block_config, swarm, _load_generation_config(model, hf_config))
+        self = cls(hf_config, block_config, swarm, **cls._init_kwargs(model, hf_config, head_kwargs))
+        self.name_or_path = model
         with torch.no_grad():
             self.embed_tokens.weight.copy_(parts.embed_tokens)
             self.norm.weight.copy_(parts.norm)
-            if block_config.tie_word_embeddings:
-                self.lm_head.weight = self.embed_tokens.weight
-            else:
-                self.lm_head.weight.copy_(parts.lm_head)
+            self._load_head(parts, checkpoint)
         self.to(torch_dtype).requires_grad_(False)
+        if tuning_mode is not None:
+            self.prompts = PromptTuning(block_config, tuning_mode, pre_seq_len).to(torch_dtype)
+        if lora is not None:
+            self.add_lora(lora)
         if wait_for_servers:
             swarm.wait_until_ready()
         return self
 
+    _head_kwargs: tuple[str, ...] = ()
+
+    @classmethod
+    def _init_kwargs(cls, model: str, hf_config, head_kwargs: dict) -> dict:
+        return head_kwargs
+
+    def _load_head(self, parts, checkpoint) -> None:
+        pass
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    # --- what the client trains ---
+
+    def add_lora(self, settings: LoraSettings | None = None, **kwargs) -> ClientLoRA:
+        """Add a client-owned LoRA adapter (``LoraSettings`` or its fields as keyword arguments)."""
+        settings = settings or LoraSettings(**kwargs)
+        self.lora = ClientLoRA(self.block_config, settings).to(self.dtype)
+        return self.lora
+
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        """Save the LoRA adapter in peft's format (loadable with ``PeftModel.from_pretrained``)."""
+        if self.lora is None:
+            raise ValueError("this model has no LoRA adapter")
+        self.lora.save(path, base_model=self.name_or_path, task_type=self._peft_task_type)
+
+    def load_adapter(self, path: str | os.PathLike, fa: bool = False) -> ClientLoRA:
+        """Load a peft LoRA adapter directory (replacing any adapter this model has)."""
+        self.lora = ClientLoRA.load(path, self.block_config, fa=fa).to(self.dtype)
+        return self.lora
+
+    def save_prompts(self, path: str | os.PathLike) -> None:
+        """Save the trained prompts (and deep prompts) in one safetensors file."""
+        if self.prompts is None:
+            raise ValueError("this model has no prompts (tuning_mode is None)")
+        self.prompts.save(path)
+
+    def load_prompts(self, path: str | os.PathLike) -> PromptTuning:
+        mode, tensors = PromptTuning.read(path)
+        prompts = PromptTuning(self.block_config, mode, tensors["prompt_embeddings"].shape[0])
+        with torch.no_grad():
+            prompts.prompt_embeddings.copy_(tensors["prompt_embeddings"])
+            if prompts.deep_prompts is not None:
+                prompts.deep_prompts.copy_(tensors["deep_prompts"])
+        self.prompts = prompts.to(self.dtype)
+        return self.prompts
+
+    _peft_task_type = "CAUSAL_LM"
+
+    # --- forward through the swarm ---
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised outputs of the last block (B, T, H) for the input tokens (prompt positions dropped)."""
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        prefix = 0
+        deep = None
+        if self.prompts is not None:
+            prefix = self.prompts.pre_seq_len
+            B = embeds.shape[0]
+            embeds = torch.cat([self.prompts.prompt_embeddings.expand(B, -1, -1).to(embeds.dtype), embeds], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(B, prefix), attention_mask], dim=1)
+            if position_ids is not None:
+                head = torch.arange(prefix, device=position_ids.device).expand(B, prefix)
+                position_ids = torch.cat([head, position_ids + prefix], dim=1)
+            deep = self.prompts.deep_prompts
+        hidden = self.remote(embeds, attention_mask, position_ids, deep, self.lora)
+        return self.norm(hidden[:, prefix:])
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Stateless forward through every block (with this model's deep prompts and LoRA, no prompt
+        prefix); a failed server's blocks are re-run on another route."""
+        deep = self.prompts.deep_prompts if self.prompts is not None else None
+        return self.remote(hidden, attention_mask, position_ids, deep, self.lora)
+
+    def _session_tuning(self) -> SessionTuning | None:
+        tuning = Tuning(self.prompts.deep_prompts if self.prompts is not None else None, self.lora)
+        prefix = self.prompts.prompt_embeddings.detach() if self.prompts is not None else None
+        if not tuning.active and prefix is None:
+            return None
+        uploader = self.remote.uploader
+
+        async def prepare(peer_id: PeerIDStr, blocks: Span):
+            await uploader.ensure(peer_id, tuning.adapters_for(blocks))
+            return tuning.prompts_for(blocks), tuning.adapter_for(blocks)
+
+        return SessionTuning(prefix=prefix, prepare=prepare)
+
+    def shutdown(self) -> None:
+        self.swarm.shutdown()
+
+
+class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
+    """A Llama-family causal LM whose blocks live in the swarm."""
+
+    def __init__(self, hf_config, block_config: BlockConfig, swarm: Swarm, generation_config=None):
+        super().__init__(hf_config, block_config, swarm)
+        self.generation_config = generation_config
+        self.lm_head = nn.Linear(block_config.hidden_size, block_config.vocab_size, bias=False)
+        self._active_session: InferenceSession | None = None
+
+    @classmethod
+    def _init_kwargs(cls, model: str, hf_config, head_kwargs: dict) -> dict:
+        return dict(generation_config=_load_generation_config(model, hf_config))
+
+    def _load_head(self, parts, checkpoint) -> None:
+        if self.block_config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight.copy_(parts.lm_head)
 
     # --- sessions ---
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
         """Within this context, generate calls reuse one session (and the servers' caches)."""
-        with InferenceSession(self.swarm, max_length, batch_size) as session:
+        with InferenceSession(self.swarm, max_length, batch_size, self._session_tuning()) as session:
             previous, self._active_session = self._active_session, session
             try:
                 yield session
@@ -100,32 +224,17 @@ class DistributedModelForCausalLM(GenerationMixin, nn.Module):
 
     # --- forward ---
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
-        """Stateless forward through every remote block: logits (B, T, vocab)."""
-        hidden = self.embed_tokens(input_ids)
-        hidden = self.run_blocks(hidden, attention_mask, position_ids)
-        return CausalLMOutput(logits=self.lm_head(self.norm(hidden)))
-
-    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Stateless forward through every block; a failed server's blocks are re-run on another route."""
-        config = self.swarm.config
-        out, block, failures = hidden.detach(), 0, 0
-        while block < self.block_config.num_blocks:
-            for hop in self.swarm.forward_route(Span(block, self.block_config.num_blocks)):
-                try:
-                    out = loop.run(call_forward(self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, out,
-                                                attention_mask, position_ids, config.request_timeout))
-                except Exception as e:
-                    if not is_retryable(e) or failures >= config.max_retries:
-                        raise
-                    self.swarm.ban(hop.peer_id, f"forward over blocks {hop.blocks} failed: {e}")
-                    time.sleep(backoff_delay(failures))
-                    failures += 1
-                    break  # find a new route from this block on
-                block = hop.blocks.end
-        return out.to(hidden.dtype)
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutput:
+        """Stateless forward through every remote block: logits (B, T, vocab), and the loss with labels.
+        Differentiable: ``loss.backward()`` reaches prompts, LoRA weights and input embeddings."""
+        logits = self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
 
     def step_logits(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask=None,
                     position_ids=None, hypo_ids=None) -> torch.Tensor:

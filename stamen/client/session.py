@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +24,8 @@ from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
 from stamen.server.config import DTYPES
 from stamen.server.handler import InferenceStream
-from stamen.types import Span
-from stamen.wire.messages import PushTarget
+from stamen.types import PeerIDStr, Span
+from stamen.wire.messages import AdapterRef, PushTarget
 from stamen.wire.tensors import STREAM_PART_BYTES
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,16 @@ class _StepInputs:
 
 
 @dataclass
+class SessionTuning:
+    """Trained parameters a session applies: ``prefix`` (P, H) prompt embeddings run before the
+    first token (positions the caller never sees), and ``prepare(peer, blocks)``, which makes sure
+    the server holds the adapter and returns the deep prompts and adapter reference for its blocks."""
+
+    prefix: torch.Tensor | None
+    prepare: Callable[[PeerIDStr, Span], Awaitable[tuple[torch.Tensor | None, AdapterRef | None]]]
+
+
+@dataclass
 class _LiveHop:
     hop: Hop
     stream: InferenceStream
@@ -55,8 +66,11 @@ class InferenceSession:
     states and returns the last block's outputs. ``input_ids`` tracks the tokens sent so far, so that
     generate calls passing the whole sequence only send what the servers have not seen."""
 
-    def __init__(self, swarm: Swarm, max_length: int, batch_size: int = 1):
+    def __init__(self, swarm: Swarm, max_length: int, batch_size: int = 1, tuning: SessionTuning | None = None):
         self.swarm, self.max_length, self.batch_size = swarm, max_length, batch_size
+        self.tuning = tuning
+        self.prefix_length = tuning.prefix.shape[0] if tuning is not None and tuning.prefix is not None else 0
+        """Positions taken by trained prompt embeddings before the caller's first token."""
         self.session_id = uuid.uuid4().hex
         self._hops: list[_LiveHop] = []
         self._steps: list[_StepInputs] = []
@@ -84,11 +98,18 @@ class InferenceSession:
     def open(self) -> None:
         self._hops = loop.run(self._open_route(None))  # None: every block
         logger.info("session %s route: %s", self.session_id[:8], self.describe_route())
+        if self.prefix_length:  # the prompt embeddings: the first step, replayed like any other
+            prefix = self.tuning.prefix.expand(self.batch_size, -1, -1)
+            inputs = _StepInputs(self._next_step_id, 0, None, None)
+            self._next_step_id += 1
+            loop.run(self._step(prefix, inputs))
+            self._steps.append(inputs)
 
     async def _open_route(self, blocks: Span | None) -> list[_LiveHop]:
         """Open streams covering ``blocks``, rerouting around servers that fail to open."""
         for attempt in range(self.swarm.config.max_retries + 1):
-            route = await self.swarm.route_async(blocks, min_cache_tokens=self.max_length * self.batch_size)
+            route = await self.swarm.route_async(
+                blocks, min_cache_tokens=(self.max_length + self.prefix_length) * self.batch_size)
             results = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
             opened = [r for r in results if isinstance(r, _LiveHop)]
             failures = [(h, r) for h, r in zip(route, results, strict=True) if isinstance(r, BaseException)]
@@ -103,9 +124,11 @@ class InferenceSession:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _open_hop(self, hop: Hop) -> _LiveHop:
+        prompts, adapter = await self.tuning.prepare(hop.peer_id, hop.blocks) if self.tuning else (None, None)
         stream = await InferenceStream.open(
-            self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, uuid.uuid4().hex, self.max_length,
-            self.batch_size, self.swarm.config.request_timeout,
+            self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, uuid.uuid4().hex,
+            self.max_length + self.prefix_length, self.batch_size, self.swarm.config.request_timeout,
+            prompts, adapter,
         )
         return _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
 
@@ -129,9 +152,9 @@ class InferenceSession:
         for start in range(0, T, chunk):
             end = min(T, start + chunk)
             inputs = _StepInputs(
-                self._next_step_id, self.position,
+                self._next_step_id, self.position + self.prefix_length,
                 None if attention_mask is None else attention_mask[:, start:end],
-                None if position_ids is None else position_ids[:, start:end],
+                None if position_ids is None else position_ids[:, start:end] + self.prefix_length,
                 hypo_ids if start == 0 else None,
             )
             self._next_step_id += 1
@@ -222,11 +245,12 @@ class InferenceSession:
         if not 0 <= position <= self.position:
             raise SessionLengthError(f"cannot roll back to {position}: the session holds {self.position}")
         keep: list[_StepInputs] = []
+        wire_position = position + self.prefix_length  # the prompt prefix is never rolled back
         for step_index, inputs in enumerate(self._steps):
-            if inputs.position >= position:
+            if inputs.position >= wire_position:
                 break
             keep.append(inputs)
-            num = position - inputs.position  # tokens of this step to keep
+            num = wire_position - inputs.position  # tokens of this step to keep
             for live in self._hops:
                 if step_index < len(live.history) and live.history[step_index].shape[1] > num:
                     live.history[step_index] = live.history[step_index][:, :num]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stamen.models.config import BlockConfig, RopeConfig
+from stamen.models.lora import BlockLoRA
 
 
 class RMSNorm(nn.Module):
@@ -116,9 +117,12 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None,
         offset: int,
         mask: torch.Tensor | None,
+        lora: BlockLoRA | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        if lora is not None:  # per-target LoRA deltas on the slices of the fused projection
+            q, k, v = (_add(t, lora.delta(name, x)) for t, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -131,7 +135,8 @@ class Attention(nn.Module):
             k, v = k_cache[:, :, : offset + T], v_cache[:, :, : offset + T]  # (B, nkv, S, hd)
         is_causal = mask is None and T > 1  # build_attention_mask returns None only when offset == 0 here
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
+        return _add(self.o_proj(out), lora and lora.delta("o_proj", out))  # (B, T, H)
 
 
 class MLP(nn.Module):
@@ -142,9 +147,16 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: BlockLoRA | None = None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if lora is not None:
+            gate, up = _add(gate, lora.delta("gate_proj", x)), _add(up, lora.delta("up_proj", x))
+        h = F.silu(gate) * up
+        return _add(self.down_proj(h), lora and lora.delta("down_proj", h))
+
+
+def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return x if delta is None else x + delta
 
 
 class LlamaBlock(nn.Module):
@@ -167,9 +179,10 @@ class LlamaBlock(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None,
         offset: int,
         mask: torch.Tensor | None,
+        lora: BlockLoRA | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, offset, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, offset, mask, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 def hf_block_state_dict(hf_tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from stamen.models.config import BlockConfig
 from stamen.models.llama import LlamaBlock, Rotary, build_attention_mask
+from stamen.models.lora import BlockLoRA
 from stamen.types import Span
 
 
@@ -58,12 +59,16 @@ class SpanModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         blocks: Span | None = None,
+        prompts: torch.Tensor | None = None,
+        adapters: list[BlockLoRA] | None = None,
     ) -> torch.Tensor:
         """Stateless forward of a whole sequence: hidden (B, T, H) -> (B, T, H).
 
-        ``blocks`` (absolute indices, inside this span) runs only part of the span.
+        ``blocks`` (absolute indices, inside this span) runs only part of the span. ``prompts``
+        (n_blocks, P, H): deep prompts, one per block run, added to positions [0, P) of that block's
+        input. ``adapters``: one LoRA per block run.
         """
-        return self._run(hidden, None, 0, attention_mask, position_ids, blocks or self.span)
+        return self._run(hidden, None, 0, attention_mask, position_ids, blocks or self.span, prompts, adapters)
 
     def step(
         self,
@@ -72,10 +77,13 @@ class SpanModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         blocks: Span | None = None,
+        prompts: torch.Tensor | None = None,
+        adapters: list[BlockLoRA] | None = None,
     ) -> torch.Tensor:
         """One inference step: append ``hidden`` (B, T, H) after ``cache.length`` cached positions.
 
-        The cache holds ``blocks.length`` blocks (all of the span by default).
+        The cache holds ``blocks.length`` blocks (all of the span by default). Deep ``prompts`` apply
+        to the step's positions below P.
         """
         offset, num_new = cache.length, hidden.shape[1]
         if attention_mask is not None:
@@ -86,7 +94,8 @@ class SpanModel(nn.Module):
             cache.key_padding[:, offset : offset + num_new] = attention_mask.bool()
         elif cache.key_padding is not None:
             cache.key_padding[:, offset : offset + num_new] = True
-        out = self._run(hidden, cache, offset, cache.key_padding, position_ids, blocks or self.span)
+        out = self._run(hidden, cache, offset, cache.key_padding, position_ids, blocks or self.span, prompts,
+                        adapters)
         cache.length = offset + num_new
         return out
 
@@ -98,6 +107,8 @@ class SpanModel(nn.Module):
         key_padding: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         blocks: Span,
+        prompts: torch.Tensor | None = None,
+        adapters: list[BlockLoRA] | None = None,
     ) -> torch.Tensor:
         if not self.span.covers(blocks):
             raise ValueError(f"blocks {blocks} are outside this span {self.span}")
@@ -111,5 +122,17 @@ class SpanModel(nn.Module):
             if block.window not in masks:  # blocks share masks unless their windows differ
                 masks[block.window] = build_attention_mask(B, offset, T, key_padding, block.window, hidden.device)
             kv = cache.block(i) if cache is not None else None
-            hidden = block(hidden, cos, sin, kv, offset, masks[block.window])
+            if prompts is not None:
+                hidden = add_prompt(hidden, prompts[i], offset)
+            hidden = block(hidden, cos, sin, kv, offset, masks[block.window], adapters[i] if adapters else None)
         return hidden
+
+
+def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, offset: int) -> torch.Tensor:
+    """Add a deep prompt (P, H) to the positions of ``hidden`` (B, T, H) that fall in [0, P), given that
+    ``hidden`` starts at position ``offset``. Differentiable in both arguments."""
+    num = min(prompt.shape[0] - offset, hidden.shape[1])
+    if num <= 0:
+        return hidden
+    head = hidden[:, :num] + prompt[offset : offset + num].to(hidden.dtype)
+    return torch.cat([head, hidden[:, num:]], dim=1)

@@ -22,9 +22,11 @@ from stamen.errors import (
     UnknownSessionError,
     WrongBlocksError,
 )
+from stamen.models.lora import BlockLoRA
 from stamen.models.span import KVCache, SpanModel
+from stamen.server.adapters import AdapterCache
 from stamen.types import Span
-from stamen.wire.messages import OpenSession, Step
+from stamen.wire.messages import AdapterMeta, AdapterRef, OpenSession, Step
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +75,15 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Steps of one session run one at a time (a push and the client's copy may race)."""
     last_used: float = field(default_factory=time.monotonic)
+    prompts: torch.Tensor | None = None
+    """Deep prompts (n_blocks, P, H) added at positions [0, P) of every block's input."""
+    adapters: list[BlockLoRA] | None = None
+    """LoRA adapters, one per block of the session."""
 
 
 class SpanBackend:
     def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
-                 max_step_tokens: int):
+                 max_step_tokens: int, adapter_cache_bytes: int = 256 << 20):
         self.model, self.dtype, self.device = model, dtype, device
         self.span = model.span
         self.hidden_size = model.config.hidden_size
@@ -86,6 +92,8 @@ class SpanBackend:
         self.sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, for clear errors
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
+        self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
+        """LoRA adapters by content hash: the only state kept between training calls."""
 
     @property
     def dtype_name(self) -> str:
@@ -97,9 +105,11 @@ class SpanBackend:
         if not self.span.covers(blocks):
             raise WrongBlocksError(f"this server hosts blocks {self.span}, not {blocks}")
 
-    def open(self, msg: OpenSession, replies: asyncio.Queue) -> Session:
+    def open(self, msg: OpenSession, replies: asyncio.Queue, prompts: torch.Tensor | None = None) -> Session:
         blocks = msg.blocks.span
         self.check_blocks(blocks)
+        prompts = self.check_prompts(prompts, blocks, msg.max_length)
+        adapters = self.get_adapters(msg.adapter, blocks)
         if msg.session_id in self.sessions:
             raise InvalidRequestError(f"session {msg.session_id} is already open")
         if msg.batch_size * msg.max_length > self.budget.capacity // self.budget.num_blocks:
@@ -113,7 +123,7 @@ class SpanBackend:
         except RuntimeError as e:  # the allocator refused despite the budget
             self.budget.release(reserved)
             raise ServerFullError(f"server full: cannot allocate the cache: {e}") from None
-        session = Session(msg.session_id, blocks, cache, reserved, replies)
+        session = Session(msg.session_id, blocks, cache, reserved, replies, prompts=prompts, adapters=adapters)
         self.sessions[msg.session_id] = session
         return session
 
@@ -153,6 +163,37 @@ class SpanBackend:
             raise InvalidRequestError("hidden states contain NaN or infinity")
         return hidden.to(self.device, self.dtype)
 
+    def check_prompts(self, prompts: torch.Tensor | None, blocks: Span, max_positions: int) -> torch.Tensor | None:
+        """Deep prompts must be (n_blocks, P, H) with 1 <= P <= the request's positions, finite."""
+        if prompts is None:
+            return None
+        expected = (blocks.length, self.hidden_size)
+        if prompts.ndim != 3 or (prompts.shape[0], prompts.shape[2]) != expected or not \
+                1 <= prompts.shape[1] <= max_positions:
+            raise InvalidRequestError(
+                f"prompts must have shape ({blocks.length}, P, {self.hidden_size}) with 1 <= P <= {max_positions}, "
+                f"got {tuple(prompts.shape)}"
+            )
+        if not torch.isfinite(prompts).all():
+            raise InvalidRequestError("prompts contain NaN or infinity")
+        return prompts.to(self.device, self.dtype)
+
+    def get_adapters(self, ref: AdapterRef | None, blocks: Span) -> list[BlockLoRA] | None:
+        if ref is None:
+            return None
+        if len(ref.hashes) != blocks.length:
+            raise InvalidRequestError(f"{len(ref.hashes)} adapter hashes for {blocks.length} blocks")
+        return self.adapters.get_many(ref.hashes)
+
+    def put_adapters(self, metas: list[AdapterMeta], tensors: list[torch.Tensor]) -> list[str]:
+        expected = sum(2 * len(m.targets) for m in metas)
+        if len(tensors) != expected:
+            raise InvalidRequestError(f"expected {expected} adapter tensors, got {len(tensors)}")
+        rest = iter(tensors)
+        for meta in metas:
+            self.adapters.put(meta, [next(rest) for _ in range(2 * len(meta.targets))])
+        return [m.hash for m in metas]
+
     @staticmethod
     def check_aux(tensor: torch.Tensor | None, hidden: torch.Tensor, name: str) -> torch.Tensor | None:
         if tensor is not None and tuple(tensor.shape) != tuple(hidden.shape[:2]):
@@ -187,19 +228,64 @@ class SpanBackend:
 
     def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model.step(hidden, session.cache, attention_mask, position_ids, session.blocks)
+            return self.model.step(hidden, session.cache, attention_mask, position_ids, session.blocks,
+                                   session.prompts, session.adapters)
 
     async def forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                      position_ids: torch.Tensor | None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None,
+                      adapter: AdapterRef | None = None) -> torch.Tensor:
         self.check_blocks(blocks)
         hidden = self.check_hidden(hidden)
         attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
         position_ids = self.check_aux(position_ids, hidden, "position_ids")
-        return await self._run(self._forward, blocks, hidden, attention_mask, position_ids)
+        prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
+        adapters = self.get_adapters(adapter, blocks)
+        return await self._run(self._forward, blocks, hidden, attention_mask, position_ids, prompts, adapters)
 
-    def _forward(self, blocks: Span, hidden, attention_mask, position_ids) -> torch.Tensor:
+    def _forward(self, blocks: Span, hidden, attention_mask, position_ids, prompts=None, adapters=None) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(hidden, attention_mask, position_ids, blocks)
+            return self.model(hidden, attention_mask, position_ids, blocks, prompts, adapters)
+
+    async def backward(self, blocks: Span, hidden: torch.Tensor, grad_outputs: torch.Tensor,
+                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                       prompts: torch.Tensor | None, adapter: AdapterRef | None,
+                       train_lora_a: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Gradients of the span's inputs, deep prompts and LoRA weights (per block, per target: A if
+        ``train_lora_a``, then B), recomputing the span's activations; nothing is kept afterwards."""
+        self.check_blocks(blocks)
+        hidden = self.check_hidden(hidden)
+        if tuple(grad_outputs.shape) != tuple(hidden.shape):
+            raise InvalidRequestError(
+                f"grad_outputs must have the shape of the inputs {tuple(hidden.shape)}, got {tuple(grad_outputs.shape)}"
+            )
+        if not torch.isfinite(grad_outputs).all():
+            raise InvalidRequestError("grad_outputs contain NaN or infinity")
+        grad_outputs = grad_outputs.to(self.device, self.dtype)
+        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
+        position_ids = self.check_aux(position_ids, hidden, "position_ids")
+        prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
+        adapters = self.get_adapters(adapter, blocks)
+        return await self._run(self._backward, blocks, hidden, grad_outputs, attention_mask, position_ids, prompts,
+                               adapters, train_lora_a)
+
+    def _backward(self, blocks: Span, hidden, grad_outputs, attention_mask, position_ids, prompts, adapters,
+                  train_lora_a: bool):
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_()
+            wanted = [hidden]
+            if prompts is not None:
+                prompts = prompts.detach().requires_grad_()
+                wanted.append(prompts)
+            leaf_adapters = []
+            for adapter in adapters or []:
+                leaf_adapter, leaves = adapter.leaves(train_lora_a)
+                leaf_adapters.append(leaf_adapter)
+                wanted.extend(leaves)
+            out = self.model(hidden, attention_mask, position_ids, blocks, prompts, leaf_adapters or None)
+            grads = torch.autograd.grad(out, wanted, grad_outputs, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=True)]
+        grad_prompts = grads[1] if prompts is not None else None
+        return grads[0], grad_prompts, grads[1 + (prompts is not None):]
 
     async def _run(self, fn, *args) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

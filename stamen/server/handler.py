@@ -24,6 +24,11 @@ from stamen.errors import (
 from stamen.server.backend import SpanBackend
 from stamen.types import Span
 from stamen.wire.messages import (
+    AdapterMeta,
+    AdapterRef,
+    AdaptersStored,
+    BackwardDone,
+    BackwardRequest,
     Closed,
     CloseSession,
     ErrorReply,
@@ -33,15 +38,20 @@ from stamen.wire.messages import (
     Opened,
     OpenSession,
     PushTarget,
+    PutAdapters,
     SpanRef,
     Step,
     StepDone,
+    decode_backward_reply,
+    decode_backward_request,
     decode_forward_reply,
     decode_forward_request,
     decode_inference_reply,
     decode_inference_request,
     decode_info_reply,
     decode_push_reply,
+    decode_put_adapters,
+    decode_put_adapters_reply,
     decode_step,
     encode,
 )
@@ -152,7 +162,8 @@ class SpanHandler(ServicerBase):
     async def _inference_message(self, msg, request: Request, replies: asyncio.Queue,
                                  opened: set[str]) -> Response | None:
         if isinstance(msg, OpenSession):
-            self.backend.open(msg, replies)
+            prompts = self._decode_prompts(list(request.tensors), msg.has_prompts, msg.max_length)
+            self.backend.open(msg, replies, prompts)
             opened.add(msg.session_id)
             return Response(metadata=encode(Opened(session_id=msg.session_id)))
         if isinstance(msg, CloseSession):
@@ -228,28 +239,100 @@ class SpanHandler(ServicerBase):
 
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         try:
-            msg, parts = None, []
-            total_bytes, limit = 0, 4 * self.backend.max_step_tokens * self.backend.hidden_size * 2 + (1 << 20)
-            async for request in requests:
-                if msg is None:
-                    msg = decode_forward_request(request.metadata)
-                parts.extend(request.tensors)
-                total_bytes += sum(len(p.buffer) for p in request.tensors)
-                if total_bytes > limit:
-                    raise InvalidRequestError(f"request exceeds {limit} bytes")
-            if msg is None:
-                raise InvalidRequestError("empty forward request")
-            hidden, mask, positions, _ = self._decode_inputs(
-                join_tensor_parts(parts), msg.has_attention_mask, msg.has_position_ids
-            )
+            msg, protos = await self._read_stream(requests, decode_forward_request, grads=False)
+            hidden, _, mask, positions, prompts = self._decode_span_tensors(protos, msg, grads=False)
             out = await asyncio.wait_for(
-                self.backend.forward(msg.blocks.span, hidden, mask, positions), self.request_timeout
+                self.backend.forward(msg.blocks.span, hidden, mask, positions, prompts, msg.adapter),
+                self.request_timeout,
             )
         except Exception as e:
             yield _error(e)
             return
-        for i, part in enumerate(split_tensors([encode_tensor(out)])):
-            yield Response(metadata=encode(ForwardDone()) if i == 0 else b"", tensors=[part])
+        for response in _stream_reply(ForwardDone(), [out]):
+            yield response
+
+    # --- backward: stateless like forward; the span's activations are recomputed ---
+
+    async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        try:
+            msg, protos = await self._read_stream(requests, decode_backward_request, grads=True)
+            hidden, grad_outputs, mask, positions, prompts = self._decode_span_tensors(protos, msg, grads=True)
+            grad_inputs, grad_prompts, adapter_grads = await asyncio.wait_for(self.backend.backward(
+                msg.blocks.span, hidden, grad_outputs, mask, positions, prompts, msg.adapter, msg.train_lora_a,
+            ), self.request_timeout)
+        except Exception as e:
+            yield _error(e)
+            return
+        reply = BackwardDone(has_prompt_grads=grad_prompts is not None, num_adapter_grads=len(adapter_grads))
+        tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
+        for response in _stream_reply(reply, tensors):
+            yield response
+
+    # --- adapters: uploaded once per version of the weights, then named by content hash ---
+
+    async def rpc_put_adapters(self, requests: AsyncIterator[Request],
+                               context: P2PContext) -> AsyncIterator[Response]:
+        try:
+            msg, protos = await self._read_stream(requests, decode_put_adapters, grads=False)
+            limit = self.backend.adapters.max_bytes
+            tensors = [decode_tensor(p, f"adapter tensor {i}", FLOAT_DTYPES, limit) for i, p in enumerate(protos)]
+            stored = self.backend.put_adapters(msg.adapters, tensors)
+        except Exception as e:
+            yield _error(e)
+            return
+        yield Response(metadata=encode(AdaptersStored(hashes=stored)))
+
+    # --- shared decoding of streamed requests ---
+
+    async def _read_stream(self, requests: AsyncIterator[Request], decode, grads: bool):
+        """The first message's typed metadata and all tensors, joined from their parts (size-capped)."""
+        msg, parts, total_bytes = None, [], 0
+        tokens_bytes = self.backend.max_step_tokens * self.backend.hidden_size * 4
+        limit = (3 + grads) * tokens_bytes + (self.backend.span.length + 1) * tokens_bytes + \
+            self.backend.adapters.max_bytes
+        async for request in requests:
+            if msg is None:
+                msg = decode(request.metadata)
+            parts.extend(request.tensors)
+            total_bytes += sum(len(p.buffer) for p in request.tensors)
+            if total_bytes > limit:
+                raise InvalidRequestError(f"request exceeds {limit} bytes")
+        if msg is None:
+            raise InvalidRequestError("empty request")
+        return msg, join_tensor_parts(parts)
+
+    def _decode_span_tensors(self, protos: list[runtime_pb2.Tensor], msg, grads: bool):
+        """hidden, grad_outputs (if ``grads``), attention_mask, position_ids, prompts (as flagged; None if absent)."""
+        flags = (grads, msg.has_attention_mask, msg.has_position_ids, msg.has_prompts)
+        expected = 1 + sum(flags)
+        if len(protos) != expected:
+            raise InvalidRequestError(f"expected {expected} tensors, got {len(protos)}")
+        limit = self.backend.max_step_tokens * self.backend.hidden_size
+        rest = iter(protos)
+        hidden = decode_tensor(next(rest), "hidden_states", FLOAT_DTYPES, limit)
+        grad = decode_tensor(next(rest), "grad_outputs", FLOAT_DTYPES, limit) if grads else None
+        mask = decode_tensor(next(rest), "attention_mask", INDEX_DTYPES, limit) if msg.has_attention_mask else None
+        positions = decode_tensor(next(rest), "position_ids", {"int64", "int32"}, limit) if msg.has_position_ids \
+            else None
+        prompts = decode_tensor(next(rest), "prompts", FLOAT_DTYPES, limit * self.backend.span.length) \
+            if msg.has_prompts else None
+        return hidden, grad, mask, positions, prompts
+
+    def _decode_prompts(self, protos: list[runtime_pb2.Tensor], has_prompts: bool, max_length: int):
+        if len(protos) != has_prompts:
+            raise InvalidRequestError(f"expected {int(has_prompts)} tensors, got {len(protos)}")
+        if not has_prompts:
+            return None
+        return decode_tensor(protos[0], "prompts", FLOAT_DTYPES,
+                             min(max_length, self.backend.max_step_tokens) * self.backend.hidden_size
+                             * self.backend.span.length)
+
+
+def _stream_reply(reply, tensors: list[torch.Tensor]) -> list[Response]:
+    """A reply whose tensors go in parts of at most STREAM_PART_BYTES (the metadata rides on the first)."""
+    parts = list(split_tensors(encode_tensor(t) for t in tensors))
+    return [Response(metadata=encode(reply) if i == 0 else b"", tensors=[part]) for i, part in enumerate(parts)] \
+        or [Response(metadata=encode(reply))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,13 +377,17 @@ async def call_forward(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     timeout: float,
+    prompts: torch.Tensor | None = None,
+    adapter: AdapterRef | None = None,
 ) -> torch.Tensor:
     msg = ForwardRequest(
         blocks=SpanRef.of(blocks),
         has_attention_mask=attention_mask is not None,
         has_position_ids=position_ids is not None,
+        has_prompts=prompts is not None,
+        adapter=adapter,
     )
-    tensors = [t for t in (hidden, attention_mask, position_ids) if t is not None]
+    tensors = [t for t in (hidden, attention_mask, position_ids, prompts) if t is not None]
 
     async def requests() -> AsyncIterator[Request]:
         for i, part in enumerate(split_tensors(encode_tensor(t) for t in tensors)):
@@ -324,6 +411,76 @@ async def call_forward(
         raise
     except Exception as e:
         raise RemoteCallError(f"forward call to {peer} for blocks {blocks} failed: {e!r}") from e
+
+
+async def _call_stream(p2p: P2P, peer: PeerID, method: str, msg, tensors: list[torch.Tensor], decode_reply,
+                       timeout: float, what: str):
+    """Send ``msg`` with ``tensors`` in parts over a stream RPC; the typed reply and its joined tensors."""
+
+    async def requests() -> AsyncIterator[Request]:
+        parts = list(split_tensors(encode_tensor(t) for t in tensors)) or [None]
+        for i, part in enumerate(parts):
+            yield Request(metadata=encode(msg) if i == 0 else b"", tensors=[part] if part is not None else [])
+
+    async def call():
+        stub = SpanHandler.get_stub(p2p, peer)
+        reply, parts = None, []
+        async for response in await getattr(stub, method)(requests()):
+            if response.metadata:
+                reply = decode_reply(response.metadata)
+                _raise_if_error(reply)
+            parts.extend(response.tensors)
+        if reply is None:
+            raise RemoteCallError(f"{what} call to {peer} ended without a reply")
+        return reply, join_tensor_parts(parts)
+
+    try:
+        return await asyncio.wait_for(call(), timeout)
+    except StamenError:
+        raise
+    except Exception as e:
+        raise RemoteCallError(f"{what} call to {peer} failed: {e!r}") from e
+
+
+async def call_backward(
+    p2p: P2P,
+    peer: PeerID,
+    blocks: Span,
+    hidden: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    timeout: float,
+    prompts: torch.Tensor | None = None,
+    adapter: AdapterRef | None = None,
+    train_lora_a: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """Gradients of the span's inputs, of its deep prompts (if sent) and of its LoRA weights."""
+    msg = BackwardRequest(
+        blocks=SpanRef.of(blocks),
+        has_attention_mask=attention_mask is not None,
+        has_position_ids=position_ids is not None,
+        has_prompts=prompts is not None,
+        adapter=adapter,
+        train_lora_a=train_lora_a,
+    )
+    tensors = [t for t in (hidden, grad_outputs, attention_mask, position_ids, prompts) if t is not None]
+    reply, protos = await _call_stream(p2p, peer, "rpc_backward", msg, tensors, decode_backward_reply, timeout,
+                                       f"backward over blocks {blocks}")
+    if not isinstance(reply, BackwardDone) or len(protos) != 1 + reply.has_prompt_grads + reply.num_adapter_grads:
+        raise RemoteCallError(f"backward reply from {peer} carried {len(protos)} tensors for {reply!r}")
+    limit = max(hidden.numel(), 0 if prompts is None else prompts.numel())
+    grads = [decode_tensor(p, "gradient", FLOAT_DTYPES, max(limit, 1 << 26)) for p in protos]
+    grad_prompts = grads[1] if reply.has_prompt_grads else None
+    return grads[0], grad_prompts, grads[1 + reply.has_prompt_grads:]
+
+
+async def call_put_adapters(p2p: P2P, peer: PeerID, metas: list[AdapterMeta], tensors: list[torch.Tensor],
+                            timeout: float) -> list[str]:
+    """Upload block adapters (A and B of every target, in order) into the server's cache."""
+    reply, _ = await _call_stream(p2p, peer, "rpc_put_adapters", PutAdapters(adapters=metas), tensors,
+                                  decode_put_adapters_reply, timeout, "adapter upload")
+    return reply.hashes
 
 
 class InferenceStream:
@@ -396,7 +553,9 @@ class InferenceStream:
 
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, session_id: str, max_length: int, batch_size: int,
-                   timeout: float) -> InferenceStream:
+                   timeout: float, prompts: torch.Tensor | None = None,
+                   adapter: AdapterRef | None = None) -> InferenceStream:
+        """Open a session; deep ``prompts`` (n_blocks, P, H) and LoRA ``adapter`` apply to all its steps."""
         self = cls(peer, blocks, session_id, timeout)
         stub = SpanHandler.get_stub(p2p, peer)
         try:
@@ -405,9 +564,10 @@ class InferenceStream:
             raise RemoteCallError(f"cannot open a stream to {peer}: {e!r}") from e
         self._reader = asyncio.create_task(self._read(replies))
         msg = OpenSession(session_id=session_id, blocks=SpanRef.of(blocks), max_length=max_length,
-                          batch_size=batch_size)
+                          batch_size=batch_size, has_prompts=prompts is not None, adapter=adapter)
+        tensors = [encode_tensor(prompts)] if prompts is not None else []
         try:
-            await self.control(Request(metadata=encode(msg)))
+            await self.control(Request(metadata=encode(msg), tensors=tensors))
         except BaseException:
             self._outbox.put_nowait(None)
             raise

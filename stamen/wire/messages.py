@@ -36,17 +36,29 @@ class SpanRef(_Msg):
         return cls(start=span.start, end=span.end)
 
 
+class AdapterRef(_Msg):
+    """The LoRA adapters of the requested blocks, named by content hash (one per block, in block
+    order). The server must hold them: else it replies ``unknown_adapter`` and the client uploads
+    them with ``PutAdapters``."""
+
+    hashes: list[str] = Field(min_length=1, max_length=4096)
+
+
 # --- inference stream: client -> server ---
 
 
 class OpenSession(_Msg):
-    """Open a session: the server reserves KV cache for ``batch_size`` × ``max_length`` tokens."""
+    """Open a session: the server reserves KV cache for ``batch_size`` × ``max_length`` tokens.
+    With ``has_prompts`` a tensor follows: deep prompts (n_blocks, P, H) added to positions [0, P)
+    at every block's input; ``adapter`` applies LoRA adapters to every step."""
 
     kind: Literal["open"] = "open"
     session_id: str = Field(min_length=1, max_length=64)
     blocks: SpanRef
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    has_prompts: bool = False
+    adapter: AdapterRef | None = None
 
 
 class PushTarget(_Msg):
@@ -126,12 +138,15 @@ InferenceReply = Annotated[Opened | StepDone | Closed | ErrorReply, Field(discri
 
 
 class ForwardRequest(_Msg):
-    """Tensors (streamed in parts): hidden (B, T, H), then optional attention_mask and position_ids."""
+    """Tensors (streamed in parts): hidden (B, T, H), then optional attention_mask, position_ids and
+    deep prompts (n_blocks, P, H) as flagged. ``adapter`` names the LoRA adapters to apply."""
 
     kind: Literal["forward"] = "forward"
     blocks: SpanRef
     has_attention_mask: bool = False
     has_position_ids: bool = False
+    has_prompts: bool = False
+    adapter: AdapterRef | None = None
 
 
 class ForwardDone(_Msg):
@@ -139,6 +154,63 @@ class ForwardDone(_Msg):
 
 
 ForwardReply = Annotated[ForwardDone | ErrorReply, Field(discriminator="kind")]
+
+# --- stateless backward ---
+
+
+class BackwardRequest(_Msg):
+    """Gradients of a span's inputs from its inputs and the gradients of its outputs; the server
+    recomputes the span's activations. Tensors (streamed in parts): hidden (B, T, H),
+    grad_outputs (B, T, H), then optional attention_mask, position_ids and deep prompts
+    (n_blocks, P, H) as flagged."""
+
+    kind: Literal["backward"] = "backward"
+    blocks: SpanRef
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    has_prompts: bool = False
+    adapter: AdapterRef | None = None
+    train_lora_a: bool = True
+    """Return gradients of LoRA A matrices too (False for LoRA-FA, where A is frozen)."""
+
+
+class BackwardDone(_Msg):
+    """Tensors: grad_inputs (B, T, H); grad_prompts (n_blocks, P, H) if ``has_prompt_grads``; then
+    ``num_adapter_grads`` LoRA gradients: per block, per target in canonical order, A (if trained) then B."""
+
+    kind: Literal["backward_done"] = "backward_done"
+    has_prompt_grads: bool = False
+    num_adapter_grads: int = Field(default=0, ge=0)
+
+
+BackwardReply = Annotated[BackwardDone | ErrorReply, Field(discriminator="kind")]
+
+# --- LoRA adapters, content-addressed ---
+
+
+class AdapterMeta(_Msg):
+    """One block's adapter: its tensors are A (r, in) and B (out, r) for each target, in order."""
+
+    hash: str = Field(min_length=1, max_length=128)
+    """``stamen.models.lora.adapter_hash`` of the weights; the server checks it."""
+    targets: list[str] = Field(min_length=1, max_length=7)
+    rank: int = Field(gt=0, le=4096)
+    scaling: float
+
+
+class PutAdapters(_Msg):
+    """Upload adapters (tensors streamed in parts, in the order of ``adapters``) into the server's cache."""
+
+    kind: Literal["put_adapters"] = "put_adapters"
+    adapters: list[AdapterMeta] = Field(min_length=1, max_length=4096)
+
+
+class AdaptersStored(_Msg):
+    kind: Literal["adapters_stored"] = "adapters_stored"
+    hashes: list[str]
+
+
+PutAdaptersReply = Annotated[AdaptersStored | ErrorReply, Field(discriminator="kind")]
 
 # --- server info (ping) ---
 
@@ -181,6 +253,22 @@ def decode_forward_request(raw: bytes) -> ForwardRequest:
 
 def decode_forward_reply(raw: bytes) -> ForwardDone | ErrorReply:
     return _parse(_forward_reply, raw)
+
+
+def decode_backward_request(raw: bytes) -> BackwardRequest:
+    return _parse(TypeAdapter(BackwardRequest), raw)
+
+
+def decode_backward_reply(raw: bytes) -> BackwardDone | ErrorReply:
+    return _parse(TypeAdapter(BackwardReply), raw)
+
+
+def decode_put_adapters(raw: bytes) -> PutAdapters:
+    return _parse(TypeAdapter(PutAdapters), raw)
+
+
+def decode_put_adapters_reply(raw: bytes) -> AdaptersStored | ErrorReply:
+    return _parse(TypeAdapter(PutAdaptersReply), raw)
 
 
 def decode_step(raw: bytes) -> Step:

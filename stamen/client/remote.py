@@ -1,0 +1,325 @@
+"""Stateless calls through every remote block, differentiable: ``loss.backward()`` flows through the swarm.
+
+A batch is split into sub-batches (``ClientConfig.sub_batch_tokens``); each draws its own chain of
+servers (``sample_route``, by throughput) and all run concurrently on the client loop, so servers
+work on different sub-batches at once. Forward keeps, per sub-batch, each hop's input; backward
+sends every hop (last first) that input with the gradient of its output and gets the gradient of
+its input, of its deep prompts and of its LoRA weights (the server recomputes its activations and
+keeps nothing). A server that fails during forward is replaced from the failed hop's first block
+on; one that fails during backward is replaced by a new chain over exactly its blocks: the new
+chain is run forward from the saved input (to get its own hops' inputs), then backward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from stamen.client import loop
+from stamen.client.retry import backoff_delay, is_retryable
+from stamen.client.routing import Hop
+from stamen.client.swarm import Swarm
+from stamen.client.tuning import ClientLoRA
+from stamen.errors import UnknownAdapterError
+from stamen.models.lora import BlockLoRA
+from stamen.server.handler import call_backward, call_forward, call_put_adapters
+from stamen.types import PeerIDStr, Span
+from stamen.wire.messages import AdapterMeta, AdapterRef
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterUploader:
+    """Uploads each version of a block's adapter to a server once; requests then name it by hash.
+    Concurrent requests to one server share one upload. A server that lost an adapter (evicted
+    from its cache, restarted) answers ``unknown_adapter``: ``forget`` it and upload again."""
+
+    def __init__(self, swarm: Swarm, remember: int = 4096):
+        self.swarm, self.remember = swarm, remember
+        self._known: dict[PeerIDStr, OrderedDict[str, None]] = {}
+        self._inflight: dict[tuple[PeerIDStr, str], asyncio.Future] = {}
+        self.uploads = 0
+        """Adapters uploaded so far (for tests and logs)."""
+
+    def forget(self, peer_id: PeerIDStr) -> None:
+        self._known.pop(peer_id, None)
+
+    async def ensure(self, peer_id: PeerIDStr, adapters: dict[str, BlockLoRA]) -> None:
+        """Make sure the server holds every adapter of ``adapters`` (hash -> weights)."""
+        known = self._known.setdefault(peer_id, OrderedDict())
+        missing = [h for h in adapters if h not in known]
+        new = [h for h in missing if (peer_id, h) not in self._inflight]
+        if new:
+            task = asyncio.ensure_future(self._upload(peer_id, {h: adapters[h] for h in new}))
+            for h in new:
+                self._inflight[(peer_id, h)] = task
+        if missing:
+            await asyncio.gather(*{self._inflight[(peer_id, h)] for h in missing})
+
+    async def _upload(self, peer_id: PeerIDStr, adapters: dict[str, BlockLoRA]) -> None:
+        try:
+            metas = [AdapterMeta(hash=h, targets=a.targets, rank=a.rank, scaling=a.scaling)
+                     for h, a in adapters.items()]
+            tensors = [t for a in adapters.values() for t in a.tensors()]
+            await call_put_adapters(self.swarm.p2p, self.swarm.peer(peer_id), metas, tensors,
+                                    self.swarm.config.request_timeout)
+            known = self._known.setdefault(peer_id, OrderedDict())
+            for h in adapters:
+                known[h] = None
+            while len(known) > self.remember:
+                known.popitem(last=False)
+            self.uploads += len(adapters)
+        finally:
+            for h in adapters:
+                self._inflight.pop((peer_id, h), None)
+
+
+@dataclass
+class Tuning:
+    """What servers apply besides the frozen blocks: deep prompts (num_blocks, P, H) and a LoRA adapter."""
+
+    prompts: torch.Tensor | None = None
+    lora: ClientLoRA | None = None
+    _hashes: list[str] = field(default_factory=list)
+    _blocks: list[BlockLoRA] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.lora is not None:  # snapshot: forward and backward of one call use the same version
+            self._hashes = [self.lora.block_hash(i) for i in range(len(self.lora.layers))]
+            self._blocks = [self.lora.block(i) for i in range(len(self.lora.layers))]
+
+    @property
+    def active(self) -> bool:
+        return self.prompts is not None or self.lora is not None
+
+    def prompts_for(self, blocks: Span) -> torch.Tensor | None:
+        return None if self.prompts is None else self.prompts[blocks.start : blocks.end].detach()
+
+    def adapter_for(self, blocks: Span) -> AdapterRef | None:
+        return None if self.lora is None else AdapterRef(hashes=self._hashes[blocks.start : blocks.end])
+
+    def adapters_for(self, blocks: Span) -> dict[str, BlockLoRA]:
+        return {self._hashes[b]: self._blocks[b] for b in range(blocks.start, blocks.end)} if self.lora else {}
+
+
+@dataclass
+class _Budget:
+    """Retries left to one sub-batch (network faults and re-uploads together)."""
+
+    max_retries: int
+    used: int = 0
+
+    def spend(self, error: BaseException) -> None:
+        if self.used >= self.max_retries:
+            raise error
+        self.used += 1
+
+
+@dataclass
+class _Grads:
+    """Gradients summed over sub-batches and hops."""
+
+    prompts: torch.Tensor | None
+    lora: list[list[torch.Tensor | None]]
+    """Per block: the LoRA gradients in wire order (per target: A if trained, then B)."""
+
+    def add(self, blocks: Span, grad_prompts: torch.Tensor | None, lora_grads: list[torch.Tensor]) -> None:
+        if self.prompts is not None and grad_prompts is not None:
+            self.prompts[blocks.start : blocks.end] += grad_prompts.to(self.prompts.dtype)
+        if lora_grads:
+            per_block = len(lora_grads) // blocks.length
+            for i, b in enumerate(range(blocks.start, blocks.end)):
+                for j, g in enumerate(lora_grads[i * per_block : (i + 1) * per_block]):
+                    g = g.float()
+                    self.lora[b][j] = g if self.lora[b][j] is None else self.lora[b][j] + g
+
+
+class RemoteBlocks:
+    """Runs hidden states through every block of the model on the swarm (stateless calls)."""
+
+    def __init__(self, swarm: Swarm):
+        self.swarm = swarm
+        self.uploader = AdapterUploader(swarm)
+
+    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                 lora: ClientLoRA | None = None) -> torch.Tensor:
+        """hidden (B, T, H) -> (B, T, H); differentiable in hidden, deep prompts and LoRA weights."""
+        run = _ChainRun(self, attention_mask, position_ids, Tuning(prompts, lora))
+        lora_tensors = lora.tensors() if lora is not None else []
+        needs_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or (prompts is not None and prompts.requires_grad)
+            or any(t.requires_grad for t in lora_tensors))
+        if not needs_grad:
+            return run.forward(hidden.detach())
+        placeholder = prompts if prompts is not None else hidden.new_zeros(0)
+        return _RemoteChain.apply(run, hidden, placeholder, *lora_tensors)
+
+
+class _RemoteChain(torch.autograd.Function):
+    """Autograd over the remote chain: inputs hidden, deep prompts (or an empty placeholder) and
+    every LoRA weight; backward asks the servers for the gradients."""
+
+    @staticmethod
+    def forward(ctx, run: _ChainRun, hidden: torch.Tensor, prompts: torch.Tensor, *lora_tensors: torch.Tensor):
+        ctx.run = run
+        return run.forward(hidden.detach())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        run: _ChainRun = ctx.run
+        grad_hidden, grad_prompts, lora_grads = run.backward(grad_output)
+        return (None, grad_hidden, grad_prompts, *lora_grads)
+
+
+class _ChainRun:
+    """One forward (and its backward) of a batch through the chain, sub-batched."""
+
+    def __init__(self, remote: RemoteBlocks, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None, tuning: Tuning):
+        self.remote, self.swarm, self.tuning = remote, remote.swarm, tuning
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+        self.num_blocks = remote.swarm.num_blocks
+        self.traces: list[tuple[slice, list[tuple[Hop, torch.Tensor]]]] = []
+        self.dtype = torch.float32
+
+    def _rows(self, batch: int, length: int) -> list[slice]:
+        per = max(1, self.swarm.config.sub_batch_tokens // max(1, length))
+        n = math.ceil(batch / per)
+        per = math.ceil(batch / n)  # even sub-batches
+        return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
+
+    def _aux(self, rows: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
+        positions = None if self.position_ids is None else self.position_ids[rows]
+        return mask, positions
+
+    # --- forward ---
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.dtype = hidden.dtype
+        rows = self._rows(hidden.shape[0], hidden.shape[1])
+        results = loop.run(self._forward_all(hidden, rows))
+        self.traces = [(r, trace) for r, (_, trace) in zip(rows, results, strict=True)]
+        return torch.cat([out.to(hidden.dtype) for out, _ in results], dim=0)
+
+    async def _forward_all(self, hidden: torch.Tensor, rows: list[slice]):
+        budget = self.swarm.config.max_retries
+        return await asyncio.gather(*(
+            self._forward_span(Span(0, self.num_blocks), hidden[r], r, _Budget(budget)) for r in rows
+        ))
+
+    async def _forward_span(self, blocks: Span, x: torch.Tensor, rows: slice,
+                            budget: _Budget) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Run ``x`` through ``blocks``; returns the output and each hop with its input."""
+        trace: list[tuple[Hop, torch.Tensor]] = []
+        block = blocks.start
+        while block < blocks.end:
+            route = await asyncio.to_thread(self.swarm.forward_route, Span(block, blocks.end))
+            for hop in route:
+                try:
+                    out = await self._forward_hop(hop, x, rows, budget)
+                except Exception as e:
+                    if not is_retryable(e):
+                        raise
+                    budget.spend(e)
+                    self.swarm.ban(hop.peer_id, f"forward over blocks {hop.blocks} failed: {e}")
+                    await asyncio.sleep(backoff_delay(budget.used))
+                    break  # a new route from this block on
+                trace.append((hop, x))
+                x, block = out, hop.blocks.end
+        return x, trace
+
+    async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: _Budget) -> torch.Tensor:
+        mask, positions = self._aux(rows)
+        while True:
+            await self.remote.uploader.ensure(hop.peer_id, self.tuning.adapters_for(hop.blocks))
+            try:
+                return await call_forward(
+                    self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, x, mask, positions,
+                    self.swarm.config.request_timeout, self.tuning.prompts_for(hop.blocks),
+                    self.tuning.adapter_for(hop.blocks))
+            except UnknownAdapterError as e:  # evicted or restarted: upload again
+                budget.spend(e)
+                self.remote.uploader.forget(hop.peer_id)
+
+    # --- backward ---
+
+    def backward(self, grad_output: torch.Tensor):
+        prompts = self.tuning.prompts
+        lora = self.tuning.lora
+        grads = _Grads(
+            prompts=None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32),
+            lora=[[None] * (len(layer) * (1 + lora.train_a)) for layer in lora.layers] if lora is not None else [],
+        )
+        grad_hidden = loop.run(self._backward_all(grad_output, grads))
+        return grad_hidden.to(self.dtype), self._prompt_grad(grads), self._lora_grads(grads)
+
+    async def _backward_all(self, grad_output: torch.Tensor, grads: _Grads) -> torch.Tensor:
+        budget = self.swarm.config.max_retries
+        results = await asyncio.gather(*(
+            self._backward_trace(trace, grad_output[rows], rows, grads, _Budget(budget)) for rows, trace in self.traces
+        ))
+        return torch.cat(results, dim=0)
+
+    async def _backward_trace(self, trace: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, rows: slice,
+                              grads: _Grads, budget: _Budget) -> torch.Tensor:
+        for hop, x in reversed(trace):
+            grad = await self._backward_hop(hop, x, grad, rows, grads, budget)
+        return grad
+
+    async def _backward_hop(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, rows: slice, grads: _Grads,
+                            budget: _Budget) -> torch.Tensor:
+        mask, positions = self._aux(rows)
+        lora = self.tuning.lora
+        while True:
+            try:
+                await self.remote.uploader.ensure(hop.peer_id, self.tuning.adapters_for(hop.blocks))
+                grad_in, grad_prompts, lora_grads = await call_backward(
+                    self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, x, grad, mask, positions,
+                    self.swarm.config.request_timeout, self.tuning.prompts_for(hop.blocks),
+                    self.tuning.adapter_for(hop.blocks), lora.train_a if lora is not None else True)
+            except UnknownAdapterError as e:
+                budget.spend(e)
+                self.remote.uploader.forget(hop.peer_id)
+                continue
+            except Exception as e:
+                if not is_retryable(e):
+                    raise
+                budget.spend(e)
+                self.swarm.ban(hop.peer_id, f"backward over blocks {hop.blocks} failed: {e}")
+                logger.warning("backward over blocks %s failed on %s (%s): rerouting", hop.blocks, hop.peer_id, e)
+                await asyncio.sleep(backoff_delay(budget.used))
+                _, trace = await self._forward_span(hop.blocks, x, rows, budget)  # inputs of the new hops
+                return await self._backward_trace(trace, grad, rows, grads, budget)
+            grads.add(hop.blocks, grad_prompts, lora_grads)
+            return grad_in.to(grad.dtype)
+
+    def _prompt_grad(self, grads: _Grads) -> torch.Tensor | None:
+        prompts = self.tuning.prompts
+        if prompts is None or not prompts.requires_grad:
+            return None
+        return grads.prompts.to(prompts.dtype)
+
+    def _lora_grads(self, grads: _Grads) -> list[torch.Tensor | None]:
+        lora = self.tuning.lora
+        if lora is None:
+            return []
+        out: list[torch.Tensor | None] = []
+        for b, layer in enumerate(lora.layers):
+            received = iter(grads.lora[b])
+            for pair in layer.values():
+                grad_a = next(received) if lora.train_a else None
+                grad_b = next(received)
+                out.append(_zeros_if_none(grad_a, pair.lora_A) if pair.lora_A.requires_grad else None)
+                out.append(_zeros_if_none(grad_b, pair.lora_B) if pair.lora_B.requires_grad else None)
+        return out
+
+
+def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
