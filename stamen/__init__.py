@@ -2,7 +2,13 @@
 
 from stamen.version import __version__
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "__version__"]
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
+    "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -11,4 +17,8 @@ def __getattr__(name: str):
         from stamen.client import model
 
         return getattr(model, name)
+    if name in ("AutoDistributedModelForSequenceClassification", "DistributedModelForSequenceClassification"):
+        from stamen.client import classification
+
+        return getattr(classification, name)
     raise AttributeError(name)

@@ -74,7 +74,7 @@ class DistributedModelBase(nn.Module):
         hf_config = load_config(model)
         block_config = BlockConfig.from_hf(hf_config)
         checkpoint = open_checkpoint(model)
-        parts = load_client_parts(checkpoint, block_config)
+        parts = cls._read_parts(checkpoint, block_config)
         swarm = Swarm(ModelName(config.dht_prefix or default_dht_prefix(model)), block_config.num_blocks, config)
         self = cls(hf_config, block_config, swarm, **cls._init_kwargs(model, hf_config, head_kwargs))
         self.name_or_path = model
@@ -83,6 +83,8 @@ class DistributedModelBase(nn.Module):
             self.norm.weight.copy_(parts.norm)
             self._load_head(parts, checkpoint)
         self.to(torch_dtype).requires_grad_(False)
+        if cls._trainable_head is not None:
+            getattr(self, cls._trainable_head).requires_grad_(True)
         if tuning_mode is not None:
             self.prompts = PromptTuning(block_config, tuning_mode, pre_seq_len).to(torch_dtype)
         if lora is not None:
@@ -92,6 +94,13 @@ class DistributedModelBase(nn.Module):
         return self
 
     _head_kwargs: tuple[str, ...] = ()
+    _trainable_head: str | None = None
+    """A head module that trains (a classification head); the rest of the client parts stay frozen."""
+    """Keyword arguments of ``from_pretrained`` that configure the head (subclasses)."""
+
+    @classmethod
+    def _read_parts(cls, checkpoint, block_config: BlockConfig):
+        return load_client_parts(checkpoint, block_config)
 
     @classmethod
     def _init_kwargs(cls, model: str, hf_config, head_kwargs: dict) -> dict:
