@@ -13,8 +13,6 @@ import openai
 import pytest
 import torch
 
-from stamen.api.engine import TextTracker
-
 MODEL = "SmolLM2-135M-Instruct"
 pytestmark = pytest.mark.swarm
 
@@ -222,14 +220,3 @@ def test_disconnect_mid_stream_frees_the_servers_cache(smol_swarm):
     while _server_free_cache(smol_swarm) != before:
         assert time.monotonic() < deadline, "the servers' cache was not freed after the client left"
         time.sleep(0.2)
-
-
-def test_text_tracker_holds_back_possible_stop_strings(smol_local):
-    tok = smol_local[1]
-    ids = tok("The answer is forty two.", add_special_tokens=False)["input_ids"]
-    tracker = TextTracker(tok, stop=("forty",), eos_token_ids=(tok.eos_token_id,))
-    shown = "".join(tracker.add(i) for i in ids)
-    assert shown == "The answer is " and tracker.finish_reason == "stop"
-    tracker = TextTracker(tok, stop=("fort night",), eos_token_ids=(tok.eos_token_id,))
-    shown = "".join(tracker.add(i) for i in ids) + tracker.finish()
-    assert shown == "The answer is forty two." and tracker.finish_reason is None

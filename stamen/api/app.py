@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from stamen.api.engine import Engine, Event, Finished, SamplingParams, Started, TextDelta
@@ -28,6 +28,8 @@ from stamen.errors import InvalidRequestError, RemoteCallError, ServerFullError,
 
 logger = logging.getLogger(__name__)
 
+CLIENT_CLOSED_REQUEST = 499
+"""The status logged for a request whose client went away (nginx's convention)."""
 WORKER_THREADS = 64
 """Requests generating at once; more wait for a thread."""
 
@@ -151,20 +153,23 @@ async def _serve(engine: Engine, limiter: anyio.CapacityLimiter, request: Reques
     job = _Job(engine, prompt, params)
     job.start(limiter)
     try:
-        first = await job.next()  # Started, or an error before any text: answer with a status code
+        await job.started()  # the session is open, or an error that still gets its status code
     except Exception as e:
         job.cancel.set()
         raise _from_stamen_error(e) from None
-    assert isinstance(first, Started)
     completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(job, completion_id, engine.model_id, chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        done = await job.wait_finished()
+        done = await job.wait_finished(request)
     except Exception as e:
         raise _from_stamen_error(e) from None
+    finally:
+        job.cancel.set()  # a no-op once finished
+    if done is None:  # nobody is listening any more
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(_full_response(completion_id, engine.model_id, chat, done))
 
 
@@ -196,9 +201,22 @@ class _Job:
             raise item
         return item
 
-    async def wait_finished(self) -> Finished:
+    async def started(self) -> Started:
+        event = await self.next()
+        if not isinstance(event, Started):  # the engine always starts with Started
+            raise RuntimeError(f"unexpected first event {event!r}")
+        return event
+
+    async def wait_finished(self, request: Request) -> Finished | None:
+        """The final event, or None (and the work cancelled) if the client disconnects meanwhile."""
         while True:
-            event = await self.next()
+            try:
+                event = await asyncio.wait_for(self.next(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.cancel.set()
+                    return None
+                continue
             if isinstance(event, Finished):
                 return event
 

@@ -63,7 +63,11 @@ Event = Started | TextDelta | Finished
 
 class TextTracker:
     """Turns generated token ids into safe text deltas: holds back an incomplete UTF-8 character and
-    any tail that could still become a stop string, and cuts the text at the first stop string."""
+    any tail that could still become a stop string, and cuts the text at the first stop string.
+
+    Decoding is incremental (a few tokens of context per step, as vLLM does), so a token costs the
+    same at position 10 and at position 10 000: the tokens since the last stable point are decoded
+    with and without the newest ones, and the difference is the new text."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), eos_token_ids: tuple[int, ...] = ()):
         self.tokenizer, self.stop, self.eos = tokenizer, tuple(s for s in stop if s), set(eos_token_ids)
@@ -73,6 +77,10 @@ class TextTracker:
         self.emitted = ""
         self.finish_reason: str | None = None
         self._text = ""
+        """Stable text so far (may still hold a possible stop-string prefix not yet emitted)."""
+        self._prefix = 0
+        self._read = 0
+        self._max_stop = max((len(s) for s in self.stop), default=0)
 
     def add(self, token: int) -> str:
         """Record one generated token; returns the text that may be shown now ('' if none)."""
@@ -83,20 +91,37 @@ class TextTracker:
             self.finish_reason = "stop"
             return self._flush(self._text)
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self._text = text
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        grown = self._decode_new()
+        if not grown:  # no complete character yet (or an invisible token)
+            return ""
+        searched_from = max(0, len(self._text) - len(grown) - self._max_stop + 1)
+        cut = min((i for i in (self._text.find(s, searched_from) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.finish_reason = "stop"
-            self._text = text[:cut]
+            self._text = self._text[:cut]
             return self._flush(self._text)
-        if text.endswith("\ufffd"):  # the rest of a multi-byte character is still to come
+        return self._flush(self._text[: len(self._text) - self._stop_prefix_len(self._text)])
+
+    def _decode_new(self) -> str:
+        """Append the text the newest tokens complete to ``_text``; returns it."""
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        return self._flush(text[: len(text) - self._stop_prefix_len(text)])
+        grown = after[len(before):]
+        self._text += grown
+        self._prefix, self._read = self._read, len(self.tokens)
+        return grown
 
     def finish(self) -> str:
         """The text still held back once generation has ended (by length or cancellation)."""
-        return self._flush(self._text.rstrip("\ufffd"))
+        if self.finish_reason is None:
+            before = self.tokenizer.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.tokens[self._prefix :], skip_special_tokens=True).rstrip("\ufffd")
+            if len(after) > len(before):
+                self._text += after[len(before):]
+        return self._flush(self._text)
 
     @property
     def text(self) -> str:

@@ -55,7 +55,17 @@ def server(
     model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
     initial_peers: PeersOpt = [],  # noqa: B006
     blocks: Annotated[str | None, typer.Option(help="Span to host, START:END (half-open).")] = None,
-    num_blocks: Annotated[int | None, typer.Option(help="Host N blocks where the swarm needs them.")] = None,
+    num_blocks: Annotated[int | None, typer.Option(help="Host N blocks where the swarm needs them "
+                                                        "(default: as many as fit the memory).")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Memory for weights and cache, e.g. 6GiB "
+                                                        "(default: what the device has free).")] = None,
+    rebalance: Annotated[bool, typer.Option(help="Move to where the swarm is weakest (not with --blocks).")] = True,
+    balance_period: Annotated[float, typer.Option(help="Mean seconds between rebalancing checks.")] = 120.0,
+    balance_quality: Annotated[float, typer.Option(help="Move only while the bottleneck is below this "
+                                                         "fraction of the mean block throughput.")] = 0.9,
+    move_jitter: Annotated[float, typer.Option(help="Most seconds to wait and look again before moving.")] = 10.0,
+    move_grace: Annotated[float, typer.Option(help="Seconds old-span sessions may run on after a move.")] = 120.0,
+    throughput_cache: Annotated[Path | None, typer.Option(help="Compute measurement cache (JSON).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
@@ -75,11 +85,18 @@ def server(
     from pydantic import ValidationError
 
     from stamen.server.config import ServerConfig
+    from stamen.server.memory import parse_bytes
+    from stamen.server.placement import PlacementSettings
     from stamen.server.server import Server
     from stamen.types import Span
 
     try:
+        placement = dict(max_memory=parse_bytes(max_memory) if max_memory else None, rebalance=rebalance,
+                         balance_period=balance_period, move_jitter=move_jitter, move_grace=move_grace,
+                         placement=PlacementSettings(balance_quality=balance_quality),
+                         **({"throughput_cache": throughput_cache} if throughput_cache else {}))
         config = ServerConfig(
+            **placement,
             model=model, initial_peers=initial_peers,
             blocks=Span.parse(blocks) if blocks else None,
             num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
@@ -286,6 +303,20 @@ def bench_inference(
 
     run_inference_bench(model=model, num_servers=servers, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
                         runs=runs, json_only=json_out)
+
+
+@bench_app.command("api")
+def bench_api(
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 64,
+    runs: Annotated[int, typer.Option(help="Alternating runs per path (median reported).")] = 5,
+    concurrency: Annotated[list[int], typer.Option(help="Concurrent stream counts to measure.")] = [1, 4, 8],  # noqa: B006
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """The OpenAI-compatible API vs the Python client on the same swarm of the default real model."""
+    setup_logging("WARNING")
+    from stamen.bench.api import run_api_bench
+
+    run_api_bench(new_tokens=new_tokens, runs=runs, concurrency=concurrency, json_only=json_out)
 
 
 @app.command("make-model")
