@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import random
 
-from stamen.errors import RemoteCallError, ServerFullError, SessionClosedError, UnknownSessionError
+from stamen.errors import (
+    RemoteCallError,
+    ServerFullError,
+    SessionClosedError,
+    UnknownSessionError,
+    WrongBlocksError,
+)
 
-RETRYABLE = (RemoteCallError, ServerFullError, SessionClosedError, UnknownSessionError)
-"""A lost connection, a timeout, a crashed or restarted server (its sessions are gone), or a server
-that filled up since we read its record. Anything else (TypeError, ValueError, InvalidRequestError,
-SessionLengthError...) is a bug or bad input and is raised at once."""
+RETRYABLE = (RemoteCallError, ServerFullError, SessionClosedError, UnknownSessionError, WrongBlocksError)
+"""A lost connection, a timeout, a crashed or restarted server (its sessions are gone), a server
+that filled up or moved to other blocks since we read its record. Anything else (TypeError,
+ValueError, InvalidRequestError, SessionLengthError...) is a bug or bad input and is raised at once."""
 
 
 def is_retryable(error: BaseException) -> bool:

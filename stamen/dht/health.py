@@ -18,6 +18,10 @@ class ServerRow(BaseModel):
     dtype: str
     version: str
     public_name: str | None = None
+    moving_to: tuple[int, int] | None = None
+    """The span a moving server is loading."""
+    forward_throughput: float | None = None
+    network_bandwidth: float | None = None
 
 
 class SwarmHealth(BaseModel):
@@ -43,7 +47,8 @@ def swarm_health(model: str, num_blocks: int, records: dict[str, ServerRecord]) 
     rows = sorted(
         (ServerRow(peer_id=p, start=r.start, end=r.end, state=r.state.value, throughput=r.throughput,
                    cache_tokens_left=r.cache_tokens_left, dtype=r.dtype, version=r.version,
-                   public_name=r.public_name) for p, r in records.items()),
+                   public_name=r.public_name, moving_to=r.moving_to, forward_throughput=r.forward_throughput,
+                   network_bandwidth=r.network_bandwidth) for p, r in records.items()),
         key=lambda row: (row.start, row.end, row.peer_id),
     )
     return SwarmHealth(
@@ -60,7 +65,8 @@ def format_health(h: SwarmHealth) -> str:
     for s in h.servers:
         name = f" ({s.public_name})" if s.public_name else ""
         blocks = f"[{s.start}:{s.end})"
-        lines.append(f"…{s.peer_id[-12:]:<13} {blocks:<10} {s.state:<8} {s.throughput:>9.1f} "
+        state = f"moving to [{s.moving_to[0]}:{s.moving_to[1]})" if s.moving_to else s.state
+        lines.append(f"…{s.peer_id[-12:]:<13} {blocks:<10} {state:<8} {s.throughput:>9.1f} "
                      f"{s.cache_tokens_left:>11} {s.dtype:<9} {s.version}{name}")
     lines.append("per block (online servers / steps/s): " + " ".join(
         f"{b}:{n}/{t:.0f}" for b, (n, t) in enumerate(zip(h.block_servers, h.block_throughput, strict=True))))

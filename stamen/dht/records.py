@@ -50,10 +50,21 @@ class ServerRecord(BaseModel):
     """Optional human-readable name."""
     next_pings: dict[str, float] = Field(default_factory=dict)
     """Round-trip seconds to servers hosting the block after this span, as this server measured them."""
+    forward_throughput: float | None = Field(default=None, ge=0)
+    """Tokens per second through one block in forward batches (None: not measured)."""
+    network_bandwidth: float | None = Field(default=None, ge=0)
+    """Bytes per second this server sent to a peer of the swarm when it started (None: no peer to measure)."""
+    moving_to: tuple[int, int] | None = None
+    """(start, end) of the span the server is loading to move to; placement counts it there already."""
 
     @property
     def span(self) -> Span:
         return Span(self.start, self.end)
+
+    @property
+    def placed_span(self) -> Span:
+        """Where this server's throughput counts for placement: its target while it moves."""
+        return Span(*self.moving_to) if self.moving_to else self.span
 
 
 @dataclass(frozen=True)
@@ -72,9 +83,12 @@ def block_key(model: ModelName, block: int) -> str:
     return f"{model}.{block}"
 
 
-def announce(dht: DHT, model: ModelName, peer_id: PeerIDStr, record: ServerRecord, ttl: float) -> None:
-    """Store ``record`` under every block of its span; it expires after ``ttl`` seconds unless renewed."""
-    keys = [block_key(model, b) for b in range(record.start, record.end)]
+def announce(dht: DHT, model: ModelName, peer_id: PeerIDStr, record: ServerRecord, ttl: float,
+             also_blocks: range = range(0)) -> None:
+    """Store ``record`` under every block of its span (and of ``also_blocks``: a moved server
+    overwrites its old blocks' records); it expires after ``ttl`` seconds unless renewed."""
+    blocks = sorted(set(range(record.start, record.end)) | set(also_blocks))
+    keys = [block_key(model, b) for b in blocks]
     value = record.model_dump(mode="json")
     dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, value=value, expiration=get_dht_time() + ttl))
 

@@ -116,17 +116,26 @@ def load_span(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    reuse: SpanModel | None = None,
 ) -> SpanModel:
-    """Build a SpanModel holding only blocks ``span`` with weights read from the checkpoint."""
+    """Build a SpanModel holding only blocks ``span`` with weights read from the checkpoint.
+
+    Blocks that ``reuse`` (a span already loaded, e.g. before a server moves) holds are shared with
+    it instead of being read again."""
     if span.end > config.num_blocks:
         raise CheckpointError(f"span {span} is past the model's {config.num_blocks} blocks")
     with torch.device("meta"):
         model = SpanModel(config, span)
+    resident = {} if reuse is None else {reuse.span.start + i: b for i, b in enumerate(reuse.blocks)}
     bar = tqdm(
-        total=span.length, desc=f"loading blocks {span}", unit="block", disable=not progress, dynamic_ncols=True
+        total=span.length - len(resident.keys() & set(range(span.start, span.end))), desc=f"loading blocks {span}",
+        unit="block", disable=not progress, dynamic_ncols=True,
     )
     for i, block in enumerate(model.blocks):
         index = span.start + i
+        if index in resident:
+            model.blocks[i] = resident[index]
+            continue
         raw = checkpoint.load(checkpoint.block_tensor_names(index))
         state = hf_block_state_dict(raw, f"{checkpoint.block_prefix}{index}.")
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}

@@ -60,7 +60,7 @@ class CacheBudget:
 
     @property
     def tokens_left(self) -> int:
-        return (self.capacity - self.used) // self.num_blocks
+        return max(0, self.capacity - self.used) // self.num_blocks  # old spans' sessions may overdraw after a move
 
 
 @dataclass
@@ -79,6 +79,8 @@ class Session:
     """Deep prompts (n_blocks, P, H) added at positions [0, P) of every block's input."""
     adapters: list[BlockLoRA] | None = None
     """LoRA adapters, one per block of the session."""
+    model: SpanModel | None = None
+    """Set when the server moved: the span the session was opened on, kept until it closes."""
 
 
 class SpanBackend:
@@ -228,8 +230,8 @@ class SpanBackend:
 
     def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model.step(hidden, session.cache, attention_mask, position_ids, session.blocks,
-                                   session.prompts, session.adapters)
+            return (session.model or self.model).step(hidden, session.cache, attention_mask, position_ids,
+                                                      session.blocks, session.prompts, session.adapters)
 
     async def forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None,
@@ -289,6 +291,20 @@ class SpanBackend:
 
     async def _run(self, fn, *args) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def swap_model(self, model: SpanModel) -> None:
+        """Serve ``model`` (a new span) from now on. Open sessions keep the span they were opened on
+        until they close; their caches count against the new span's budget meanwhile."""
+        for session in self.sessions.values():
+            if session.model is None:
+                session.model = self.model
+        max_tokens = self.budget.capacity // self.budget.num_blocks
+        self.model, self.span = model, model.span
+        self.budget.capacity, self.budget.num_blocks = max_tokens * model.span.length, model.span.length
+
+    def sessions_on_old_spans(self) -> list[str]:
+        """Sessions still computing on a span this server moved away from."""
+        return [s.id for s in self.sessions.values() if s.model is not None and s.model is not self.model]
 
     def shutdown(self) -> None:
         for session_id in list(self.sessions):

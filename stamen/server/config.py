@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stamen.server.placement import PlacementSettings
+from stamen.server.throughput import DEFAULT_CACHE
 from stamen.types import Span
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,7 +24,12 @@ class ServerConfig(BaseModel):
     blocks: Span | None = None
     """The span to host; exclusive with ``num_blocks``."""
     num_blocks: int | None = Field(default=None, gt=0)
-    """Host this many blocks, placed where the swarm lacks them."""
+    """Host this many blocks, placed where the swarm lacks them (neither this nor ``blocks``: as
+    many as fit the memory)."""
+    max_memory: int | None = Field(default=None, gt=0)
+    """Bytes the server may use for weights and KV cache (default: the device's free memory)."""
+    memory_margin: float = Field(default=0.1, ge=0, lt=1)
+    """Fraction of the memory left unused when deciding how many blocks fit."""
     dht_prefix: str | None = None
     """The model's name in the swarm; default: derived from ``model``."""
     dtype: str = "float32"
@@ -46,7 +53,21 @@ class ServerConfig(BaseModel):
     identity: Path | None = None
     """Private key file for a stable peer id."""
     throughput: float | None = Field(default=None, gt=0)
-    """Override the measured throughput (steps per second per block)."""
+    """Override the measured throughput (steps per second per block); nothing is measured then."""
+    throughput_cache: Path = DEFAULT_CACHE
+    """JSON file caching compute measurements per device, model and dtype."""
+    rebalance: bool = True
+    """Move to where the swarm is weakest when that raises its bottleneck enough (never with ``blocks``)."""
+    balance_period: float = Field(default=120.0, gt=0)
+    """Mean seconds between rebalancing checks; each wait is drawn uniformly from 0.5× to 1.5× this."""
+    move_jitter: float = Field(default=10.0, ge=0)
+    """A server that decides to move waits uniform(0, this) seconds, then reads the DHT again and
+    moves only if the move is still worth it (another server may have moved meanwhile)."""
+    move_grace: float = Field(default=120.0, ge=0)
+    """Seconds sessions opened on the old span may keep running after a move before they are
+    closed (their clients then replay into other servers)."""
+    placement: PlacementSettings = PlacementSettings()
+    """Thresholds of the rebalancing decision."""
     record_ttl: float = Field(default=60.0, gt=1)
     """Seconds a DHT record lives; the server re-announces every ttl/3."""
     public_name: str | None = None
@@ -63,9 +84,14 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_blocks(self) -> ServerConfig:
-        if (self.blocks is None) == (self.num_blocks is None):
-            raise ValueError("give exactly one of blocks (--blocks A:B) or num_blocks (--num-blocks N)")
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ValueError("give at most one of blocks (--blocks A:B) or num_blocks (--num-blocks N)")
         return self
+
+    @property
+    def auto_placed(self) -> bool:
+        """The server chooses its span itself (and may move it)."""
+        return self.blocks is None
 
     @property
     def torch_dtype(self) -> torch.dtype:

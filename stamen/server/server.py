@@ -1,4 +1,4 @@
-"""Server lifecycle: join the DHT, pick and load a span, serve RPCs, announce, leave cleanly."""
+"""Server lifecycle: join the DHT, pick and load a span, serve RPCs, announce, move, leave cleanly."""
 
 from __future__ import annotations
 
@@ -6,19 +6,29 @@ import asyncio
 import logging
 import random
 import signal
-import time
+from dataclasses import dataclass
 
 import torch
 from hivemind import DHT
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 
 from stamen.dht.records import ServerRecord, ServerState, announce, fetch_servers
-from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
+from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
 from stamen.server.config import ServerConfig, default_dht_prefix
 from stamen.server.handler import SpanHandler, ping
-from stamen.server.placement import choose_span
+from stamen.server.memory import available_memory, format_bytes, plan_blocks
+from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
+from stamen.server.throughput import (
+    BandwidthServicer,
+    cache_key,
+    cached_compute,
+    measure_bandwidth,
+    measure_compute,
+    network_steps_per_second,
+)
 from stamen.types import ModelName, PeerIDStr, Span
 from stamen.version import __version__
 
@@ -44,24 +54,40 @@ def start_dht(initial_peers: list[str], host: str, port: int, identity: str | No
 
 def measure_throughput(model: SpanModel, dtype: torch.dtype, device: str, repeats: int = 12) -> float:
     """Single-token inference steps per second through one block (median of a few runs)."""
-    block_span = Span(model.span.start, model.span.start + 1)
-    cache = KVCache(model.config, 1, 1, repeats + 4, dtype, device)
-    hidden = torch.randn(1, 1, model.config.hidden_size, dtype=dtype, device=device)
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 3):
-            start = time.perf_counter()
-            model.step(hidden, cache, blocks=block_span)
-            times.append(time.perf_counter() - start)
-    times = sorted(times[3:])
-    return 1.0 / max(times[len(times) // 2], 1e-6)
+    return measure_compute(model, dtype, device, repeats=repeats).inference
+
+
+@dataclass
+class Speed:
+    """What the server announces about its speed."""
+
+    throughput: float
+    """Steps/s per block for placement and routing: compute, capped by the network."""
+    forward: float | None = None
+    bandwidth: float | None = None
+
+
+@dataclass
+class _Serving:
+    """The parts of a running server that a move touches."""
+
+    dht: DHT
+    p2p: P2P
+    peer_id: PeerIDStr
+    checkpoint: Checkpoint
+    block_config: BlockConfig
+    backend: SpanBackend
+    speed: Speed
 
 
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.model_name = ModelName(config.dht_prefix or default_dht_prefix(config.model))
+        self.span: Span | None = None
+        self.moving_to: Span | None = None
         self._stop = asyncio.Event()
+        self._drains: set[asyncio.Task] = set()
 
     def run(self) -> None:
         import uvloop  # hivemind depends on it; its loop wakes up faster than asyncio's default
@@ -70,6 +96,10 @@ class Server:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.model_name} blocks {self.span}]"
 
     async def _main(self) -> None:
         cfg = self.config
@@ -85,46 +115,74 @@ class Server:
         dht = start_dht(cfg.initial_peers, cfg.host, cfg.port, str(cfg.identity) if cfg.identity else None,
                         cfg.announce_maddrs)
         peer_id = PeerIDStr(dht.peer_id.to_base58())
-        span = cfg.blocks or self._choose_span(dht, block_config)
-        if span.end > block_config.num_blocks:
-            raise SystemExit(f"--blocks {span} is past the model's {block_config.num_blocks} blocks")
-        tag = f"[{peer_id[-6:]} {self.model_name} blocks {span}]"
-        logger.info("%s joining; visible at %s", tag, " ".join(str(m) for m in dht.get_visible_maddrs()))
-
-        def record(state: ServerState, throughput: float = 0.0, cache_left: int = 0,
-                   next_pings: dict[str, float] | None = None) -> ServerRecord:
-            return ServerRecord(state=state, start=span.start, end=span.end, throughput=throughput,
-                                cache_tokens_left=cache_left, dtype=cfg.dtype, version=__version__,
-                                public_name=cfg.public_name, next_pings=next_pings or {})
-
-        announce(dht, self.model_name, peer_id, record(ServerState.JOINING, cfg.throughput or 1.0), cfg.record_ttl)
+        length = cfg.blocks.length if cfg.blocks else cfg.num_blocks or self._blocks_that_fit(block_config)
+        self.span = cfg.blocks or self._choose_span(dht, block_config, length)
+        if self.span.end > block_config.num_blocks:
+            raise SystemExit(f"--blocks {self.span} is past the model's {block_config.num_blocks} blocks")
+        logger.info("%s %s joining; visible at %s", peer_id[-6:], self.tag,
+                    " ".join(str(m) for m in dht.get_visible_maddrs()))
+        self._announce(dht, peer_id, ServerState.JOINING, Speed(cfg.throughput or 1.0), 0)
         try:
             model = await loop.run_in_executor(
-                None, lambda: load_span(checkpoint, block_config, span, cfg.torch_dtype, cfg.device)
+                None, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device)
             )
-            throughput = cfg.throughput or measure_throughput(model, cfg.torch_dtype, cfg.device)
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens)
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout)
             p2p = await dht.replicate_p2p()
             await handler.add_p2p_handlers(p2p)
-            logger.info("%s online: %.1f steps/s per block, cache budget %d tokens", tag, throughput,
+            await BandwidthServicer().add_p2p_handlers(p2p)
+            speed = await self._measure(dht, p2p, peer_id, model, block_config)
+            serving = _Serving(dht, p2p, peer_id, checkpoint, block_config, backend, speed)
+            logger.info("%s online: %.1f steps/s per block, cache budget %d tokens", self.tag, speed.throughput,
                         cfg.max_cache_tokens)
-            while not self._stop.is_set():
-                pings = await self._ping_next_servers(dht, p2p, peer_id, span, block_config.num_blocks)
-                announce(dht, self.model_name, peer_id,
-                         record(ServerState.ONLINE, throughput, backend.budget.tokens_left, pings), cfg.record_ttl)
-                try:
-                    await asyncio.wait_for(self._stop.wait(), cfg.record_ttl / 3)
-                except TimeoutError:
-                    pass
-            logger.info("%s leaving", tag)
-            announce(dht, self.model_name, peer_id, record(ServerState.OFFLINE), cfg.record_ttl)
+            rebalancer = asyncio.create_task(self._rebalance_loop(serving)) if self._may_move else None
+            await self._announce_loop(serving)
+            if rebalancer is not None:
+                rebalancer.cancel()
+            logger.info("%s leaving", self.tag)
+            self._announce(dht, peer_id, ServerState.OFFLINE, speed, 0)
             await handler.remove_p2p_handlers(p2p)
             backend.shutdown()
         finally:
             dht.shutdown()
-        logger.info("%s stopped", tag)
+        logger.info("%s stopped", self.tag)
+
+    @property
+    def _may_move(self) -> bool:
+        return self.config.auto_placed and self.config.rebalance
+
+    # --- announcing ---
+
+    def _record(self, state: ServerState, speed: Speed, cache_left: int,
+                next_pings: dict[str, float] | None = None) -> ServerRecord:
+        cfg = self.config
+        return ServerRecord(
+            state=state, start=self.span.start, end=self.span.end, throughput=speed.throughput,
+            cache_tokens_left=cache_left, dtype=cfg.dtype, version=__version__, public_name=cfg.public_name,
+            next_pings=next_pings or {}, forward_throughput=speed.forward, network_bandwidth=speed.bandwidth,
+            moving_to=(self.moving_to.start, self.moving_to.end) if self.moving_to else None,
+        )
+
+    def _announce(self, dht: DHT, peer_id: PeerIDStr, state: ServerState, speed: Speed, cache_left: int,
+                  next_pings: dict[str, float] | None = None, also_blocks: range = range(0)) -> None:
+        announce(dht, self.model_name, peer_id, self._record(state, speed, cache_left, next_pings),
+                 self.config.record_ttl, also_blocks)
+
+    async def _announce_loop(self, s: _Serving) -> None:
+        """Announce online every ttl/3 until asked to stop."""
+        while not self._stop.is_set():
+            pings = await self._ping_next_servers(s.dht, s.p2p, s.peer_id, self.span, s.block_config.num_blocks)
+            self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left, pings)
+            if await self._stopped_within(self.config.record_ttl / 3):
+                return
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _ping_next_servers(self, dht: DHT, p2p, peer_id: str, span: Span, num_blocks: int,
                                  max_peers: int = 8) -> dict[str, float]:
@@ -133,14 +191,125 @@ class Server:
             return {}
         loop = asyncio.get_running_loop()
         records = await loop.run_in_executor(None, lambda: fetch_servers(dht, self.model_name, num_blocks, [span.end]))
-        peers = [p for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id]
+        peers = [p for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id and span.end in r.span]
         peers = random.sample(peers, min(max_peers, len(peers)))
         rtts = await asyncio.gather(*(ping(p2p, PeerID.from_base58(p), timeout=2.0) for p in peers))
         return {p: round(rtt, 6) for p, rtt in zip(peers, rtts, strict=True) if rtt is not None}
 
-    def _choose_span(self, dht: DHT, block_config: BlockConfig) -> Span:
-        servers = fetch_servers(dht, self.model_name, block_config.num_blocks)
-        live = [(r.span, r.throughput) for r in servers.values() if r.state != ServerState.OFFLINE]
-        span = choose_span(block_config.num_blocks, self.config.num_blocks or 1, live)
-        logger.info("chose blocks %s: the weakest window among %d servers", span, len(live))
+    # --- deciding what to host ---
+
+    def _blocks_that_fit(self, block_config: BlockConfig) -> int:
+        cfg = self.config
+        available = cfg.max_memory or available_memory(cfg.device)
+        source = "allowed by --max-memory" if cfg.max_memory else f"free on {cfg.device}"
+        plan = plan_blocks(block_config, cfg.torch_dtype, cfg.max_cache_tokens, available, cfg.memory_margin, source)
+        logger.info("%s", plan.message)
+        return plan.num_blocks
+
+    def _placements(self, dht: DHT, num_blocks: int, peer_id: str | None) -> list[tuple[Span, float]]:
+        """Other servers' (span, throughput), moving ones at their target."""
+        records = fetch_servers(dht, self.model_name, num_blocks)
+        return [(r.placed_span, r.throughput) for p, r in records.items()
+                if r.state != ServerState.OFFLINE and p != peer_id]
+
+    def _choose_span(self, dht: DHT, block_config: BlockConfig, length: int) -> Span:
+        others = self._placements(dht, block_config.num_blocks, dht.peer_id.to_base58())
+        span = choose_span(block_config.num_blocks, length, others)
+        logger.info("chose blocks %s: the weakest window of %d blocks among %d servers", span, length, len(others))
         return span
+
+    async def _measure(self, dht: DHT, p2p: P2P, peer_id: PeerIDStr, model: SpanModel,
+                       block_config: BlockConfig) -> Speed:
+        """Compute speed (cached per device, model and dtype) and bandwidth to servers already online."""
+        cfg = self.config
+        if cfg.throughput is not None:
+            return Speed(cfg.throughput)
+        loop = asyncio.get_running_loop()
+        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, model)
+        compute, cached = await loop.run_in_executor(
+            None, lambda: cached_compute(cfg.throughput_cache, key,
+                                         lambda: measure_compute(model, cfg.torch_dtype, cfg.device)))
+        records = await loop.run_in_executor(None, lambda: fetch_servers(dht, self.model_name, block_config.num_blocks))
+        peers = [PeerID.from_base58(p) for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id]
+        bandwidth = await measure_bandwidth(p2p, random.sample(peers, min(2, len(peers))))
+        throughput = compute.inference
+        if bandwidth is not None:
+            throughput = min(throughput, network_steps_per_second(bandwidth, block_config.hidden_size,
+                                                                  cfg.torch_dtype))
+        logger.info("throughput: %.1f steps/s per block (inference, %s), %.0f tokens/s per block (forward of %d), "
+                    "network %s", compute.inference, f"cached in {cfg.throughput_cache}" if cached else "measured",
+                    compute.forward, compute.forward_tokens,
+                    f"{format_bytes(bandwidth)}/s to {len(peers) and min(2, len(peers))} peers" if bandwidth
+                    else "not measured (no peer online)")
+        return Speed(throughput, compute.forward, bandwidth)
+
+    # --- rebalancing ---
+
+    async def _plan(self, s: _Serving) -> MoveDecision:
+        num_blocks = s.block_config.num_blocks
+        others = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._placements(s.dht, num_blocks, s.peer_id))
+        return plan_move(block_throughputs(num_blocks, others), self.span, s.speed.throughput,
+                         self.config.placement)
+
+    async def _rebalance_loop(self, s: _Serving) -> None:
+        """At jittered intervals, check whether moving raises the swarm's bottleneck enough; before
+        moving, wait a random while and look at the DHT again, so servers do not move in a herd."""
+        cfg, rng = self.config, random.Random()
+        try:
+            while not await self._stopped_within(cfg.balance_period * rng.uniform(0.5, 1.5)):
+                decision = await self._plan(s)
+                if not decision.move:
+                    logger.debug("%s stays: %s", self.tag, decision.reason)
+                    continue
+                logger.info("%s considering a move to %s (%s)", self.tag, decision.target, decision.reason)
+                if await self._stopped_within(rng.uniform(0, cfg.move_jitter)):
+                    return
+                decision = await self._plan(s)  # a fresh look: someone else may have moved meanwhile
+                if decision.move:
+                    await self._move(s, decision)
+                else:
+                    logger.info("%s stays after all: %s", self.tag, decision.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s rebalancing failed; serving on without it", self.tag)
+
+    async def _move(self, s: _Serving, decision: MoveDecision) -> None:
+        """Load the target's missing blocks (keeping the ones already resident), switch to them,
+        announce, and let sessions on the old span finish (or close them after ``move_grace``)."""
+        cfg, old_span, old_model = self.config, self.span, s.backend.model
+        self.moving_to = decision.target
+        kept = len(set(range(old_span.start, old_span.end)) & set(range(decision.target.start, decision.target.end)))
+        logger.info("%s moving to %s: %s; loading %d blocks, keeping %d", self.tag, decision.target, decision.reason,
+                    decision.target.length - kept, kept)
+        self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left)
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(None, lambda: load_span(
+                s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device, reuse=old_model))
+        except Exception:
+            self.moving_to = None
+            raise
+        s.backend.swap_model(model)
+        self.span, self.moving_to = decision.target, None
+        self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left,
+                       also_blocks=range(old_span.start, old_span.end))
+        old = s.backend.sessions_on_old_spans()
+        logger.info("%s moved from %s; %d open sessions finish on the old blocks", self.tag, old_span, len(old))
+        drain = asyncio.create_task(self._drain(s.backend, old_span))
+        self._drains.add(drain)
+        drain.add_done_callback(self._drains.discard)
+
+    async def _drain(self, backend: SpanBackend, old_span: Span) -> None:
+        """Wait for sessions on the old span to close; after the grace period, close them (their
+        clients replay into other servers). The old blocks are freed with their last session."""
+        deadline = asyncio.get_running_loop().time() + self.config.move_grace
+        while backend.sessions_on_old_spans() and asyncio.get_running_loop().time() < deadline:
+            if await self._stopped_within(0.5):
+                return
+        left = backend.sessions_on_old_spans()
+        for session_id in left:
+            backend.close(session_id)
+        logger.info("%s dropped the old blocks %s (%s)", self.tag, old_span,
+                    f"closed {len(left)} sessions after {self.config.move_grace:.0f} s" if left
+                    else "their sessions finished")

@@ -22,7 +22,8 @@ from stamen.types import Span
 @dataclass
 class ServerProcess:
     model: str
-    span: Span
+    span: Span | None
+    """The span given with --blocks (None: the server places itself)."""
     proc: subprocess.Popen
     log_path: Path
     args: list[str] = field(default_factory=list)
@@ -100,6 +101,37 @@ class LocalSwarm:
                     raise RuntimeError(f"stamen api did not start:\n{log_path.read_text()[-3000:]}") from None
                 time.sleep(0.2)
 
+    def add_auto_server(self, model: str | Path, *extra: str) -> ServerProcess:
+        """A server started without ``--blocks``: it chooses (and may change) its span itself."""
+        log_path = self.log_dir / f"server{len(self.servers)}-auto.log"
+        args = [str(model), "--initial-peers", *self.initial_peers, *extra]
+        proc = subprocess.Popen(self._cmd("server", *args), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                env=self.env, start_new_session=True)
+        server = ServerProcess(str(model), None, proc, log_path, args)
+        self.servers.append(server)
+        return server
+
+    def wait_for(self, model_name: str, num_blocks: int, condition, what: str, timeout: float = 120.0,
+                 servers: list[ServerProcess] | None = None):
+        """Poll the DHT until ``condition(records)`` (peer id -> ServerRecord) returns something truthy,
+        and return it; a listed server exiting or the timeout raises with the servers' log tails."""
+        from stamen.dht.records import fetch_servers
+
+        servers = self.servers if servers is None else servers
+        deadline, delay = time.monotonic() + timeout, 0.2
+        while True:
+            result = condition(fetch_servers(self.client_dht(), model_name, num_blocks))
+            if result:
+                return result
+            for s in servers:
+                if s.proc.poll() is not None:
+                    raise RuntimeError(f"server {s.log_path.name} exited with {s.proc.returncode}:\n{s.log_tail()}")
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {s.log_path}\n{s.log_tail()}" for s in servers)
+                raise TimeoutError(f"not true after {timeout} s: {what}\n{tails}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
     def client_dht(self):
         if self._dht is None:
             from hivemind import DHT
@@ -113,7 +145,7 @@ class LocalSwarm:
         from stamen.dht.records import ServerState, fetch_servers
 
         servers = self.servers if servers is None else servers
-        wanted = {(s.span.start, s.span.end) for s in servers if s.proc.poll() is None}
+        wanted = {(s.span.start, s.span.end) for s in servers if s.proc.poll() is None and s.span is not None}
         deadline = time.monotonic() + timeout
         delay = 0.2
         while True:

@@ -1,0 +1,163 @@
+"""How fast a server is: compute measured once per device, model and dtype (and cached), network
+bandwidth measured against peers of the swarm at every start.
+
+Both sides of the bandwidth RPC live here: ``BandwidthServicer.rpc_bandwidth`` (every server
+registers it) next to ``measure_bandwidth`` (a joining server calls it on servers already online).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import AsyncIterator  # noqa: UP035 (hivemind recognises stream RPCs by typing.AsyncIterator hints)
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel
+
+from stamen.models import KVCache
+from stamen.models.span import SpanModel
+from stamen.types import Span
+
+logger = logging.getLogger(__name__)
+
+Request = runtime_pb2.ExpertRequest
+Response = runtime_pb2.ExpertResponse
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stamen" / "throughput.json"
+BANDWIDTH_PART_BYTES = 1 << 20
+"""Bytes per message of a bandwidth probe (hivemind caps one message at 4 MiB)."""
+
+
+class ComputeThroughput(BaseModel):
+    """Measured compute speed of one block on this device, model and dtype."""
+
+    inference: float
+    """Single-token inference steps per second through one block."""
+    forward: float
+    """Tokens per second through one block in a forward batch of ``forward_tokens`` tokens."""
+    forward_tokens: int
+    """Tokens of the forward batch measured."""
+
+
+def device_name(device: str) -> str:
+    """A stable name for the hardware a server computes on (the cache key's first part)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{dev.type}:{cpu}:{torch.get_num_threads()} threads"
+
+
+def cache_key(device: str, model_name: str, dtype: torch.dtype, model: SpanModel) -> str:
+    c = model.config
+    return (f"{device_name(device)}|{model_name} (hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
+            f"heads {c.num_heads}/{c.num_kv_heads})|{str(dtype).removeprefix('torch.')}")
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    times = []
+    for _ in range(repeats + warmup):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times = sorted(times[warmup:])
+    return max(times[len(times) // 2], 1e-6)
+
+
+def measure_compute(model: SpanModel, dtype: torch.dtype, device: str, forward_tokens: int = 128,
+                    repeats: int = 12) -> ComputeThroughput:
+    """Time one block of ``model``: single-token inference steps, and a forward of ``forward_tokens``."""
+    block = Span(model.span.start, model.span.start + 1)
+    hidden_size = model.config.hidden_size
+    cache = KVCache(model.config, 1, 1, repeats + 8, dtype, device)
+    token = torch.randn(1, 1, hidden_size, dtype=dtype, device=device)
+    batch = torch.randn(1, forward_tokens, hidden_size, dtype=dtype, device=device)
+    with torch.inference_mode():
+        step = _median_seconds(lambda: model.step(token, cache, blocks=block), repeats)
+        forward = _median_seconds(lambda: model(batch, blocks=block), max(3, repeats // 3), warmup=1)
+    return ComputeThroughput(inference=1.0 / step, forward=forward_tokens / forward, forward_tokens=forward_tokens)
+
+
+def cached_compute(path: Path, key: str, measure) -> tuple[ComputeThroughput, bool]:
+    """The cached measurement under ``key``, else ``measure()`` stored there. Returns (value, was cached)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    if key in entries:
+        try:
+            return ComputeThroughput.model_validate(entries[key]), True
+        except ValueError:
+            logger.warning("ignoring a malformed throughput cache entry for %s", key)
+    value = measure()
+    entries[key] = value.model_dump()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        logger.warning("cannot write the throughput cache %s: %s", path, e)
+    return value, False
+
+
+def network_steps_per_second(bandwidth: float, hidden_size: int, dtype: torch.dtype) -> float:
+    """Tokens per second the network carries: each token's hidden state comes in and goes out once."""
+    return bandwidth / (2 * hidden_size * torch.finfo(dtype).bits // 8)
+
+
+# --- bandwidth: a stream of bytes to a peer, answered with the byte count ---
+
+
+class BandwidthServicer(ServicerBase):
+    async def rpc_bandwidth(self, requests: AsyncIterator[Request], context: P2PContext) -> Response:
+        received = 0
+        async for request in requests:
+            received += sum(len(t.buffer) for t in request.tensors)
+        return Response(metadata=json.dumps({"received": received}).encode())
+
+
+async def _probe(p2p: P2P, peer: PeerID, num_bytes: int) -> float:
+    part = runtime_pb2.Tensor(buffer=os.urandom(min(num_bytes, BANDWIDTH_PART_BYTES)))
+    parts = max(1, num_bytes // BANDWIDTH_PART_BYTES)
+
+    async def requests() -> AsyncIterator[Request]:
+        for _ in range(parts):
+            yield Request(tensors=[part])
+
+    stub = BandwidthServicer.get_stub(p2p, peer)
+    start = time.perf_counter()
+    reply = await stub.rpc_bandwidth(requests())
+    elapsed = time.perf_counter() - start
+    received = json.loads(reply.metadata)["received"]
+    return received / max(elapsed, 1e-6)
+
+
+async def measure_bandwidth(p2p: P2P, peers: list[PeerID], num_bytes: int = 4 << 20,
+                            timeout: float = 10.0) -> float | None:
+    """Bytes per second this server sends to peers of the swarm (the best of ``peers``), or None if
+    none answered. A small probe first opens the connection, so the timed one measures throughput."""
+    best = None
+    for peer in peers:
+        try:
+            await asyncio.wait_for(_probe(p2p, peer, 1024), timeout)
+            rate = await asyncio.wait_for(_probe(p2p, peer, num_bytes), timeout)
+        except Exception as e:
+            logger.info("bandwidth probe to %s failed: %r", peer, e)
+            continue
+        best = rate if best is None else max(best, rate)
+    return best
