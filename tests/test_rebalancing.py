@@ -107,6 +107,7 @@ def test_servers_place_themselves_and_cover_a_leavers_gap(tmp_path_factory):
         finally:
             model.shutdown()
         assert c.proc.poll() is None  # the same process moved
+        assert "dial to self" not in c.log_path.read_text()  # C[0:2) pushes into C[2:4) in-process
         swarm.wait_for(NAME, BLOCKS, _log_has(c, r"dropped the old blocks \[0:2\) \(their sessions finished\)"),
                        "C dropped [0:2) once the client's session closed", timeout=30, servers=[a, c])
         final = swarm.wait_for(NAME, BLOCKS, _online_at(Span(2, 4), peer_c), "C serves [2:4)", servers=[a, c])

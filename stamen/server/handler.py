@@ -201,6 +201,11 @@ class SpanHandler(ServicerBase):
 
     def _push(self, peer_id: str, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
         """Best effort: if the push is lost, the client's own copy of the input still arrives."""
+        if peer_id == self.peer_id:  # the next hop is another session here (a server that moved serves both)
+            task = asyncio.create_task(self._push_local(msg, tensors))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+            return
         queue = self._push_queues.get(peer_id)
         if queue is None:
             queue = self._push_queues[peer_id] = asyncio.Queue()
@@ -208,6 +213,15 @@ class SpanHandler(ServicerBase):
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
         queue.put_nowait(Request(metadata=encode(msg), tensors=tensors))
+
+    async def _push_local(self, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
+        """libp2p cannot dial itself: a push to this server runs the step here."""
+        try:
+            await self._step(msg, tensors, pushed=True)
+        except (UnknownSessionError, SessionClosedError):
+            pass  # the client closed or moved its session
+        except Exception as e:
+            logger.info("local push into session %s failed: %r", msg.session_id, e)
 
     async def _push_stream(self, peer_id: str, queue: asyncio.Queue) -> None:
         async def requests() -> AsyncIterator[Request]:
