@@ -25,6 +25,7 @@ from stamen.server.throughput import (
     BandwidthServicer,
     cache_key,
     cached_compute,
+    cached_only,
     measure_bandwidth,
     measure_compute,
     network_steps_per_second,
@@ -121,7 +122,7 @@ class Server:
             raise SystemExit(f"--blocks {self.span} is past the model's {block_config.num_blocks} blocks")
         logger.info("%s %s joining; visible at %s", peer_id[-6:], self.tag,
                     " ".join(str(m) for m in dht.get_visible_maddrs()))
-        self._announce(dht, peer_id, ServerState.JOINING, Speed(cfg.throughput or 1.0), 0)
+        self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
         try:
             model = await loop.run_in_executor(
                 None, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device)
@@ -218,6 +219,16 @@ class Server:
         logger.info("chose blocks %s: the weakest window of %d blocks among %d servers", span, length, len(others))
         return span
 
+    def _expected_speed(self, block_config: BlockConfig) -> Speed:
+        """What a joining server announces before it has measured: ``--throughput`` or the cached
+        compute speed (so servers joining at the same time weigh it right), else 1 step/s."""
+        cfg = self.config
+        if cfg.throughput is not None:
+            return Speed(cfg.throughput)
+        cached = cached_only(cfg.throughput_cache, cache_key(cfg.device, self.model_name, cfg.torch_dtype,
+                                                                 block_config))
+        return Speed(cached.inference if cached else 1.0)
+
     async def _measure(self, dht: DHT, p2p: P2P, peer_id: PeerIDStr, model: SpanModel,
                        block_config: BlockConfig) -> Speed:
         """Compute speed (cached per device, model and dtype) and bandwidth to servers already online."""
@@ -225,7 +236,7 @@ class Server:
         if cfg.throughput is not None:
             return Speed(cfg.throughput)
         loop = asyncio.get_running_loop()
-        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, model)
+        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config)
         compute, cached = await loop.run_in_executor(
             None, lambda: cached_compute(cfg.throughput_cache, key,
                                          lambda: measure_compute(model, cfg.torch_dtype, cfg.device)))
@@ -256,8 +267,8 @@ class Server:
         """At jittered intervals, check whether moving raises the swarm's bottleneck enough; before
         moving, wait a random while and look at the DHT again, so servers do not move in a herd."""
         cfg, rng = self.config, random.Random()
-        try:
-            while not await self._stopped_within(cfg.balance_period * rng.uniform(0.5, 1.5)):
+        while not await self._stopped_within(cfg.balance_period * rng.uniform(0.5, 1.5)):
+            try:
                 decision = await self._plan(s)
                 if not decision.move:
                     logger.debug("%s stays: %s", self.tag, decision.reason)
@@ -270,10 +281,8 @@ class Server:
                     await self._move(s, decision)
                 else:
                     logger.info("%s stays after all: %s", self.tag, decision.reason)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("%s rebalancing failed; serving on without it", self.tag)
+            except Exception:  # a DHT hiccup or a failed load: keep serving, try again next period
+                logger.exception("%s rebalancing check failed; still serving %s", self.tag, self.span)
 
     async def _move(self, s: _Serving, decision: MoveDecision) -> None:
         """Load the target's missing blocks (keeping the ones already resident), switch to them,

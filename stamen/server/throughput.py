@@ -21,7 +21,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel
 
-from stamen.models import KVCache
+from stamen.models import BlockConfig, KVCache
 from stamen.models.span import SpanModel
 from stamen.types import Span
 
@@ -62,8 +62,7 @@ def device_name(device: str) -> str:
     return f"{dev.type}:{cpu}:{torch.get_num_threads()} threads"
 
 
-def cache_key(device: str, model_name: str, dtype: torch.dtype, model: SpanModel) -> str:
-    c = model.config
+def cache_key(device: str, model_name: str, dtype: torch.dtype, c: BlockConfig) -> str:
     return (f"{device_name(device)}|{model_name} (hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
             f"heads {c.num_heads}/{c.num_kv_heads})|{str(dtype).removeprefix('torch.')}")
 
@@ -92,17 +91,28 @@ def measure_compute(model: SpanModel, dtype: torch.dtype, device: str, forward_t
     return ComputeThroughput(inference=1.0 / step, forward=forward_tokens / forward, forward_tokens=forward_tokens)
 
 
-def cached_compute(path: Path, key: str, measure) -> tuple[ComputeThroughput, bool]:
-    """The cached measurement under ``key``, else ``measure()`` stored there. Returns (value, was cached)."""
+def _read_cache(path: Path) -> dict:
     try:
         entries = json.loads(path.read_text())
     except (OSError, ValueError):
-        entries = {}
-    if key in entries:
-        try:
-            return ComputeThroughput.model_validate(entries[key]), True
-        except ValueError:
-            logger.warning("ignoring a malformed throughput cache entry for %s", key)
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def cached_only(path: Path, key: str) -> ComputeThroughput | None:
+    """The cached measurement under ``key``, if any (a joining server announces it before loading)."""
+    try:
+        return ComputeThroughput.model_validate(_read_cache(path)[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def cached_compute(path: Path, key: str, measure) -> tuple[ComputeThroughput, bool]:
+    """The cached measurement under ``key``, else ``measure()`` stored there. Returns (value, was cached)."""
+    cached = cached_only(path, key)
+    if cached is not None:
+        return cached, True
+    entries = _read_cache(path)
     value = measure()
     entries[key] = value.model_dump()
     try:
