@@ -85,6 +85,8 @@ def test_a_moving_backend_keeps_old_sessions_and_serves_the_new_span(tiny):
         with torch.inference_mode():
             expected = reference(hidden)
         torch.testing.assert_close(torch.cat([first, second], dim=1), expected)
+        with pytest.raises(WrongBlocksError), torch.inference_mode():  # a forward checked before the move
+            new(hidden, blocks=Span(0, 2))
         with pytest.raises(WrongBlocksError):
             backend.open(OpenSession(session_id="t", blocks=SpanRef.of(Span(0, 2)), max_length=8, batch_size=1),
                          asyncio.Queue())

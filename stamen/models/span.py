@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stamen.errors import WrongBlocksError
 from stamen.models.config import BlockConfig
 from stamen.models.llama import LlamaBlock, Rotary, build_attention_mask
 from stamen.models.lora import BlockLoRA
@@ -111,7 +112,8 @@ class SpanModel(nn.Module):
         adapters: list[BlockLoRA] | None = None,
     ) -> torch.Tensor:
         if not self.span.covers(blocks):
-            raise ValueError(f"blocks {blocks} are outside this span {self.span}")
+            # typed: a request checked against the span before a server moved may run after the move
+            raise WrongBlocksError(f"blocks {blocks} are outside this span {self.span}")
         B, T, _ = hidden.shape
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=hidden.device)[None].expand(B, T)

@@ -158,7 +158,7 @@ async def _probe(p2p: P2P, peer: PeerID, num_bytes: int) -> float:
 
 
 async def measure_bandwidth(p2p: P2P, peers: list[PeerID], num_bytes: int = 4 << 20,
-                            timeout: float = 10.0) -> float | None:
+                            timeout: float = 5.0) -> float | None:
     """Bytes per second this server sends to peers of the swarm (the best of ``peers``), or None if
     none answered. A small probe first opens the connection, so the timed one measures throughput."""
     best = None
