@@ -91,7 +91,7 @@ def test_servers_place_themselves_and_cover_a_leavers_gap(tmp_path_factory):
         assert measured.throughput > 0 and len(json.loads(cache_file.read_text())) == 1
 
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=swarm.initial_peers, blocked_servers=[peer_a], request_timeout=5, max_retries=5)
+            path, initial_peers=swarm.initial_peers, blocked_servers=[peer_a], request_timeout=20, max_retries=5)
         try:
             prompt = torch.randint(3, model.block_config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
             expected = AutoModelForCausalLM.from_pretrained(path).generate(
