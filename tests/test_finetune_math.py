@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning
+from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning, lorafa_optimizer
 from stamen.errors import InvalidRequestError, UnknownAdapterError
 from stamen.models import BlockConfig, load_client_parts, load_config, load_span, open_checkpoint
 from stamen.models.lora import adapter_hash
@@ -187,3 +187,28 @@ def test_prompts_file_round_trip(tiny, tmp_path):
     assert mode == "deep_ptune"
     assert torch.equal(tensors["deep_prompts"], prompts.deep_prompts.detach())
     assert torch.equal(tensors["prompt_embeddings"], prompts.prompt_embeddings.detach())
+
+
+def test_lorafa_optimizer_steps_like_peft(tiny):
+    """Our LoRA-FA optimizer (peft's, over our weights) moves B exactly as peft's create_lorafa_optimizer does."""
+    from peft.optimizers import create_lorafa_optimizer
+
+    path, config, _, _ = tiny
+    lora = _random_lora(config, 5, fa=True)
+    model = torch.nn.Module()
+    model.lora = lora
+    peft_model = local_model(path, lora)
+    ours = lorafa_optimizer(model, lr=1e-2)
+    theirs = create_lorafa_optimizer(peft_model, r=4, lora_alpha=8, lr=1e-2)
+    pairs = list(zip(lora.tensors(), peft_lora_params(peft_model).values(), strict=True))
+    for step in range(2):
+        torch.manual_seed(step)
+        for a, b in pairs:
+            if a.requires_grad:
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+        ours.step()
+        theirs.step()
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not any(a.requires_grad for a in lora.tensors()[::2])  # A stays frozen

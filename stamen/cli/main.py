@@ -305,6 +305,26 @@ def bench_inference(
                         runs=runs, json_only=json_out)
 
 
+@bench_app.command("train")
+def bench_train(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: a random 246M Llama).")] = None,
+    servers: Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")] = 3,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    runs: Annotated[int, typer.Option(help="Steps per contender (median reported).")] = 3,
+    rank: Annotated[int, typer.Option(help="LoRA rank (all 7 target modules).")] = 8,
+    pre_seq_len: Annotated[int, typer.Option(help="Deep prompt length.")] = 16,
+    sub_batch_tokens: Annotated[int, typer.Option(help="Tokens per parallel sub-batch.")] = 512,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Training tokens/s (forward + backward) through the swarm vs locally, deep_ptune and LoRA; client memory."""
+    setup_logging("WARNING")
+    from stamen.bench.train import run_train_bench
+
+    run_train_bench(model=model, num_servers=servers, batch=batch, seq_len=seq_len, runs=runs, rank=rank,
+                    pre_seq_len=pre_seq_len, sub_batch_tokens=sub_batch_tokens, json_only=json_out)
+
+
 @bench_app.command("api")
 def bench_api(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 64,

@@ -203,9 +203,13 @@ def lorafa_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> 
     AdamW for any other trainable parameter (prompts, a classification head)."""
     from peft.optimizers.lorafa import LoraFAOptimizer
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or ".lora_A" in n]
     lora = getattr(model, "lora", None)
     scaling = lora.settings.scaling if lora is not None else 1.0
+    # peft pairs A with the B that follows it and keys its state by the name up to the first "lora":
+    # give LoRA weights their peft names, A before B, and every other trained parameter its own name
+    named = list(zip(lora.peft_state_dict(), lora.tensors(), strict=True)) if lora is not None else []
+    lora_ids = {id(p) for _, p in named}
+    named += [(f"client.{n}", p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
     group = {
         "params": [p for _, p in named],
         "names": [n for n, _ in named],

@@ -1,0 +1,219 @@
+"""``stamen bench train``: training tokens/s through the swarm vs locally (transformers + peft), same
+model, one run, for deep prompt tuning and LoRA; and peak client memory with LoRA vs LoRA-FA.
+
+A step is forward + backward + an SGD update of the trained parameters (so the swarm pays for
+uploading each new version of the LoRA weights, as in real training). Contenders alternate run by
+run; medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stamen.bench.inference import _even_spans
+from stamen.testing.models import PRESETS, save_random_llama
+from stamen.testing.swarm import LocalSwarm
+
+MODES = ("deep_ptune", "lora")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _swarm_model(model: str, peers: list[str], mode: str, pre_seq_len: int, rank: int, sub_batch_tokens: int,
+                 fa: bool = False):
+    from stamen.client.model import AutoDistributedModelForCausalLM
+    from stamen.client.tuning import LoraSettings
+
+    kwargs = dict(initial_peers=peers, sub_batch_tokens=sub_batch_tokens, request_timeout=600)
+    if mode == "deep_ptune":
+        return AutoDistributedModelForCausalLM.from_pretrained(model, tuning_mode="deep_ptune",
+                                                               pre_seq_len=pre_seq_len, **kwargs)
+    lora = LoraSettings(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, fa=fa)
+    return AutoDistributedModelForCausalLM.from_pretrained(model, lora=lora, **kwargs)
+
+
+def _trained(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _swarm_step(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    start = time.perf_counter()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    _sgd(_trained(model))
+    return time.perf_counter() - start
+
+
+def _local_step(reference, prompts, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    from stamen.testing.finetune import causal_lm_loss, local_logits
+
+    start = time.perf_counter()
+    loss = causal_lm_loss(local_logits(reference, ids, None, prompts), labels)
+    loss.backward()
+    _sgd([p for p in reference.parameters() if p.requires_grad] + (list(prompts.parameters()) if prompts else []))
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _sgd(params: list[torch.Tensor], lr: float = 1e-4) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.add_(p.grad, alpha=-lr)
+            p.grad = None
+
+
+def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: int, runs: int, rank: int,
+                    pre_seq_len: int, sub_batch_tokens: int, json_only: bool) -> dict:
+    from stamen.server.config import default_dht_prefix
+    from stamen.testing.finetune import local_model
+
+    def say(msg: str) -> None:
+        if not json_only:
+            print(msg, file=sys.stderr, flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-train-"))
+    if model is None:
+        say("creating a random 246M-parameter Llama (float32) ...")
+        model = str(save_random_llama(workdir / "llama-246m", PRESETS["246m"], with_tokenizer=False))
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model)
+    num_blocks, vocab = hf_config.num_hidden_layers, hf_config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    spans = _even_spans(num_blocks, num_servers)
+    results: dict[str, list[float]] = {f"{c}_{m}_s": [] for m in MODES for c in ("local", "swarm")}
+    say(f"starting a bootstrap peer and {num_servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
+    with LocalSwarm(log_dir=workdir / "logs") as swarm:
+        swarm.start_bootstrap()
+        for span in spans:
+            swarm.add_server(model, span)
+        swarm.wait_online(default_dht_prefix(model), num_blocks)
+        contenders = {}
+        for mode in MODES:
+            dmodel = _swarm_model(model, swarm.initial_peers, mode, pre_seq_len, rank, sub_batch_tokens)
+            reference = local_model(model, dmodel.lora)
+            prompts = None
+            if dmodel.prompts is not None:
+                import copy
+
+                prompts = copy.deepcopy(dmodel.prompts)
+            contenders[mode] = (dmodel, reference, prompts)
+        try:
+            for dmodel, reference, prompts in contenders.values():  # warm-up
+                _local_step(reference, prompts, ids, ids)
+                _swarm_step(dmodel, ids, ids)
+            for i in range(runs):
+                for mode, (dmodel, reference, prompts) in contenders.items():
+                    results[f"local_{mode}_s"].append(_local_step(reference, prompts, ids, ids))
+                    results[f"swarm_{mode}_s"].append(_swarm_step(dmodel, ids, ids))
+                    say(f"run {i + 1}/{runs} {mode}: local {results[f'local_{mode}_s'][-1]:.2f} s/step, "
+                        f"swarm {results[f'swarm_{mode}_s'][-1]:.2f} s/step")
+        finally:
+            for dmodel, _, _ in contenders.values():
+                dmodel.shutdown()
+        memory = {name: _memory_probe(model, swarm.initial_peers, rank, sub_batch_tokens, batch, seq_len, fa)
+                  for name, fa in (("lora", False), ("lora_fa", True))}
+    tokens = batch * seq_len
+    summary: dict = {
+        "model": model, "num_blocks": num_blocks, "servers": num_servers, "batch": batch, "seq_len": seq_len,
+        "runs": runs, "lora_rank": rank, "lora_targets": LORA_TARGETS, "pre_seq_len": pre_seq_len,
+        "sub_batch_tokens": sub_batch_tokens, "torch_threads": torch.get_num_threads(),
+    }
+    for mode in MODES:
+        local_s = statistics.median(results[f"local_{mode}_s"])
+        swarm_s = statistics.median(results[f"swarm_{mode}_s"])
+        summary[mode] = {
+            "local_tokens_per_s": round(tokens / local_s, 1),
+            "swarm_tokens_per_s": round(tokens / swarm_s, 1),
+            "swarm_over_local": round(local_s / swarm_s, 3),
+            "swarm_over_local_median_of_runs": round(statistics.median(
+                a / b for a, b in zip(results[f"local_{mode}_s"], results[f"swarm_{mode}_s"], strict=True)), 3),
+        }
+    summary["client_memory"] = memory
+    summary["raw_seconds_per_step"] = {k: [round(v, 3) for v in vs] for k, vs in results.items()}
+    if json_only:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_table(summary))
+        print(json.dumps(summary), file=sys.stderr)
+    return summary
+
+
+def _memory_probe(model: str, peers: list[str], rank: int, sub_batch_tokens: int, batch: int, seq_len: int,
+                  fa: bool) -> dict:
+    """Peak RSS of a fresh client process training 2 LoRA (or LoRA-FA) steps with its optimizer."""
+    code = (
+        "import json, sys; from stamen.bench.train import memory_probe_main; "
+        f"print(json.dumps(memory_probe_main({model!r}, {peers!r}, {rank}, {sub_batch_tokens}, {batch}, "
+        f"{seq_len}, {fa})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_probe_main(model: str, peers: list[str], rank: int, sub_batch_tokens: int, batch: int, seq_len: int,
+                      fa: bool) -> dict:
+    from stamen.client.tuning import lorafa_optimizer
+
+    dmodel = _swarm_model(model, peers, "lora", 0, rank, sub_batch_tokens, fa=fa)
+    try:
+        ids = torch.randint(3, dmodel.block_config.vocab_size, (batch, seq_len),
+                            generator=torch.Generator().manual_seed(0))
+        baseline = _rss_mb()
+        opt = lorafa_optimizer(dmodel, lr=1e-4) if fa else torch.optim.AdamW(_trained(dmodel), lr=1e-4)
+        for _ in range(2):
+            opt.zero_grad()
+            dmodel(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in dmodel.lora.tensors() if p.grad is not None)
+        params = sum(p.numel() * p.element_size() for p in dmodel.lora.tensors())
+        return {
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "rss_after_load_mb": round(baseline, 1),
+            "training_overhead_mb": round(_peak_rss_mb() - baseline, 1),
+            "lora_params_mb": round(params / 2**20, 2),
+            "lora_grads_mb": round(grads / 2**20, 2),
+            "optimizer_state_mb": round(state / 2**20, 2),
+        }
+    finally:
+        dmodel.shutdown()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _table(s: dict) -> str:
+    lines = [
+        f"training: {s['num_blocks']} blocks, batch {s['batch']} × {s['seq_len']} tokens, "
+        f"{s['servers']} loopback servers, median of {s['runs']} runs (forward + backward + SGD update)",
+        "| mode | local tokens/s | swarm tokens/s | swarm / local |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        m = s[mode]
+        lines.append(f"| {mode} | {m['local_tokens_per_s']:.0f} | {m['swarm_tokens_per_s']:.0f} | "
+                     f"{m['swarm_over_local']:.2f} |")
+    lines += ["", "| client, 2 LoRA steps | peak RSS MB | overhead over load MB | LoRA grads MB | optimizer state MB |",
+              "|---|---:|---:|---:|---:|"]
+    for name, m in s["client_memory"].items():
+        lines.append(f"| {name} | {m['peak_rss_mb']:.0f} | {m['training_overhead_mb']:.0f} | "
+                     f"{m['lora_grads_mb']:.2f} | {m['optimizer_state_mb']:.2f} |")
+    return "\n".join(lines)
