@@ -71,7 +71,8 @@ def _sgd(params: list[torch.Tensor], lr: float = 1e-4) -> None:
 
 
 def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: int, runs: int, rank: int,
-                    pre_seq_len: int, sub_batch_tokens: int, json_only: bool) -> dict:
+                    pre_seq_len: int, sub_batch_tokens: int, json_only: bool, server_threads: int | None = None,
+                    skip_memory: bool = False) -> dict:
     from stamen.server.config import default_dht_prefix
     from stamen.testing.finetune import local_model
 
@@ -94,7 +95,7 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
     with LocalSwarm(log_dir=workdir / "logs") as swarm:
         swarm.start_bootstrap()
         for span in spans:
-            swarm.add_server(model, span)
+            swarm.add_server(model, span, *(["--torch-threads", str(server_threads)] if server_threads else []))
         swarm.wait_online(default_dht_prefix(model), num_blocks)
         contenders = {}
         for mode in MODES:
@@ -119,13 +120,15 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
         finally:
             for dmodel, _, _ in contenders.values():
                 dmodel.shutdown()
-        memory = {name: _memory_probe(model, swarm.initial_peers, rank, sub_batch_tokens, batch, seq_len, fa)
-                  for name, fa in (("lora", False), ("lora_fa", True))}
+        memory = {} if skip_memory else {
+            name: _memory_probe(model, swarm.initial_peers, rank, sub_batch_tokens, batch, seq_len, fa)
+            for name, fa in (("lora", False), ("lora_fa", True))}
     tokens = batch * seq_len
     summary: dict = {
         "model": model, "num_blocks": num_blocks, "servers": num_servers, "batch": batch, "seq_len": seq_len,
         "runs": runs, "lora_rank": rank, "lora_targets": LORA_TARGETS, "pre_seq_len": pre_seq_len,
         "sub_batch_tokens": sub_batch_tokens, "torch_threads": torch.get_num_threads(),
+        "server_threads": server_threads,
     }
     for mode in MODES:
         local_s = statistics.median(results[f"local_{mode}_s"])
@@ -192,6 +195,11 @@ def memory_probe_main(model: str, peers: list[str], rank: int, sub_batch_tokens:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the parent's RSS at fork time)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -213,7 +221,7 @@ def _table(s: dict) -> str:
                      f"{m['swarm_over_local']:.2f} |")
     lines += ["", "| client, 2 LoRA steps | peak RSS MB | overhead over load MB | LoRA grads MB | optimizer state MB |",
               "|---|---:|---:|---:|---:|"]
-    for name, m in s["client_memory"].items():
+    for name, m in s["client_memory"].items():  # empty with --skip-memory
         lines.append(f"| {name} | {m['peak_rss_mb']:.0f} | {m['training_overhead_mb']:.0f} | "
                      f"{m['lora_grads_mb']:.2f} | {m['optimizer_state_mb']:.2f} |")
     return "\n".join(lines)

@@ -315,6 +315,8 @@ def bench_train(
     rank: Annotated[int, typer.Option(help="LoRA rank (all 7 target modules).")] = 8,
     pre_seq_len: Annotated[int, typer.Option(help="Deep prompt length.")] = 16,
     sub_batch_tokens: Annotated[int, typer.Option(help="Tokens per parallel sub-batch.")] = 512,
+    server_threads: Annotated[int | None, typer.Option(help="torch threads per server (default: torch's).")] = None,
+    skip_memory: Annotated[bool, typer.Option(help="Skip the client memory probes.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Training tokens/s (forward + backward) through the swarm vs locally, deep_ptune and LoRA; client memory."""
@@ -322,7 +324,8 @@ def bench_train(
     from stamen.bench.train import run_train_bench
 
     run_train_bench(model=model, num_servers=servers, batch=batch, seq_len=seq_len, runs=runs, rank=rank,
-                    pre_seq_len=pre_seq_len, sub_batch_tokens=sub_batch_tokens, json_only=json_out)
+                    pre_seq_len=pre_seq_len, sub_batch_tokens=sub_batch_tokens, json_only=json_out,
+                    server_threads=server_threads, skip_memory=skip_memory)
 
 
 @bench_app.command("api")
