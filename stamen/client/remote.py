@@ -91,7 +91,7 @@ class Tuning:
     def __post_init__(self) -> None:
         if self.lora is not None:  # snapshot: forward and backward of one call use the same version
             self._hashes = [self.lora.block_hash(i) for i in range(len(self.lora.layers))]
-            self._blocks = [self.lora.block(i) for i in range(len(self.lora.layers))]
+            self._blocks = [self.lora.block(i).clone() for i in range(len(self.lora.layers))]
 
     @property
     def active(self) -> bool:

@@ -78,6 +78,9 @@ class BlockLoRA:
         """A then B of every present target, in canonical order."""
         return [t for target in self.targets for t in self.weights[target]]
 
+    def clone(self) -> BlockLoRA:
+        return BlockLoRA({k: (a.clone(), b.clone()) for k, (a, b) in self.weights.items()}, self.scaling)
+
     def to(self, dtype: torch.dtype, device: torch.device | str) -> BlockLoRA:
         return BlockLoRA({k: (a.to(device, dtype), b.to(device, dtype)) for k, (a, b) in self.weights.items()},
                          self.scaling)
