@@ -299,11 +299,12 @@ class SpanHandler(ServicerBase):
     # --- shared decoding of streamed requests ---
 
     async def _read_stream(self, requests: AsyncIterator[Request], decode, grads: bool):
-        """The first message's typed metadata and all tensors, joined from their parts (size-capped)."""
+        """The first message's typed metadata and all tensors, joined from their parts. Size cap: a
+        (B, T, H) float32 tensor at most per hidden, gradient, mask and positions, one per block of
+        deep prompts, and the adapter cache (for uploads)."""
         msg, parts, total_bytes = None, [], 0
-        tokens_bytes = self.backend.max_step_tokens * self.backend.hidden_size * 4
-        limit = (3 + grads) * tokens_bytes + (self.backend.span.length + 1) * tokens_bytes + \
-            self.backend.adapters.max_bytes
+        step_bytes = self.backend.max_step_tokens * self.backend.hidden_size * 4
+        limit = (3 + grads + self.backend.span.length) * step_bytes + self.backend.adapters.max_bytes
         async for request in requests:
             if msg is None:
                 msg = decode(request.metadata)
