@@ -85,8 +85,8 @@ class Tuning:
 
     prompts: torch.Tensor | None = None
     lora: ClientLoRA | None = None
-    _hashes: list[str] = field(default_factory=list)
-    _blocks: list[BlockLoRA] = field(default_factory=list)
+    _hashes: list[str] = field(default_factory=list, init=False)
+    _blocks: list[BlockLoRA] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if self.lora is not None:  # snapshot: forward and backward of one call use the same version
@@ -104,7 +104,8 @@ class Tuning:
         return None if self.lora is None else AdapterRef(hashes=self._hashes[blocks.start : blocks.end])
 
     def adapters_for(self, blocks: Span) -> dict[str, BlockLoRA]:
-        return {self._hashes[b]: self._blocks[b] for b in range(blocks.start, blocks.end)} if self.lora else {}
+        return {self._hashes[b]: self._blocks[b] for b in range(blocks.start, blocks.end)} \
+            if self.lora is not None else {}
 
 
 @dataclass
