@@ -181,31 +181,28 @@ def test_uncovered_swarm_is_a_503(smol_swarm, smol_dir):
     assert "0..29" in reply["error"]["message"]
 
 
-def _server_free_cache(smol_swarm) -> dict[str, int]:
-    from stamen.client import loop
+@pytest.fixture(scope="module")
+def probe(smol_swarm):
+    """A swarm client of our own, to ask servers for their free cache."""
+    from stamen.client.config import ClientConfig
     from stamen.client.swarm import Swarm
-    from stamen.dht.records import fetch_servers
+    from stamen.types import ModelName
+
+    swarm = Swarm(ModelName(MODEL), 30, ClientConfig(initial_peers=smol_swarm.initial_peers))
+    yield swarm
+    swarm.shutdown()
+
+
+def _server_free_cache(probe) -> dict[str, int]:
+    from stamen.client import loop
     from stamen.server.handler import call_info
 
-    records = fetch_servers(smol_swarm.client_dht(), MODEL, 30)
-    p2p = _probe_p2p(smol_swarm)
-    return {peer: loop.run(call_info(p2p, Swarm.peer(peer), 10)).cache_tokens_left for peer in records}
+    return {s.peer_id: loop.run(call_info(probe.p2p, probe.peer(s.peer_id), 10)).cache_tokens_left
+            for s in probe.servers(refresh=True)}
 
 
-_PROBE = {}
-
-
-def _probe_p2p(smol_swarm):
-    """A P2P handle on the client loop for info calls."""
-    from stamen.client import loop
-
-    if "p2p" not in _PROBE:
-        _PROBE["p2p"] = loop.run(smol_swarm.client_dht().replicate_p2p())
-    return _PROBE["p2p"]
-
-
-def test_disconnect_mid_stream_frees_the_servers_cache(smol_swarm):
-    before = _server_free_cache(smol_swarm)
+def test_disconnect_mid_stream_frees_the_servers_cache(smol_swarm, probe):
+    before = _server_free_cache(probe)
     body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 500, "stream": True,
                        "temperature": 0}).encode()
     request = urllib.request.Request(f"{smol_swarm.api_url}/completions", data=body,
@@ -213,10 +210,10 @@ def test_disconnect_mid_stream_frees_the_servers_cache(smol_swarm):
     response = urllib.request.urlopen(request, timeout=60)
     lines = [response.readline() for _ in range(6)]  # a few events: generation is under way
     assert any(line.startswith(b"data: {") for line in lines)
-    during = _server_free_cache(smol_swarm)
+    during = _server_free_cache(probe)
     assert all(during[p] < before[p] for p in before)  # every server holds the session's cache
     response.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 30
-    while _server_free_cache(smol_swarm) != before:
+    while _server_free_cache(probe) != before:
         assert time.monotonic() < deadline, "the servers' cache was not freed after the client left"
         time.sleep(0.2)

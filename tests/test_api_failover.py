@@ -30,27 +30,32 @@ def swarm(smol_dir, tmp_path_factory):
         yield s
 
 
-def _busy_middle_server(swarm):
+@pytest.fixture(scope="module")
+def probe(swarm):
+    """A swarm client of our own, to ask servers for their free cache."""
+    from stamen.client.config import ClientConfig
+    from stamen.client.swarm import Swarm
+    from stamen.types import ModelName
+
+    client = Swarm(ModelName(MODEL), 30, ClientConfig(initial_peers=swarm.initial_peers))
+    yield client
+    client.shutdown()
+
+
+def _busy_middle_server(swarm, probe):
     """The live [10:20) server holding a session (less free cache than an idle one)."""
     from stamen.client import loop
-    from stamen.client.swarm import Swarm
-    from stamen.dht.records import fetch_servers
     from stamen.server.handler import call_info
 
-    p2p = loop.run(swarm.client_dht().replicate_p2p())
-    records = fetch_servers(swarm.client_dht(), MODEL, 30)
+    records = {s.peer_id: s for s in probe.servers(refresh=True)}
     for server in swarm.servers:
         if server.span != Span(10, 20) or server.proc.poll() is not None:
             continue
-        peer = next(p for p, r in records.items() if (r.start, r.end) == (10, 20) and _same(server, p, swarm))
-        info = loop.run(call_info(p2p, Swarm.peer(peer), 10))
-        if info.cache_tokens_left < 8192:
+        log = server.log_path.read_text()  # a server logs its peer id when it starts
+        peer = next(p for p, s in records.items() if s.span == Span(10, 20) and p in log)
+        if loop.run(call_info(probe.p2p, probe.peer(peer), 10)).cache_tokens_left < 8192:
             return server
     return None
-
-
-def _same(server, peer: str, swarm) -> bool:
-    return peer in server.log_path.read_text()  # servers log their peer id when they start
 
 
 def _stream_in_thread(url: str, max_tokens: int):
@@ -79,7 +84,7 @@ def _wait_for_text(state, pieces: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_server_killed_mid_request_with_replacement_gives_the_same_text(swarm, smol_dir, smol_local):
+def test_server_killed_mid_request_with_replacement_gives_the_same_text(swarm, probe, smol_local):
     model, tok = smol_local
     ids = tok(PROMPT)["input_ids"]
     with torch.no_grad():
@@ -88,7 +93,7 @@ def test_server_killed_mid_request_with_replacement_gives_the_same_text(swarm, s
 
     thread, state = _stream_in_thread(swarm.api_url, 60)
     _wait_for_text(state, 5)
-    victim = _busy_middle_server(swarm)
+    victim = _busy_middle_server(swarm, probe)
     assert victim is not None, "no [10:20) server holds the request's session"
     swarm.signal_group(victim, signal.SIGKILL)
     thread.join(timeout=180)
@@ -98,11 +103,11 @@ def test_server_killed_mid_request_with_replacement_gives_the_same_text(swarm, s
     assert state["finish"] == "length"
 
 
-def test_server_killed_without_replacement_ends_the_request_with_an_error(swarm):
+def test_server_killed_without_replacement_ends_the_request_with_an_error(swarm, probe):
     thread, state = _stream_in_thread(swarm.api_url, 400)
     _wait_for_text(state, 3)
     start = time.monotonic()
-    victim = _busy_middle_server(swarm)
+    victim = _busy_middle_server(swarm, probe)
     assert victim is not None
     swarm.signal_group(victim, signal.SIGKILL)
     thread.join(timeout=180)
