@@ -3,13 +3,16 @@ a server killed during backward costs a retry, bad gradients get typed errors, g
 trained parameters, sequence classification.
 
 Dedicated swarm (its own bootstrap peer): a 4-block float32 Llama on A[0:2), B[2:4) and C[1:4).
-Random routes mix A -> B, A -> C and sub-batches run on different servers at once. The kill test runs
-last: it blocks C while running forward (so B serves), then kills B when backward starts.
+Random routes mix A -> B, A -> C and sub-batches run on different servers at once. Training forwards
+go over ``rpc_train`` (servers keep each hop's graph for the backward of the same call) unless a test
+turns ``train_streams`` off. The kill test runs late: it blocks C while running forward (so B serves),
+then kills B when backward starts. The last test adds D[0:4), which keeps no graphs.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from stamen.client import loop
 from stamen.client.tuning import LoraSettings
 from stamen.dht.records import fetch_servers
 from stamen.errors import InvalidRequestError, UnknownAdapterError, WrongBlocksError
-from stamen.server.handler import call_backward
+from stamen.server.handler import TrainStream, call_backward, call_info
 from stamen.testing.finetune import causal_lm_loss, local_logits, local_model, peft_lora_params
 from stamen.testing.models import save_random_llama
 from stamen.testing.swarm import LocalSwarm
@@ -152,6 +155,94 @@ def test_three_steps_equal_local_steps_and_adapters_upload_once(tune, optimizer)
     atol = ATOL if optimizer == "sgd" else 1e-5
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=atol)
+
+
+def _counters(model, peers: dict[str, str]) -> dict[str, tuple[int, int, int]]:
+    """Per server: (backwards from kept graphs, recomputed backwards, graphs held now)."""
+    infos = {name: loop.run(call_info(model.swarm.p2p, model.swarm.peer(peer), 10)) for name, peer in peers.items()}
+    return {name: (i.kept_backwards, i.recomputed_backwards, i.train_graphs_held) for name, i in infos.items()}
+
+
+def _wait_released(model, peers: dict[str, str], timeout: float = 10.0) -> dict[str, tuple[int, int, int]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = _counters(model, peers)
+        if not any(held for _, _, held in counters.values()) or time.monotonic() > deadline:
+            return counters
+        time.sleep(0.1)
+
+
+def _all_grads(model) -> list[torch.Tensor]:
+    return [t.grad.clone() for t in [*model.prompts.parameters(), *model.lora.tensors()]]
+
+
+def test_train_streams_keep_graphs_give_stateless_gradients(tune):
+    """With train_streams (default) servers serve every backward from the graph kept by the same
+    call and recompute nothing; gradients equal those of stateless forward + rpc_backward. Forwards
+    without gradients stay stateless (no graph is held)."""
+    _, _, _, peers, model = tune
+    _randomize(model, 12)
+    ids, mask, labels = _batch(model.block_config.vocab_size, seed=13)
+    assert model.swarm.config.train_streams
+    grads = {}
+    for streams in (True, False):
+        model.swarm.config.train_streams = streams
+        try:
+            before = _counters(model, peers)
+            _zero_grads(*model.lora.tensors(), *model.prompts.parameters())
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            after = _wait_released(model, peers)
+        finally:
+            model.swarm.config.train_streams = True
+        grads[streams] = _all_grads(model)
+        kept = sum(after[n][0] - before[n][0] for n in peers)
+        recomputed = sum(after[n][1] - before[n][1] for n in peers)
+        # 2 sub-batches × 2 hops each (A -> B or A -> C)
+        assert (kept, recomputed) == ((4, 0) if streams else (0, 4))
+        assert all(held == 0 for _, _, held in after.values())
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+    before = _counters(model, peers)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    model(input_ids=ids, attention_mask=mask)  # grads enabled, but the loss is dropped: streams closed
+    after = _wait_released(model, peers)
+    assert all(after[n][:2] == before[n][:2] for n in peers)
+    assert all(held == 0 for _, _, held in after.values())
+
+
+def test_bad_train_backward_gets_typed_errors_and_the_server_keeps_serving(tune):
+    """A wrong second message of rpc_train (shape, dtype, NaN) is a typed error; the graph is dropped,
+    the server serves the next call, and a stream closed without backward frees its graph."""
+    _, _, _, peers, model = tune
+    p2p, peer = model.swarm.p2p, model.swarm.peer(peers["A"])
+    x = torch.randn(2, 5, 64)
+
+    def train(grad):
+        async def run():
+            stream, out = await TrainStream.open(p2p, peer, Span(0, 2), x, None, None, 20)
+            assert out.shape == x.shape
+            return await stream.backward(grad)
+        return loop.run(run())
+
+    with pytest.raises(InvalidRequestError, match="grad_outputs must have the shape"):
+        train(torch.randn(2, 4, 64))
+    with pytest.raises(InvalidRequestError, match="grad_outputs: dtype int64 not allowed"):
+        train(torch.ones(2, 5, 64, dtype=torch.int64))
+    with pytest.raises(InvalidRequestError, match="NaN"):
+        train(torch.full((2, 5, 64), float("nan")))
+    grad = torch.randn(2, 5, 64)
+    grad_in, grad_prompts, lora_grads = train(grad)
+    expected, _, _ = loop.run(call_backward(p2p, peer, Span(0, 2), x, grad, None, None, 20))
+    torch.testing.assert_close(grad_in, expected, rtol=RTOL, atol=ATOL)
+    assert grad_prompts is None and lora_grads == []
+
+    async def open_and_close():
+        stream, _ = await TrainStream.open(p2p, peer, Span(0, 2), x, None, None, 20)
+        stream.close()
+    loop.run(open_and_close())
+    assert _wait_released(model, {"A": peers["A"]})["A"][2] == 0
 
 
 def test_lora_fa_gradients_skip_a(tune):
@@ -287,3 +378,33 @@ def test_server_killed_during_backward(tune):
         assert model.prompts.deep_prompts.grad.abs().sum() > 0
     finally:
         model.shutdown()
+
+
+def test_server_over_its_graph_budget_falls_back_to_stateless(tune):
+    """D[0:4) keeps no training graphs (--max-train-graphs 0): forwards fall back to stateless ones,
+    D recomputes in rpc_backward, and the gradients equal transformers + peft."""
+    swarm, path, _, _, _ = tune
+    server = swarm.add_server(path, Span(0, 4), "--torch-threads", "1", "--max-train-graphs", "0")
+    try:
+        swarm.wait_online("llama-tune", 4, servers=[server])
+        peer = next(p for p, r in fetch_servers(swarm.client_dht(), "llama-tune", 4).items()
+                    if (r.start, r.end) == (0, 4))
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=3,
+            lora=LoraSettings(r=4, lora_alpha=8, target_modules=ALL_TARGETS), sub_batch_tokens=20,
+            request_timeout=20, allowed_servers=[peer])
+        try:
+            _randomize(model, 14)
+            reference, local_prompts = _local_copy(model, path)
+            ids, mask, labels = _batch(model.block_config.vocab_size, seed=15)
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            causal_lm_loss(local_logits(reference, ids, mask, local_prompts), labels).backward()
+            torch.testing.assert_close(model.prompts.deep_prompts.grad, local_prompts.deep_prompts.grad,
+                                       rtol=RTOL, atol=ATOL)
+            for ours, theirs in _lora_pairs(model, reference):
+                torch.testing.assert_close(ours.grad, theirs.grad, rtol=RTOL, atol=ATOL)
+            assert _counters(model, {"D": peer})["D"] == (0, 2, 0)  # 2 sub-batches, recomputed
+        finally:
+            model.shutdown()
+    finally:
+        swarm.stop_server(server)

@@ -2,8 +2,10 @@
 model, one run, for deep prompt tuning and LoRA; and peak client memory with LoRA vs LoRA-FA.
 
 A step is forward + backward + an SGD update of the trained parameters (so the swarm pays for
-uploading each new version of the LoRA weights, as in real training). Contenders alternate run by
-run; medians are reported.
+uploading each new version of the LoRA weights, as in real training). Swarm contenders: the default
+client (``train_streams``: servers keep each hop's graph inside one ``rpc_train`` call) and, with
+``stateless``, one with ``train_streams=False`` (servers recompute the forward in ``rpc_backward``).
+Contenders alternate run by run; medians are reported.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _swarm_model(model: str, peers: list[str], mode: str, pre_seq_len: int, rank: int, sub_batch_tokens: int,
-                 fa: bool = False):
+                 fa: bool = False, train_streams: bool = True):
     from stamen.client.model import AutoDistributedModelForCausalLM
     from stamen.client.tuning import LoraSettings
 
-    kwargs = dict(initial_peers=peers, sub_batch_tokens=sub_batch_tokens, request_timeout=600)
+    kwargs = dict(initial_peers=peers, sub_batch_tokens=sub_batch_tokens, request_timeout=600,
+                  train_streams=train_streams)
     if mode == "deep_ptune":
         return AutoDistributedModelForCausalLM.from_pretrained(model, tuning_mode="deep_ptune",
                                                                pre_seq_len=pre_seq_len, **kwargs)
@@ -72,7 +75,7 @@ def _sgd(params: list[torch.Tensor], lr: float = 1e-4) -> None:
 
 def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: int, runs: int, rank: int,
                     pre_seq_len: int, sub_batch_tokens: int, json_only: bool, server_threads: int | None = None,
-                    skip_memory: bool = False) -> dict:
+                    skip_memory: bool = False, stateless: bool = True) -> dict:
     from stamen.server.config import default_dht_prefix
     from stamen.testing.finetune import local_model
 
@@ -90,7 +93,8 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
     num_blocks, vocab = hf_config.num_hidden_layers, hf_config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     spans = _even_spans(num_blocks, num_servers)
-    results: dict[str, list[float]] = {f"{c}_{m}_s": [] for m in MODES for c in ("local", "swarm")}
+    swarms = ("swarm", "stateless") if stateless else ("swarm",)
+    results: dict[str, list[float]] = {f"{c}_{m}_s": [] for m in MODES for c in ("local", *swarms)}
     say(f"starting a bootstrap peer and {num_servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
     with LocalSwarm(log_dir=workdir / "logs") as swarm:
         swarm.start_bootstrap()
@@ -106,20 +110,30 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
                 import copy
 
                 prompts = copy.deepcopy(dmodel.prompts)
-            contenders[mode] = (dmodel, reference, prompts)
+            dmodels = {"swarm": dmodel}
+            if stateless:  # same initial weights: a copy of the trained parameters
+                dmodels["stateless"] = other = _swarm_model(model, swarm.initial_peers, mode, pre_seq_len, rank,
+                                                            sub_batch_tokens, train_streams=False)
+                with torch.no_grad():
+                    for a, b in zip(_trained(other), _trained(dmodel), strict=True):
+                        a.copy_(b)
+            contenders[mode] = (dmodels, reference, prompts)
         try:
-            for dmodel, reference, prompts in contenders.values():  # warm-up
+            for dmodels, reference, prompts in contenders.values():  # warm-up
                 _local_step(reference, prompts, ids, ids)
-                _swarm_step(dmodel, ids, ids)
+                for dmodel in dmodels.values():
+                    _swarm_step(dmodel, ids, ids)
             for i in range(runs):
-                for mode, (dmodel, reference, prompts) in contenders.items():
+                for mode, (dmodels, reference, prompts) in contenders.items():
                     results[f"local_{mode}_s"].append(_local_step(reference, prompts, ids, ids))
-                    results[f"swarm_{mode}_s"].append(_swarm_step(dmodel, ids, ids))
-                    say(f"run {i + 1}/{runs} {mode}: local {results[f'local_{mode}_s'][-1]:.2f} s/step, "
-                        f"swarm {results[f'swarm_{mode}_s'][-1]:.2f} s/step")
+                    for name, dmodel in dmodels.items():
+                        results[f"{name}_{mode}_s"].append(_swarm_step(dmodel, ids, ids))
+                    say(f"run {i + 1}/{runs} {mode}: " + ", ".join(
+                        f"{c} {results[f'{c}_{mode}_s'][-1]:.2f} s/step" for c in ("local", *dmodels)))
         finally:
-            for dmodel, _, _ in contenders.values():
-                dmodel.shutdown()
+            for dmodels, _, _ in contenders.values():
+                for dmodel in dmodels.values():
+                    dmodel.shutdown()
         memory = {} if skip_memory else {
             name: _memory_probe(model, swarm.initial_peers, rank, sub_batch_tokens, batch, seq_len, fa)
             for name, fa in (("lora", False), ("lora_fa", True))}
@@ -132,14 +146,15 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
     }
     for mode in MODES:
         local_s = statistics.median(results[f"local_{mode}_s"])
-        swarm_s = statistics.median(results[f"swarm_{mode}_s"])
-        summary[mode] = {
-            "local_tokens_per_s": round(tokens / local_s, 1),
-            "swarm_tokens_per_s": round(tokens / swarm_s, 1),
-            "swarm_over_local": round(local_s / swarm_s, 3),
-            "swarm_over_local_median_of_runs": round(statistics.median(
-                a / b for a, b in zip(results[f"local_{mode}_s"], results[f"swarm_{mode}_s"], strict=True)), 3),
-        }
+        summary[mode] = {"local_tokens_per_s": round(tokens / local_s, 1)}
+        for name in swarms:
+            swarm_s = statistics.median(results[f"{name}_{mode}_s"])
+            summary[mode] |= {
+                f"{name}_tokens_per_s": round(tokens / swarm_s, 1),
+                f"{name}_over_local": round(local_s / swarm_s, 3),
+                f"{name}_over_local_median_of_runs": round(statistics.median(
+                    a / b for a, b in zip(results[f"local_{mode}_s"], results[f"{name}_{mode}_s"], strict=True)), 3),
+            }
     summary["client_memory"] = memory
     summary["raw_seconds_per_step"] = {k: [round(v, 3) for v in vs] for k, vs in results.items()}
     if json_only:
@@ -212,13 +227,15 @@ def _table(s: dict) -> str:
     lines = [
         f"training: {s['num_blocks']} blocks, batch {s['batch']} × {s['seq_len']} tokens, "
         f"{s['servers']} loopback servers, median of {s['runs']} runs (forward + backward + SGD update)",
-        "| mode | local tokens/s | swarm tokens/s | swarm / local |",
-        "|---|---:|---:|---:|",
+        "| mode | local tokens/s | swarm tokens/s | swarm / local | stateless tokens/s | stateless / local |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         m = s[mode]
+        stateless = (f"{m['stateless_tokens_per_s']:.0f} | {m['stateless_over_local']:.2f}"
+                     if "stateless_tokens_per_s" in m else "– | –")
         lines.append(f"| {mode} | {m['local_tokens_per_s']:.0f} | {m['swarm_tokens_per_s']:.0f} | "
-                     f"{m['swarm_over_local']:.2f} |")
+                     f"{m['swarm_over_local']:.2f} | {stateless} |")
     lines += ["", "| client, 2 LoRA steps | peak RSS MB | overhead over load MB | LoRA grads MB | optimizer state MB |",
               "|---|---:|---:|---:|---:|"]
     for name, m in s["client_memory"].items():  # empty with --skip-memory

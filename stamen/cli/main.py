@@ -77,6 +77,8 @@ def server(
     max_step_tokens: Annotated[int, typer.Option(help="Most tokens (batch × length) in one request.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is freed.")] = 300.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives.")] = 60.0,
+    max_train_graphs: Annotated[int, typer.Option(help="Training graphs kept between a forward and its "
+                                                       "backward at once (0: always recompute).")] = 8,
     torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
     public_name: Annotated[str | None, typer.Option(help="A name shown by health tools.")] = None,
 ) -> None:
@@ -102,6 +104,7 @@ def server(
             num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
             port=port, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
             max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
+            max_train_graphs=max_train_graphs,
             torch_threads=torch_threads,
             public_name=public_name,
         )
@@ -317,6 +320,8 @@ def bench_train(
     sub_batch_tokens: Annotated[int, typer.Option(help="Tokens per parallel sub-batch.")] = 512,
     server_threads: Annotated[int | None, typer.Option(help="torch threads per server (default: torch's).")] = None,
     skip_memory: Annotated[bool, typer.Option(help="Skip the client memory probes.")] = False,
+    stateless: Annotated[bool, typer.Option(help="Also time a client with train_streams=False (servers "
+                                                 "recompute forwards in backward).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Training tokens/s (forward + backward) through the swarm vs locally, deep_ptune and LoRA; client memory."""
@@ -325,7 +330,7 @@ def bench_train(
 
     run_train_bench(model=model, num_servers=servers, batch=batch, seq_len=seq_len, runs=runs, rank=rank,
                     pre_seq_len=pre_seq_len, sub_batch_tokens=sub_batch_tokens, json_only=json_out,
-                    server_threads=server_threads, skip_memory=skip_memory)
+                    server_threads=server_threads, skip_memory=skip_memory, stateless=stateless)
 
 
 @bench_app.command("api")

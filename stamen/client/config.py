@@ -32,3 +32,8 @@ class ClientConfig(BaseModel):
     sub_batch_tokens: int = Field(default=512, gt=0)
     """Most tokens (sequences × length) in one sub-batch of a stateless forward or backward;
     sub-batches run on servers in parallel. A sequence is never split."""
+    train_streams: bool = True
+    """Forwards that need gradients run over ``rpc_train``: each server keeps the hop's autograd
+    graph inside that one call, and backward sends the gradient through the same stream (no
+    recomputation). A server over its budget of kept graphs, or a kept stream that fails in
+    backward, falls back to stateless forward and ``rpc_backward``. False: always stateless."""

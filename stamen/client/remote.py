@@ -1,13 +1,17 @@
-"""Stateless calls through every remote block, differentiable: ``loss.backward()`` flows through the swarm.
+"""Calls through every remote block, differentiable: ``loss.backward()`` flows through the swarm.
 
 A batch is split into sub-batches (``ClientConfig.sub_batch_tokens``); each draws its own chain of
 servers (``sample_route``, by throughput) and all run concurrently on the client loop, so servers
-work on different sub-batches at once. Forward keeps, per sub-batch, each hop's input; backward
-sends every hop (last first) that input with the gradient of its output and gets the gradient of
-its input, of its deep prompts and of its LoRA weights (the server recomputes its activations and
-keeps nothing). A server that fails during forward is replaced from the failed hop's first block
-on; one that fails during backward is replaced by a new chain over exactly its blocks: the new
-chain is run forward from the saved input (to get its own hops' inputs), then backward.
+work on different sub-batches at once. Forward keeps, per sub-batch, each hop's input and, when
+gradients are needed (``ClientConfig.train_streams``), the hop's open ``rpc_train`` stream: that
+server holds the hop's autograd graph inside the call, and backward sends the gradient of the
+hop's output through it and gets the gradient of its input, of its deep prompts and of its LoRA
+weights. Without a kept stream (a server over its budget of graphs, ``train_streams=False``)
+backward sends the hop's input with the gradient over stateless ``rpc_backward`` and the server
+recomputes its activations. A server that fails during forward is replaced from the failed hop's
+first block on; one that fails during backward (kept stream or not) is replaced by a new chain over
+exactly its blocks: the new chain is run forward from the saved input (stateless, to get its own
+hops' inputs), then backward.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
 from stamen.client.tuning import ClientLoRA
-from stamen.errors import UnknownAdapterError
+from stamen.errors import ServerFullError, UnknownAdapterError
 from stamen.models.lora import BlockLoRA
-from stamen.server.handler import call_backward, call_forward, call_put_adapters
+from stamen.server.handler import TrainStream, call_backward, call_forward, call_put_adapters
 from stamen.types import PeerIDStr, Span
 from stamen.wire.messages import AdapterMeta, AdapterRef
 
@@ -158,6 +162,7 @@ class RemoteBlocks:
             or any(t.requires_grad for t in lora_tensors))
         if not needs_grad:
             return run.forward(hidden.detach())
+        run.train = self.swarm.config.train_streams
         placeholder = prompts if prompts is not None else hidden.new_zeros(0)
         return _RemoteChain.apply(run, hidden, placeholder, *lora_tensors)
 
@@ -186,8 +191,20 @@ class _ChainRun:
         self.remote, self.swarm, self.tuning = remote, remote.swarm, tuning
         self.attention_mask, self.position_ids = attention_mask, position_ids
         self.num_blocks = remote.swarm.num_blocks
-        self.traces: list[tuple[slice, list[tuple[Hop, torch.Tensor]]]] = []
+        self.traces: list[tuple[slice, list[_Trace]]] = []
         self.dtype = torch.float32
+        self.train = False
+        """Forward over ``rpc_train`` streams, kept for backward."""
+
+    def __del__(self) -> None:  # no backward came (e.g. the loss was never backpropagated)
+        streams = [hop.stream for _, trace in self.traces for hop in trace
+                   if hop.stream is not None and not hop.stream.used]
+        client_loop = loop._loop
+        if streams and client_loop is not None:
+            try:
+                client_loop.call_soon_threadsafe(lambda: [s.close() for s in streams])
+            except RuntimeError:
+                pass  # the client loop is closed
 
     def _rows(self, batch: int, length: int) -> list[slice]:
         per = max(1, self.swarm.config.sub_batch_tokens // max(1, length))
@@ -212,19 +229,20 @@ class _ChainRun:
     async def _forward_all(self, hidden: torch.Tensor, rows: list[slice]):
         budget = self.swarm.config.max_retries
         return await asyncio.gather(*(
-            self._forward_span(Span(0, self.num_blocks), hidden[r], r, _Budget(budget)) for r in rows
+            self._forward_span(Span(0, self.num_blocks), hidden[r], r, _Budget(budget), self.train) for r in rows
         ))
 
-    async def _forward_span(self, blocks: Span, x: torch.Tensor, rows: slice,
-                            budget: _Budget) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Run ``x`` through ``blocks``; returns the output and each hop with its input."""
-        trace: list[tuple[Hop, torch.Tensor]] = []
+    async def _forward_span(self, blocks: Span, x: torch.Tensor, rows: slice, budget: _Budget,
+                            train: bool = False) -> tuple[torch.Tensor, list[_Trace]]:
+        """Run ``x`` through ``blocks``; returns the output and each hop with its input (and its kept
+        ``rpc_train`` stream when ``train``)."""
+        trace: list[_Trace] = []
         block = blocks.start
         while block < blocks.end:
             route = await asyncio.to_thread(self.swarm.forward_route, Span(block, blocks.end))
             for hop in route:
                 try:
-                    out = await self._forward_hop(hop, x, rows, budget)
+                    out, stream = await self._forward_hop(hop, x, rows, budget, train)
                 except Exception as e:
                     if not is_retryable(e):
                         raise
@@ -232,19 +250,30 @@ class _ChainRun:
                     self.swarm.ban(hop.peer_id, f"forward over blocks {hop.blocks} failed: {e}")
                     await asyncio.sleep(backoff_delay(budget.used))
                     break  # a new route from this block on
-                trace.append((hop, x))
+                trace.append(_Trace(hop, x, stream))
                 x, block = out, hop.blocks.end
         return x, trace
 
-    async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: _Budget) -> torch.Tensor:
+    async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: _Budget,
+                           train: bool) -> tuple[torch.Tensor, TrainStream | None]:
         mask, positions = self._aux(rows)
+        lora = self.tuning.lora
+        peer, timeout = self.swarm.peer(hop.peer_id), self.swarm.config.request_timeout
         while True:
             await self.remote.uploader.ensure(hop.peer_id, self.tuning.adapters_for(hop.blocks))
             try:
+                if train:
+                    try:
+                        stream, out = await TrainStream.open(
+                            self.swarm.p2p, peer, hop.blocks, x, mask, positions, timeout,
+                            self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks),
+                            lora.train_a if lora is not None else True)
+                        return out, stream
+                    except ServerFullError:  # the server holds all the graphs it may: stateless for this hop
+                        train = False
                 return await call_forward(
-                    self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, x, mask, positions,
-                    self.swarm.config.request_timeout, self.tuning.prompts_for(hop.blocks),
-                    self.tuning.adapter_for(hop.blocks))
+                    self.swarm.p2p, peer, hop.blocks, x, mask, positions, timeout,
+                    self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks)), None
             except UnknownAdapterError as e:  # evicted or restarted: upload again
                 budget.spend(e)
                 self.remote.uploader.forget(hop.peer_id)
@@ -268,14 +297,24 @@ class _ChainRun:
         ))
         return torch.cat(results, dim=0)
 
-    async def _backward_trace(self, trace: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, rows: slice,
+    async def _backward_trace(self, trace: list[_Trace], grad: torch.Tensor, rows: slice,
                               grads: _Grads, budget: _Budget) -> torch.Tensor:
-        for hop, x in reversed(trace):
-            grad = await self._backward_hop(hop, x, grad, rows, grads, budget)
+        for step in reversed(trace):
+            grad = await self._backward_hop(step, grad, rows, grads, budget)
         return grad
 
-    async def _backward_hop(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, rows: slice, grads: _Grads,
+    async def _backward_hop(self, step: _Trace, grad: torch.Tensor, rows: slice, grads: _Grads,
                             budget: _Budget) -> torch.Tensor:
+        hop, x, stream = step.hop, step.input, step.stream
+        if stream is not None and not stream.used:  # the server kept this hop's graph
+            try:
+                grad_in, grad_prompts, lora_grads = await stream.backward(grad)
+            except Exception as e:
+                if not is_retryable(e):
+                    raise
+                return await self._reroute_backward(hop, x, grad, rows, grads, budget, e)
+            grads.add(hop.blocks, grad_prompts, lora_grads)
+            return grad_in.to(grad.dtype)
         mask, positions = self._aux(rows)
         lora = self.tuning.lora
         while True:
@@ -292,14 +331,20 @@ class _ChainRun:
             except Exception as e:
                 if not is_retryable(e):
                     raise
-                budget.spend(e)
-                self.swarm.ban(hop.peer_id, f"backward over blocks {hop.blocks} failed: {e}")
-                logger.warning("backward over blocks %s failed on %s (%s): rerouting", hop.blocks, hop.peer_id, e)
-                await asyncio.sleep(backoff_delay(budget.used))
-                _, trace = await self._forward_span(hop.blocks, x, rows, budget)  # inputs of the new hops
-                return await self._backward_trace(trace, grad, rows, grads, budget)
+                return await self._reroute_backward(hop, x, grad, rows, grads, budget, e)
             grads.add(hop.blocks, grad_prompts, lora_grads)
             return grad_in.to(grad.dtype)
+
+    async def _reroute_backward(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, rows: slice, grads: _Grads,
+                                budget: _Budget, error: Exception) -> torch.Tensor:
+        """Ban the failed server, run a new chain over its blocks forward from the saved input
+        (stateless, for the new hops' inputs), then backward through it."""
+        budget.spend(error)
+        self.swarm.ban(hop.peer_id, f"backward over blocks {hop.blocks} failed: {error}")
+        logger.warning("backward over blocks %s failed on %s (%s): rerouting", hop.blocks, hop.peer_id, error)
+        await asyncio.sleep(backoff_delay(budget.used))
+        _, trace = await self._forward_span(hop.blocks, x, rows, budget)  # inputs of the new hops
+        return await self._backward_trace(trace, grad, rows, grads, budget)
 
     def _prompt_grad(self, grads: _Grads) -> torch.Tensor | None:
         prompts = self.tuning.prompts
@@ -320,6 +365,15 @@ class _ChainRun:
                 out.append(_zeros_if_none(grad_a, pair.lora_A) if pair.lora_A.requires_grad else None)
                 out.append(_zeros_if_none(grad_b, pair.lora_B) if pair.lora_B.requires_grad else None)
         return out
+
+
+@dataclass
+class _Trace:
+    """One hop of a sub-batch's forward: its input and, if the server keeps its graph, the open stream."""
+
+    hop: Hop
+    input: torch.Tensor
+    stream: TrainStream | None = None
 
 
 def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

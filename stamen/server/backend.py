@@ -83,9 +83,33 @@ class Session:
     """Set when the server moved: the span the session was opened on, kept until it closes."""
 
 
+class TrainGraph:
+    """A span's output with the autograd graph back to the leaves whose gradients are wanted."""
+
+    def __init__(self, out: torch.Tensor, wanted: list[torch.Tensor], has_prompts: bool):
+        self.out, self.wanted, self.has_prompts = out, wanted, has_prompts
+        self.released = False
+
+    def output(self) -> torch.Tensor:
+        return self.out.detach()
+
+    def grads(self, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Input gradient, prompt gradient (if any) and LoRA gradients; frees the graph."""
+        out, wanted = self.out, self.wanted
+        self.drop()
+        with torch.enable_grad():
+            grads = torch.autograd.grad(out, wanted, grad_outputs, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=True)]
+        grad_prompts = grads[1] if self.has_prompts else None
+        return grads[0], grad_prompts, grads[1 + self.has_prompts:]
+
+    def drop(self) -> None:
+        self.out, self.wanted = None, []  # type: ignore[assignment]
+
+
 class SpanBackend:
     def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
-                 max_step_tokens: int, adapter_cache_bytes: int = 256 << 20):
+                 max_step_tokens: int, adapter_cache_bytes: int = 256 << 20, max_train_graphs: int = 8):
         self.model, self.dtype, self.device = model, dtype, device
         self.span = model.span
         self.hidden_size = model.config.hidden_size
@@ -96,6 +120,11 @@ class SpanBackend:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
         self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
         """LoRA adapters by content hash: the only state kept between training calls."""
+        self.max_train_graphs = max_train_graphs
+        """Most ``rpc_train`` graphs held at once (each lives only inside its call); 0 turns them off."""
+        self.train_graphs_held = 0
+        self.kept_backwards = 0
+        self.recomputed_backwards = 0
 
     @property
     def dtype_name(self) -> str:
@@ -272,6 +301,13 @@ class SpanBackend:
 
     def _backward(self, blocks: Span, hidden, grad_outputs, attention_mask, position_ids, prompts, adapters,
                   train_lora_a: bool):
+        graph = self._graph(blocks, hidden, attention_mask, position_ids, prompts, adapters, train_lora_a)
+        self.recomputed_backwards += 1
+        return graph.grads(grad_outputs)
+
+    def _graph(self, blocks: Span, hidden, attention_mask, position_ids, prompts, adapters,
+               train_lora_a: bool) -> TrainGraph:
+        """The span run with autograd: weights frozen, fresh leaves for the inputs, deep prompts and LoRA."""
         with torch.enable_grad():
             hidden = hidden.detach().requires_grad_()
             wanted = [hidden]
@@ -284,10 +320,50 @@ class SpanBackend:
                 leaf_adapters.append(leaf_adapter)
                 wanted.extend(leaves)
             out = self.model(hidden, attention_mask, position_ids, blocks, prompts, leaf_adapters or None)
-            grads = torch.autograd.grad(out, wanted, grad_outputs, allow_unused=True)
-        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=True)]
-        grad_prompts = grads[1] if prompts is not None else None
-        return grads[0], grad_prompts, grads[1 + (prompts is not None):]
+        return TrainGraph(out, wanted, prompts is not None)
+
+    # --- training graphs kept within one rpc_train call ---
+
+    async def train_forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                            position_ids: torch.Tensor | None, prompts: torch.Tensor | None,
+                            adapter: AdapterRef | None, train_lora_a: bool) -> TrainGraph:
+        """Run the span with autograd and return its graph, holding one of ``max_train_graphs`` slots
+        (``ServerFullError`` when none is free); the caller must ``release_graph`` it."""
+        self.check_blocks(blocks)
+        hidden = self.check_hidden(hidden)
+        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
+        position_ids = self.check_aux(position_ids, hidden, "position_ids")
+        prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
+        adapters = self.get_adapters(adapter, blocks)
+        if self.train_graphs_held >= self.max_train_graphs:
+            raise ServerFullError(f"server full: {self.train_graphs_held} of {self.max_train_graphs} training "
+                                  f"graphs held; use stateless forward and backward")
+        self.train_graphs_held += 1
+        try:
+            return await self._run(self._graph, blocks, hidden, attention_mask, position_ids, prompts, adapters,
+                                   train_lora_a)
+        except BaseException:
+            self.train_graphs_held -= 1
+            raise
+
+    def release_graph(self, graph: TrainGraph) -> None:
+        if not graph.released:
+            graph.released = True
+            graph.drop()
+            self.train_graphs_held -= 1
+
+    async def train_backward(self, graph: TrainGraph, grad_outputs: torch.Tensor):
+        """``backward``'s gradients from a kept graph (no recomputation); the graph is consumed."""
+        shape = tuple(graph.out.shape)
+        if tuple(grad_outputs.shape) != shape:
+            raise InvalidRequestError(
+                f"grad_outputs must have the shape of the outputs {shape}, got {tuple(grad_outputs.shape)}")
+        if not torch.isfinite(grad_outputs).all():
+            raise InvalidRequestError("grad_outputs contain NaN or infinity")
+        grad_outputs = grad_outputs.to(self.device, self.dtype)
+        result = await self._run(graph.grads, grad_outputs)
+        self.kept_backwards += 1
+        return result
 
     async def _run(self, fn, *args) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

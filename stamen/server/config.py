@@ -42,6 +42,9 @@ class ServerConfig(BaseModel):
     """Most tokens (batch × new tokens) one inference step or forward may carry."""
     session_timeout: float = Field(default=300.0, gt=0)
     """Seconds an inference session may idle before its cache is freed."""
+    max_train_graphs: int = Field(default=8, ge=0)
+    """Training graphs (``rpc_train``: forward kept for the backward of the same call) held at once;
+    beyond it clients fall back to stateless forward and backward. 0: never keep one."""
     request_timeout: float = Field(default=600.0, gt=0)
     """Seconds a stateless forward may take before it is abandoned."""
     host: str = "127.0.0.1"

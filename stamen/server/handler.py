@@ -42,6 +42,9 @@ from stamen.wire.messages import (
     SpanRef,
     Step,
     StepDone,
+    TrainBackward,
+    TrainForwardDone,
+    TrainRequest,
     decode_backward_reply,
     decode_backward_request,
     decode_forward_reply,
@@ -53,6 +56,9 @@ from stamen.wire.messages import (
     decode_put_adapters,
     decode_put_adapters_reply,
     decode_step,
+    decode_train_backward,
+    decode_train_forward_reply,
+    decode_train_request,
     encode,
 )
 from stamen.wire.tensors import (
@@ -115,6 +121,9 @@ class SpanHandler(ServicerBase):
             cache_tokens_left=self.backend.budget.tokens_left,
             version=self.version,
             pushed_steps=self.pushed_steps,
+            kept_backwards=self.backend.kept_backwards,
+            recomputed_backwards=self.backend.recomputed_backwards,
+            train_graphs_held=self.backend.train_graphs_held,
         )
         return Response(metadata=encode(reply))
 
@@ -282,6 +291,80 @@ class SpanHandler(ServicerBase):
         for response in _stream_reply(reply, tensors):
             yield response
 
+    # --- train: forward with autograd, then the backward on the kept graph, within one call ---
+
+    async def rpc_train(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """Message 1 (``TrainRequest``): run the span with autograd, reply with its outputs and keep the
+        graph in this call's scope. Message 2 (``TrainBackward``): the gradient of the outputs; reply
+        with ``BackwardDone`` (as ``rpc_backward``, without recomputing) and end. No message 2 within
+        ``session_timeout``, or a closed stream, drops the graph. Nothing outlives the call."""
+        try:
+            msg, protos = await asyncio.wait_for(
+                self._read_parts(requests, decode_train_request, grads=False), self.request_timeout)
+            if msg is None:
+                return
+            hidden, _, mask, positions, prompts = self._decode_span_tensors(protos, msg, grads=False)
+            graph = await asyncio.wait_for(self.backend.train_forward(
+                msg.blocks.span, hidden, mask, positions, prompts, msg.adapter, msg.train_lora_a,
+            ), self.request_timeout)
+        except Exception as e:
+            yield _error(e)
+            return
+        try:
+            out = graph.output()
+            for response in _stream_reply(TrainForwardDone(parts=1), [out], counted=True):
+                yield response
+            try:
+                backward, protos = await asyncio.wait_for(
+                    self._read_parts(requests, decode_train_backward, grads=True), self.session_timeout)
+            except TimeoutError:
+                logger.info("no backward from %s within %.0f s: training graph dropped", context.remote_id,
+                            self.session_timeout)
+                return
+            if backward is None:
+                return  # the client closed the stream: no backward wanted
+            try:
+                if len(protos) != 1:
+                    raise InvalidRequestError(f"expected 1 tensor (grad_outputs), got {len(protos)}")
+                limit = self.backend.max_step_tokens * self.backend.hidden_size
+                grad_outputs = decode_tensor(protos[0], "grad_outputs", FLOAT_DTYPES, limit)
+                grad_inputs, grad_prompts, adapter_grads = await asyncio.wait_for(
+                    self.backend.train_backward(graph, grad_outputs), self.request_timeout)
+            except Exception as e:
+                yield _error(e)
+                return
+        finally:
+            self.backend.release_graph(graph)
+        reply = BackwardDone(has_prompt_grads=grad_prompts is not None, num_adapter_grads=len(adapter_grads))
+        tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
+        for response in _stream_reply(reply, tensors):
+            yield response
+
+    async def _read_parts(self, requests: AsyncIterator[Request], decode, grads: bool):
+        """One message of a multi-message stream: typed metadata with ``parts``, then that many stream
+        messages of tensor parts, joined. (None, []) when the stream ends before it."""
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return None, []
+        msg = decode(first.metadata)
+        parts = list(first.tensors)
+        total_bytes = sum(len(p.buffer) for p in first.tensors)
+        step_bytes = self.backend.max_step_tokens * self.backend.hidden_size * 4
+        limit = (3 + grads + self.backend.span.length) * step_bytes
+        for _ in range(msg.parts - 1):
+            try:
+                request = await anext(requests)
+            except StopAsyncIteration:
+                raise InvalidRequestError(f"the stream ended before all {msg.parts} parts arrived") from None
+            if request.metadata:
+                raise InvalidRequestError("a new message started before all parts of the last arrived")
+            parts.extend(request.tensors)
+            total_bytes += sum(len(p.buffer) for p in request.tensors)
+            if total_bytes > limit:
+                raise InvalidRequestError(f"request exceeds {limit} bytes")
+        return msg, join_tensor_parts(parts)
+
     # --- adapters: uploaded once per version of the weights, then named by content hash ---
 
     async def rpc_put_adapters(self, requests: AsyncIterator[Request],
@@ -343,9 +426,12 @@ class SpanHandler(ServicerBase):
                              * self.backend.span.length)
 
 
-def _stream_reply(reply, tensors: list[torch.Tensor]) -> list[Response]:
-    """A reply whose tensors go in parts of at most STREAM_PART_BYTES (the metadata rides on the first)."""
+def _stream_reply(reply, tensors: list[torch.Tensor], counted: bool = False) -> list[Response]:
+    """A reply whose tensors go in parts of at most STREAM_PART_BYTES (the metadata rides on the first);
+    ``counted``: the reply's ``parts`` field is set to the number of parts."""
     parts = list(split_tensors(encode_tensor(t) for t in tensors))
+    if counted:
+        reply = reply.model_copy(update=dict(parts=max(1, len(parts))))
     return [Response(metadata=encode(reply) if i == 0 else b"", tensors=[part]) for i, part in enumerate(parts)] \
         or [Response(metadata=encode(reply))]
 
@@ -496,6 +582,104 @@ async def call_put_adapters(p2p: P2P, peer: PeerID, metas: list[AdapterMeta], te
     reply, _ = await _call_stream(p2p, peer, "rpc_put_adapters", PutAdapters(adapters=metas), tensors,
                                   decode_put_adapters_reply, timeout, "adapter upload")
     return reply.hashes
+
+
+class TrainStream:
+    """The client half of ``rpc_train``: a span's forward whose graph the server keeps until
+    ``backward`` sends the gradient of its outputs (or ``close`` drops it)."""
+
+    def __init__(self, peer: PeerID, blocks: Span, timeout: float):
+        self.peer, self.blocks, self.timeout = peer, blocks, timeout
+        self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
+        self._replies: AsyncIterator[Response] | None = None
+        self.used = False
+        """``backward`` was called (a kept graph serves one backward)."""
+
+    async def _requests(self) -> AsyncIterator[Request]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    def _send(self, make_msg, tensors: list[torch.Tensor]) -> None:
+        parts = list(split_tensors(encode_tensor(t) for t in tensors))
+        for i, part in enumerate(parts):
+            self._outbox.put_nowait(Request(metadata=encode(make_msg(len(parts))) if i == 0 else b"", tensors=[part]))
+
+    async def _read_counted(self, decode):
+        response = await anext(self._replies)
+        reply = decode(response.metadata)
+        _raise_if_error(reply)
+        parts = list(response.tensors)
+        for _ in range(reply.parts - 1):
+            parts.extend((await anext(self._replies)).tensors)
+        return reply, join_tensor_parts(parts)
+
+    def close(self) -> None:
+        """End the call (the server drops a graph still held). Idempotent; call on the client loop."""
+        self._outbox.put_nowait(None)
+
+    @classmethod
+    async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, hidden: torch.Tensor,
+                   attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, timeout: float,
+                   prompts: torch.Tensor | None = None, adapter: AdapterRef | None = None,
+                   train_lora_a: bool = True) -> tuple[TrainStream, torch.Tensor]:
+        """Run the span forward on a server that keeps its graph; the stream and the span's outputs.
+        ``ServerFullError``: the server holds as many graphs as it may (use ``call_forward``)."""
+        self = cls(peer, blocks, timeout)
+        tensors = [t for t in (hidden, attention_mask, position_ids, prompts) if t is not None]
+        self._send(lambda n: TrainRequest(
+            blocks=SpanRef.of(blocks), parts=n, has_attention_mask=attention_mask is not None,
+            has_position_ids=position_ids is not None, has_prompts=prompts is not None, adapter=adapter,
+            train_lora_a=train_lora_a), tensors)
+
+        async def call():
+            stub = SpanHandler.get_stub(p2p, peer)
+            self._replies = (await stub.rpc_train(self._requests())).__aiter__()
+            _, protos = await self._read_counted(decode_train_forward_reply)
+            if len(protos) != 1:
+                raise RemoteCallError(f"train reply from {peer} carried {len(protos)} tensors")
+            return decode_tensor(protos[0], "output", FLOAT_DTYPES, hidden.numel())
+
+        try:
+            return self, await asyncio.wait_for(call(), timeout)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, StamenError) or not isinstance(e, Exception):
+                raise
+            raise RemoteCallError(f"train forward call to {peer} for blocks {blocks} failed: {e!r}") from e
+
+    async def backward(self, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                   list[torch.Tensor]]:
+        """The gradients ``call_backward`` returns, from the kept graph; the call then ends."""
+        if self.used:
+            raise RemoteCallError(f"the training graph on {self.peer} was already used")
+        self.used = True
+        self._send(lambda n: TrainBackward(parts=n), [grad_outputs])
+        self.close()  # nothing more to send (hivemind's reader waits for the request stream to end)
+
+        async def call():
+            reply, parts = None, []
+            async for response in self._replies:
+                if response.metadata:
+                    reply = decode_backward_reply(response.metadata)
+                    _raise_if_error(reply)
+                parts.extend(response.tensors)
+            if not isinstance(reply, BackwardDone):
+                raise RemoteCallError(f"train call to {self.peer} ended without gradients")
+            protos = join_tensor_parts(parts)
+            if len(protos) != 1 + reply.has_prompt_grads + reply.num_adapter_grads:
+                raise RemoteCallError(f"train reply from {self.peer} carried {len(protos)} tensors for {reply!r}")
+            grads = [decode_tensor(p, "gradient", FLOAT_DTYPES, max(grad_outputs.numel(), 1 << 26)) for p in protos]
+            return grads[0], grads[1] if reply.has_prompt_grads else None, grads[1 + reply.has_prompt_grads:]
+
+        try:
+            return await asyncio.wait_for(call(), self.timeout)
+        except StamenError:
+            raise
+        except Exception as e:
+            raise RemoteCallError(f"train backward call to {self.peer} for blocks {self.blocks} failed: "
+                                  f"{e!r}") from e
+        finally:
+            self.close()
 
 
 class InferenceStream:

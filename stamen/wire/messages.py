@@ -185,6 +185,43 @@ class BackwardDone(_Msg):
 
 BackwardReply = Annotated[BackwardDone | ErrorReply, Field(discriminator="kind")]
 
+# --- training stream: forward with autograd, then backward on the kept graph, in one call ---
+
+
+class TrainRequest(_Msg):
+    """Message 1 of ``rpc_train``: run a span forward keeping its autograd graph for the backward
+    that follows in the same call. Tensors (``parts`` stream messages, this metadata on the first):
+    hidden (B, T, H), then optional attention_mask, position_ids and deep prompts as flagged."""
+
+    kind: Literal["train"] = "train"
+    blocks: SpanRef
+    parts: int = Field(ge=1, le=1 << 20)
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    has_prompts: bool = False
+    adapter: AdapterRef | None = None
+    train_lora_a: bool = True
+    """Return gradients of LoRA A matrices too (False for LoRA-FA, where A is frozen)."""
+
+
+class TrainForwardDone(_Msg):
+    """The span's outputs (B, T, H) follow in ``parts`` stream messages; the graph is kept until the
+    client sends ``TrainBackward``, closes the stream or lets the server's timeout pass."""
+
+    kind: Literal["train_forward_done"] = "train_forward_done"
+    parts: int = Field(ge=1)
+
+
+class TrainBackward(_Msg):
+    """Message 2 of ``rpc_train``: grad_outputs (B, T, H) in ``parts`` stream messages. The reply is
+    ``BackwardDone`` with the gradients ``rpc_backward`` returns; the call then ends."""
+
+    kind: Literal["train_backward"] = "train_backward"
+    parts: int = Field(ge=1, le=1 << 20)
+
+
+TrainForwardReply = Annotated[TrainForwardDone | ErrorReply, Field(discriminator="kind")]
+
 # --- LoRA adapters, content-addressed ---
 
 
@@ -228,6 +265,12 @@ class InfoReply(_Msg):
     version: str
     pushed_steps: int = 0
     """Steps this server computed from an input another server pushed (before the client's copy)."""
+    kept_backwards: int = 0
+    """Backwards served from a graph kept since the forward of the same ``rpc_train`` call."""
+    recomputed_backwards: int = 0
+    """Stateless backwards (``rpc_backward``), which recompute the span's activations."""
+    train_graphs_held: int = 0
+    """Training graphs held now (``rpc_train`` calls between their forward and backward)."""
 
 
 _inference_request = TypeAdapter(InferenceRequest)
@@ -261,6 +304,18 @@ def decode_backward_request(raw: bytes) -> BackwardRequest:
 
 def decode_backward_reply(raw: bytes) -> BackwardDone | ErrorReply:
     return _parse(TypeAdapter(BackwardReply), raw)
+
+
+def decode_train_request(raw: bytes) -> TrainRequest:
+    return _parse(TypeAdapter(TrainRequest), raw)
+
+
+def decode_train_forward_reply(raw: bytes) -> TrainForwardDone | ErrorReply:
+    return _parse(TypeAdapter(TrainForwardReply), raw)
+
+
+def decode_train_backward(raw: bytes) -> TrainBackward:
+    return _parse(TypeAdapter(TrainBackward), raw)
 
 
 def decode_put_adapters(raw: bytes) -> PutAdapters:
