@@ -353,7 +353,7 @@ def test_server_killed_during_backward(tune):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         path, initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=3,
         lora=LoraSettings(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-        sub_batch_tokens=20, request_timeout=5, max_retries=3, ban_timeout=600, blocked_servers=[peers["C"]])
+        sub_batch_tokens=20, request_timeout=20, max_retries=3, ban_timeout=600, blocked_servers=[peers["C"]])
     try:
         _randomize(model, 7)
         reference, local_prompts = _local_copy(model, path)
