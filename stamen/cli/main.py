@@ -71,6 +71,8 @@ def server(
     max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 0,
+    announce_maddrs: Annotated[list[str], typer.Option(help="Multiaddrs to announce instead of the listening "
+                                                             "ones (NAT, a relay in front).")] = [],  # noqa: B006
     identity: Annotated[Path | None, typer.Option(help="Private key file for a stable peer id.")] = None,
     dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
     throughput: Annotated[float | None, typer.Option(help="Override measured steps/s per block.")] = None,
@@ -102,7 +104,7 @@ def server(
             model=model, initial_peers=initial_peers,
             blocks=Span.parse(blocks) if blocks else None,
             num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
-            port=port, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
+            port=port, announce_maddrs=announce_maddrs, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
             max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
             max_train_graphs=max_train_graphs,
             torch_threads=torch_threads,
@@ -345,6 +347,40 @@ def bench_api(
     from stamen.bench.api import run_api_bench
 
     run_api_bench(new_tokens=new_tokens, runs=runs, concurrency=concurrency, json_only=json_out)
+
+
+@bench_app.command("network")
+def bench_network(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset of the random model: 246m (default), small, tiny.")] = "246m",
+    servers: Annotated[int, typer.Option(help="Servers to split the blocks over.")] = 3,
+    bandwidth: Annotated[list[str] | None, typer.Option(help="tc rates per host link (default 1gbit 100mbit).")] = None,
+    rtt_ms: Annotated[list[float] | None, typer.Option(help="Round trips injected per link (default 0 100).")] = None,
+    prefix: Annotated[int, typer.Option(help="Prompt length before decoding.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 16,
+    runs: Annotated[int, typer.Option(help="Runs per cell (medians).")] = 3,
+    forward_batch: Annotated[list[int] | None, typer.Option(help="Forward batch sizes (default 1 16).")] = None,
+    push_off: Annotated[bool, typer.Option(help="Also time generation with server-to-server push off.")] = True,
+    loopback: Annotated[bool, typer.Option(help="Skip namespaces: round trips on 127.0.0.1 only.")] = False,
+    quick: Annotated[bool, typer.Option(help="A smoke run: small model, short prompt, one run per cell.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Directory for network.json and network.md.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Inference and forward through the swarm under bandwidth limits (tc tbf between network namespaces;
+    needs root) and round trips (emulated at the transport by relays), with the analytic model's prediction."""
+    setup_logging("WARNING")
+    from stamen.bench.network import NetworkSettings, run_network_bench
+
+    settings = NetworkSettings.quick(model) if quick else NetworkSettings(
+        model=model, preset=preset, prefix=prefix, new_tokens=new_tokens, runs=runs)
+    settings.servers, settings.push_off, settings.loopback = servers, push_off and not quick, loopback
+    if bandwidth:
+        settings.bandwidths = list(bandwidth)
+    if rtt_ms:
+        settings.rtts_ms = list(rtt_ms)
+    if forward_batch:
+        settings.forward_batches = list(forward_batch)
+    run_network_bench(settings, json_only=json_out, out=out)
 
 
 @app.command("make-model")

@@ -1,0 +1,466 @@
+"""``stamen bench network``: inference and forward through a swarm under bandwidth limits and round trips.
+
+Topology (when this process may create network namespaces, i.e. runs as root): one namespace per
+server and one for the client and the bootstrap DHT peer, joined by a bridge in a namespace of its
+own (``stamen.testing.netns``); every host's uplink and downlink is limited with ``tc tbf`` to the
+cell's bandwidth. Servers are real ``stamen server`` processes started with ``ip netns exec``;
+this process enters the client's namespace for the client and the measurements.
+
+Latency: this kernel has no ``netem``, so round trips are **emulated at the transport, not by
+the kernel**: a relay process in each server's namespace (``stamen.testing.latency``) sits in
+front of the server's port, the server announces the relay's address, and the relay holds every
+byte for RTT/2 in each direction. Every libp2p connection to a server (from the client or from
+another server) crosses one relay, so every link's round trip grows by the injected RTT. The
+relays stay in the path in every cell (with 0 ms in the "< 5 ms" cells); the delay and the tbf
+rates change between cells without restarting anything.
+
+Without the rights to create namespaces the benchmark says "skipping namespace runs: ..." and runs
+the round-trip cells on 127.0.0.1 (relays only, bandwidth unlimited).
+
+Each cell measures: the round trip as pinged (an ``rpc_info`` call to each server); greedy
+generation after a ``prefix``-token prompt (ms/token = mean gap between new tokens after the
+first; time to first token), with server-to-server push on and off; forward tokens/s of
+``B × length`` tokens through all blocks (stateless ``rpc_forward`` hops, as fine-tuning
+forwards without streams). Next to each measurement stands what the analytic model predicts from
+compute timed in this process, the pinged round trip and the bandwidth (see ``predict``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from stamen.testing.models import PRESETS, save_random_llama
+from stamen.testing.netns import Topology, cleanup_stale, entered, namespaces_unavailable, parse_rate
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import Span
+
+SERVER_PORT, RELAY_PORT = 31330, 31331
+"""Fixed ports inside the namespaces (each has its own port space)."""
+MESSAGE_OVERHEAD = 300
+"""Bytes of metadata and framing assumed per message besides the tensor (a typed JSON message,
+protobuf and libp2p framing) by the analytic model."""
+
+
+@dataclass
+class NetworkSettings:
+    model: str | None = None
+    """A model directory (default: a random Llama of ``preset``)."""
+    preset: str = "246m"
+    servers: int = 3
+    bandwidths: list[str] = field(default_factory=lambda: ["1gbit", "100mbit"])
+    """tc rates of every host's uplink and downlink (namespace runs only)."""
+    rtts_ms: list[float] = field(default_factory=lambda: [0.0, 100.0])
+    """Round trips injected at the transport on every link (0: none, what the path itself costs)."""
+    prefix: int = 128
+    new_tokens: int = 16
+    runs: int = 3
+    forward_batches: list[int] = field(default_factory=lambda: [1, 16])
+    forward_length: int = 128
+    push_off: bool = True
+    """Also time generation with server-to-server push off."""
+    loopback: bool = False
+    """Skip namespaces even when they are available (round trips on 127.0.0.1 only)."""
+
+    @classmethod
+    def quick(cls, model: str | None = None) -> NetworkSettings:
+        return cls(model=model, preset="small", prefix=32, new_tokens=6, runs=1, forward_batches=[1, 4],
+                   push_off=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The analytic model
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(servers: int, rtt_ms: float, bits_per_s: float, hidden_size: int, compute: dict, prefix: int,
+            forward_length: int, bytes_per_value: int = 4) -> dict:
+    """What round trips, bandwidth and compute alone would give, with no other overhead.
+
+    - decode, push on: the step crosses ``servers + 1`` links one way (client → s1 → … → sN →
+      client): (servers + 1) × (RTT/2 + message/bandwidth) + the blocks' step + the client's head;
+    - decode, push off: the client calls each server in turn: servers × (RTT + 2 × message/bandwidth)
+      + compute;
+    - time to first token: opening the sessions (one round trip, in parallel) + the push chain
+      with ``prefix`` tokens per message + the blocks' prefill + the head;
+    - forward of B × T tokens: the client calls each server in turn (stateless hops):
+      servers × (RTT + 2 × B·T·H·bytes/bandwidth) + the blocks' forward (sub-batches that overlap
+      network and compute can beat this).
+    """
+    def wire_ms(values: int) -> float:
+        return 0.0 if math.isinf(bits_per_s) else 1000 * 8 * (values * bytes_per_value + MESSAGE_OVERHEAD) / bits_per_s
+
+    token = wire_ms(hidden_size)
+    out = {
+        "decode_push_ms": (servers + 1) * (rtt_ms / 2 + token) + compute["step_ms"] + compute["head_ms"],
+        "decode_nopush_ms": servers * (rtt_ms + 2 * token) + compute["step_ms"] + compute["head_ms"],
+        "ttft_ms": rtt_ms + (servers + 1) * (rtt_ms / 2 + wire_ms(prefix * hidden_size))
+        + compute["prefill_ms"] + compute["head_ms"],
+    }
+    for batch, ms in compute["forward_ms"].items():
+        total = servers * (rtt_ms + 2 * wire_ms(int(batch) * forward_length * hidden_size)) + ms
+        out[f"forward_b{batch}_tokens_per_s"] = int(batch) * forward_length / total * 1000
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """A transformers-style streamer that timestamps every new token (``times[0]``: the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(ms per token after the first, time to first token in ms) of one greedy generation."""
+    clock = _Clock()
+    with torch.no_grad():
+        model.generate(prompt, streamer=clock, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+    t = clock.times
+    gaps = [b - a for a, b in zip(t[1:], t[2:], strict=False)]
+    return 1000 * statistics.mean(gaps), 1000 * (t[1] - t[0])
+
+
+def _forward(model, batch: int, length: int, hidden_size: int) -> float:
+    """Tokens per second of one forward of ``batch × length`` tokens through every block."""
+    hidden = torch.randn(batch, length, hidden_size, generator=torch.Generator().manual_seed(batch))
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.run_blocks(hidden)
+    return batch * length / (time.perf_counter() - start)
+
+
+def measure_compute(model_dir: str, prefix: int, new_tokens: int, forward_batches: list[int],
+                    forward_length: int) -> dict:
+    """Our blocks in this process (the compute the servers do, without network) and the client's head."""
+    from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+
+    hf_config = load_config(model_dir)
+    config = BlockConfig.from_hf(hf_config)
+    span = load_span(open_checkpoint(model_dir), config, Span(0, config.num_blocks), torch.float32, progress=False)
+    H = config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        prefills, steps = [], []
+        for _ in range(2):
+            cache = KVCache(config, config.num_blocks, 1, prefix + new_tokens + 1, torch.float32)
+            start = time.perf_counter()
+            span.step(torch.randn(1, prefix, H, generator=gen), cache)
+            prefills.append(time.perf_counter() - start)
+            x = torch.randn(1, 1, H, generator=gen)
+            for _ in range(new_tokens):
+                start = time.perf_counter()
+                span.step(x, cache)
+                steps.append(time.perf_counter() - start)
+        forward_ms = {}
+        for batch in forward_batches:
+            start = time.perf_counter()
+            span.forward(torch.randn(batch, forward_length, H, generator=gen))
+            forward_ms[str(batch)] = 1000 * (time.perf_counter() - start)
+        head = torch.randn(hf_config.vocab_size, H, generator=gen)
+        heads = []
+        for _ in range(10):
+            start = time.perf_counter()
+            (torch.randn(1, H) @ head.T).argmax()
+            heads.append(time.perf_counter() - start)
+    return {"step_ms": 1000 * statistics.median(steps), "prefill_ms": 1000 * statistics.median(prefills),
+            "head_ms": 1000 * statistics.median(heads), "forward_ms": forward_ms}
+
+
+# ---------------------------------------------------------------------------------------------
+# The swarm: relays, servers, and the grid
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _NetSwarm(LocalSwarm):
+    """``LocalSwarm`` whose processes run in the topology's namespaces, each server behind a relay."""
+
+    def __init__(self, log_dir: Path, topo: Topology | None):
+        super().__init__(log_dir)
+        self.topo = topo
+        self.relays: list[subprocess.Popen] = []
+        self._host: str | None = None
+
+    def address(self, host: str) -> str:
+        return self.topo.addresses[host] if self.topo else "127.0.0.1"
+
+    def _prefix(self, host: str) -> list[str]:
+        return self.topo.exec_prefix(host) if self.topo else []
+
+    def _cmd(self, *args: str) -> list[str]:
+        cmd = [*self._prefix(self._host), *super()._cmd(*args)] if self._host else super()._cmd(*args)
+        if args == ("dht",):
+            cmd += ["--host", self.address("client")]
+        return cmd
+
+    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
+        self._host = "client"
+        try:
+            return super().start_bootstrap(timeout)
+        finally:
+            self._host = None
+
+    def add_relayed_server(self, model: str, span: Span, index: int) -> None:
+        host = f"s{index}"
+        addr = self.address(host)
+        server_port, relay_port = (SERVER_PORT, RELAY_PORT) if self.topo else (_free_port(), 0)
+        relay = subprocess.Popen(
+            [*self._prefix(host), sys.executable, "-m", "stamen.testing.latency", "--listen", f"{addr}:{relay_port}",
+             "--to", f"{addr}:{server_port}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log_dir / f"relay{index}.log", "w"),
+            text=True, start_new_session=True)
+        self.relays.append(relay)
+        listen = relay.stdout.readline().strip()
+        if not listen:
+            raise RuntimeError(f"relay for {host} did not start; see {self.log_dir / f'relay{index}.log'}")
+        relay_port = int(listen.rpartition(":")[2])
+        self._host = host
+        try:
+            self.add_server(model, span, "--host", addr, "--port", str(server_port),
+                            "--announce-maddrs", f"/ip4/{addr}/tcp/{relay_port}", "--throughput", "100")
+        finally:
+            self._host = None
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        for relay in self.relays:
+            relay.stdin.write(f"{rtt_ms / 2}\n")
+            relay.stdin.flush()
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for relay in self.relays:
+                with contextlib.suppress(Exception):
+                    relay.stdin.close()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(relay.pid, signal.SIGTERM)
+                try:
+                    relay.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(relay.pid, signal.SIGKILL)
+                    relay.wait()
+            self.relays = []
+
+
+def _even_spans(num_blocks: int, parts: int) -> list[Span]:
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [Span(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _ping_ms(model, repeats: int = 5) -> float:
+    from stamen.client import loop
+    from stamen.server.handler import ping
+
+    swarm = model.swarm
+    peers = [swarm.peer(s.peer_id) for s in swarm.servers(refresh=True)]
+    rtts = []
+    for _ in range(repeats):
+        for peer in peers:
+            rtt = loop.run(ping(swarm.p2p, peer, timeout=10.0))
+            if rtt is not None:
+                rtts.append(1000 * rtt)
+    return statistics.median(rtts) if rtts else float("nan")
+
+
+def _cell(settings: NetworkSettings, clients: dict, prompt: torch.Tensor, hidden_size: int, say) -> dict:
+    raw: dict[str, list[float]] = {"ping_ms": []}
+    push = clients["push"]
+    raw["ping_ms"] = [_ping_ms(push)]
+    for model in clients.values():  # warm-up: routes, connections and the new delay in place
+        _generate(model, prompt[:, :8], 2)
+    _forward(push, 1, 8, hidden_size)
+    for run in range(settings.runs):
+        for name, model in clients.items():
+            ms, ttft = _generate(model, prompt, settings.new_tokens)
+            raw.setdefault(f"{name}_ms_per_token", []).append(ms)
+            raw.setdefault(f"{name}_ttft_ms", []).append(ttft)
+        for batch in settings.forward_batches:
+            raw.setdefault(f"forward_b{batch}_tokens_per_s", []).append(
+                _forward(push, batch, settings.forward_length, hidden_size))
+        say(f"    run {run + 1}/{settings.runs}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in raw.items()))
+    raw["ping_ms"].append(_ping_ms(push))
+    medians = {k: statistics.median(v) for k, v in raw.items()}
+    return {"measured": medians, "raw": {k: [round(x, 2) for x in v] for k, v in raw.items()}}
+
+
+def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: Path | None = None) -> dict:
+    from transformers import AutoConfig
+
+    from stamen.client.model import AutoDistributedModelForCausalLM
+    from stamen.server.config import default_dht_prefix
+
+    def say(msg: str) -> None:
+        if not json_only:
+            print(msg, file=sys.stderr, flush=True)
+
+    # SIGTERM ends the run through the finally blocks below (namespaces and processes cleaned up)
+    if sys.platform.startswith("linux") and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    reason = "--loopback was given" if settings.loopback else namespaces_unavailable()
+    use_netns = reason is None
+    if use_netns:
+        stale = cleanup_stale()
+        if stale:
+            say(f"removed stale namespaces of dead runs: {', '.join(stale)}")
+    else:
+        say(f"skipping namespace runs: {reason}; running the round-trip cells on 127.0.0.1 "
+            f"(bandwidth unlimited)")
+    bandwidths: list[str | None] = list(settings.bandwidths) if use_netns else [None]
+
+    workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-network-"))
+    model = settings.model
+    if model is None:
+        say(f"creating a random {settings.preset} Llama (float32) ...")
+        model = str(save_random_llama(workdir / f"llama-{settings.preset}", PRESETS[settings.preset],
+                                      with_tokenizer=False))
+    hf = AutoConfig.from_pretrained(model)
+    H, num_blocks = hf.hidden_size, hf.num_hidden_layers
+    prompt = torch.randint(3, hf.vocab_size, (1, settings.prefix), generator=torch.Generator().manual_seed(0))
+
+    say("timing our blocks in this process (the compute of the analytic model) ...")
+    compute = measure_compute(model, settings.prefix, settings.new_tokens, settings.forward_batches,
+                              settings.forward_length)
+    say(f"  decode step {compute['step_ms']:.1f} ms, prefill {compute['prefill_ms']:.1f} ms, head "
+        f"{compute['head_ms']:.1f} ms, forward {compute['forward_ms']} ms")
+
+    spans = _even_spans(num_blocks, settings.servers)
+    hosts = ["client", *(f"s{i}" for i in range(settings.servers))]
+    cells = []
+    started = time.monotonic()
+    topo = Topology(hosts) if use_netns else None
+    try:
+        swarm = _NetSwarm(workdir / "logs", topo)
+        with swarm:
+            if topo is not None:
+                topo.set_rate(bandwidths[0])
+            say(f"starting a bootstrap peer and {settings.servers} servers "
+                f"({'one network namespace each, on a bridge' if topo else '127.0.0.1'}), each behind a "
+                f"latency relay: {', '.join(map(str, spans))}")
+            swarm.start_bootstrap()
+            for i, span in enumerate(spans):
+                swarm.add_relayed_server(model, span, i)
+            clients: dict = {}
+            with entered(topo.ns("client")) if topo else contextlib.nullcontext():
+                try:
+                    swarm.wait_online(default_dht_prefix(model), num_blocks)
+                    clients["push"] = AutoDistributedModelForCausalLM.from_pretrained(
+                        model, initial_peers=swarm.initial_peers)
+                    if settings.push_off:
+                        clients["push_off"] = AutoDistributedModelForCausalLM.from_pretrained(
+                            model, initial_peers=swarm.initial_peers, use_push=False)
+                    for bandwidth in bandwidths:
+                        if topo is not None:
+                            topo.set_rate(bandwidth)
+                        for rtt in settings.rtts_ms:
+                            swarm.set_rtt(rtt)
+                            label = f"{bandwidth or 'loopback'}, RTT +{rtt:g} ms"
+                            say(f"cell: {label}")
+                            cell = _cell(settings, clients, prompt, H, say)
+                            bits = parse_rate(bandwidth) if bandwidth else math.inf
+                            cell.update(bandwidth=bandwidth or "unlimited (loopback)", rtt_injected_ms=rtt,
+                                        predicted=predict(settings.servers, cell["measured"]["ping_ms"], bits, H,
+                                                          compute, settings.prefix, settings.forward_length))
+                            cells.append(cell)
+                finally:
+                    for client in clients.values():
+                        client.shutdown()
+                    if swarm._dht is not None:
+                        swarm._dht.shutdown()
+                        swarm._dht = None
+    finally:
+        if topo is not None:
+            topo.teardown()
+
+    summary = {
+        "settings": asdict(settings),
+        "model": model,
+        "hidden_size": H,
+        "num_blocks": num_blocks,
+        "spans": [str(s) for s in spans],
+        "topology": "network namespaces on a bridge, tc tbf on every uplink and downlink" if use_netns
+        else f"127.0.0.1 (namespace runs skipped: {reason})",
+        "latency": "emulated at the transport, not by the kernel: a TCP relay in front of each server "
+                   "holds every byte for RTT/2 each way",
+        "compute": compute,
+        "torch_threads": torch.get_num_threads(),
+        "wall_s": round(time.monotonic() - started, 1),
+        "cells": cells,
+    }
+    table = markdown(summary)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "network.json").write_text(json.dumps(summary, indent=2))
+        (out / "network.md").write_text(table + "\n")
+    if json_only:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(table)
+        print(json.dumps(summary), file=sys.stderr)
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    s = summary["settings"]
+    batches = s["forward_batches"]
+
+    def pair(m: dict, p: dict, key: str, fmt: str = "{:.0f}") -> str:
+        if key not in m:
+            return "–"
+        return f"{fmt.format(m[key])} ({fmt.format(p[key])})" if key in p else fmt.format(m[key])
+
+    head = ["bandwidth", "RTT injected", "RTT pinged ms", "ms/token push", "ms/token push off", "TTFT ms",
+            *(f"forward B={b}×{s['forward_length']} tokens/s" for b in batches)]
+    lines = [
+        f"network: {summary['num_blocks']} blocks over {s['servers']} servers ({', '.join(summary['spans'])}), "
+        f"prefix {s['prefix']}, {s['new_tokens']} new tokens, medians of {s['runs']} runs; "
+        f"measured (analytic model in parentheses)",
+        f"topology: {summary['topology']}; latency {summary['latency']}",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * 2 + "---:|" * (len(head) - 2),
+    ]
+    for c in summary["cells"]:
+        m, p = dict(c["measured"]), dict(c["predicted"])
+        m["decode_push_ms"], m["ttft_ms"] = m.get("push_ms_per_token"), m.get("push_ttft_ms")
+        if "push_off_ms_per_token" in m:
+            m["decode_nopush_ms"] = m["push_off_ms_per_token"]
+        row = [c["bandwidth"], f"+{c['rtt_injected_ms']:g} ms", f"{m['ping_ms']:.1f}",
+               pair(m, p, "decode_push_ms", "{:.1f}"), pair(m, p, "decode_nopush_ms", "{:.1f}"),
+               pair(m, p, "ttft_ms"), *(pair(m, p, f"forward_b{b}_tokens_per_s") for b in batches)]
+        lines.append("| " + " | ".join(row) + " |")
+    comp = summary["compute"]
+    lines.append(f"compute in-process: decode step {comp['step_ms']:.1f} ms + head {comp['head_ms']:.1f} ms, "
+                 f"prefill {comp['prefill_ms']:.0f} ms, forward "
+                 + ", ".join(f"B={b}: {ms:.0f} ms" for b, ms in comp["forward_ms"].items()))
+    return "\n".join(lines)
