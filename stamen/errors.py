@@ -21,6 +21,12 @@ class CheckpointError(StamenError):
     code = "checkpoint"
 
 
+class QuantizationError(StamenError):
+    """Weights cannot be quantized as asked (unknown method, weights not loaded)."""
+
+    code = "quantization"
+
+
 # --- errors a server returns for a request (the server keeps serving) ---
 
 

@@ -67,6 +67,8 @@ def server(
     move_grace: Annotated[float, typer.Option(help="Seconds old-span sessions may run on after a move.")] = 120.0,
     throughput_cache: Annotated[Path | None, typer.Option(help="Compute measurement cache (JSON).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
+                                            "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -103,7 +105,8 @@ def server(
             **placement,
             model=model, initial_peers=initial_peers,
             blocks=Span.parse(blocks) if blocks else None,
-            num_blocks=num_blocks, dtype=dtype, device=device, max_cache_tokens=max_cache_tokens, host=host,
+            num_blocks=num_blocks, dtype=dtype, quant=quant, device=device, max_cache_tokens=max_cache_tokens,
+            host=host,
             port=port, announce_maddrs=announce_maddrs, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
             max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
             max_train_graphs=max_train_graphs,

@@ -22,6 +22,8 @@ class ServerRow(BaseModel):
     """The span a moving server is loading."""
     forward_throughput: float | None = None
     network_bandwidth: float | None = None
+    quant: str | None = None
+    """Quantized block weights ("int8", "nf4"), or None."""
 
 
 class SwarmHealth(BaseModel):
@@ -48,7 +50,7 @@ def swarm_health(model: str, num_blocks: int, records: dict[str, ServerRecord]) 
         (ServerRow(peer_id=p, start=r.start, end=r.end, state=r.state.value, throughput=r.throughput,
                    cache_tokens_left=r.cache_tokens_left, dtype=r.dtype, version=r.version,
                    public_name=r.public_name, moving_to=r.moving_to, forward_throughput=r.forward_throughput,
-                   network_bandwidth=r.network_bandwidth) for p, r in records.items()),
+                   network_bandwidth=r.network_bandwidth, quant=r.quant) for p, r in records.items()),
         key=lambda row: (row.start, row.end, row.peer_id),
     )
     return SwarmHealth(
@@ -67,7 +69,7 @@ def format_health(h: SwarmHealth) -> str:
         blocks = f"[{s.start}:{s.end})"
         state = f"moving to [{s.moving_to[0]}:{s.moving_to[1]})" if s.moving_to else s.state
         lines.append(f"…{s.peer_id[-12:]:<13} {blocks:<10} {state:<8} {s.throughput:>9.1f} "
-                     f"{s.cache_tokens_left:>11} {s.dtype:<9} {s.version}{name}")
+                     f"{s.cache_tokens_left:>11} {s.dtype + (f'/{s.quant}' if s.quant else ''):<9} {s.version}{name}")
     lines.append("per block (online servers / steps/s): " + " ".join(
         f"{b}:{n}/{t:.0f}" for b, (n, t) in enumerate(zip(h.block_servers, h.block_throughput, strict=True))))
     lines.append("uncovered blocks: " + (", ".join(map(str, h.uncovered_blocks)) or "none"))

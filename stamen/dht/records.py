@@ -56,6 +56,8 @@ class ServerRecord(BaseModel):
     """Bytes per second this server sent to a peer of the swarm when it started (None: no peer to measure)."""
     moving_to: tuple[int, int] | None = None
     """(start, end) of the span the server is loading to move to; placement counts it there already."""
+    quant: str | None = None
+    """How the server's block weights are quantized ("int8", "nf4"); None: not quantized."""
 
     @property
     def span(self) -> Span:

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from stamen.errors import CheckpointError
 from stamen.models.config import BlockConfig
 from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict
+from stamen.models.quant import PROJECTIONS, QuantMethod, quantize_block_
 from stamen.models.span import SpanModel
 from stamen.types import Span
 
@@ -117,11 +118,13 @@ def load_span(
     device: torch.device | str = "cpu",
     progress: bool = True,
     reuse: SpanModel | None = None,
+    quant: QuantMethod = "none",
 ) -> SpanModel:
     """Build a SpanModel holding only blocks ``span`` with weights read from the checkpoint.
 
     Blocks that ``reuse`` (a span already loaded, e.g. before a server moves) holds are shared with
-    it instead of being read again."""
+    it instead of being read again. ``quant`` (int8, nf4) quantizes each block's projections as it
+    is loaded, from the checkpoint's own precision, so no more than one block is ever in float."""
     if span.end > config.num_blocks:
         raise CheckpointError(f"span {span} is past the model's {config.num_blocks} blocks")
     with torch.device("meta"):
@@ -138,11 +141,13 @@ def load_span(
             continue
         raw = checkpoint.load(checkpoint.block_tensor_names(index))
         state = hf_block_state_dict(raw, f"{checkpoint.block_prefix}{index}.")
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        keep = {f"{p}.weight" for p in PROJECTIONS} if quant != "none" else set()  # quantized from the original
+        state = {k: v.to(device=device) if k in keep else v.to(device=device, dtype=dtype) for k, v in state.items()}
         try:
             block.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"block {index} of {checkpoint.source} does not match its config: {e}") from e
+        quantize_block_(block, quant)
         bar.update(1)
     bar.close()
     model.rotary = Rotary(config).to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -34,6 +35,11 @@ class ServerConfig(BaseModel):
     """The model's name in the swarm; default: derived from ``model``."""
     dtype: str = "float32"
     """Compute dtype: float32, bfloat16 or float16 (activations travel in it)."""
+    quant: Literal["none", "int8", "nf4"] = "none"
+    """Quantize the blocks' projection weights as they load: "int8" (per output channel, 1 byte per
+    weight, no extra dependency) or "nf4" (4-bit NormalFloat in blocks of 64 as bitsandbytes stores
+    it, about 0.56 bytes per weight); norms, biases and activations stay in ``dtype``. Fewer bytes per
+    block let the server host more blocks (see ``stamen.models.quant`` for the speed and accuracy)."""
     device: str = "cpu"
     """Torch device for weights and caches."""
     max_cache_tokens: int = Field(default=8192, gt=0)

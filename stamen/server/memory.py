@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from stamen.models import BlockConfig, KVCache
+from stamen.models.quant import QuantMethod, quantized_linear_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
@@ -31,12 +32,15 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def block_bytes(config: BlockConfig, dtype: torch.dtype) -> int:
-    """Bytes of one block's weights in ``dtype``."""
+def block_bytes(config: BlockConfig, dtype: torch.dtype, quant: QuantMethod = "none") -> int:
+    """Bytes of one block's weights: the four projections (fused q/k/v, o, fused gate/up, down) in
+    ``dtype`` or quantized with ``quant`` (codes and scales), norms and biases in ``dtype``."""
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size + 2 * h  # attention, MLP, norms
+    projections = sum(quantized_linear_bytes(fan_in, fan_out, quant, dtype) for fan_in, fan_out in
+                      ((h, q + 2 * kv), (q, h), (h, 2 * config.intermediate_size), (config.intermediate_size, h)))
+    params = 2 * h  # norms
     params += (q + 2 * kv) * config.qkv_bias + h * config.o_bias + (2 * config.intermediate_size + h) * config.mlp_bias
-    return params * torch.finfo(dtype).bits // 8
+    return projections + params * torch.finfo(dtype).bits // 8
 
 
 def available_memory(device: str) -> int:
@@ -60,15 +64,17 @@ class MemoryPlan:
 
 
 def plan_blocks(config: BlockConfig, dtype: torch.dtype, max_cache_tokens: int, available: int,
-                margin: float, source: str) -> MemoryPlan:
+                margin: float, source: str, quant: QuantMethod = "none") -> MemoryPlan:
     """As many blocks as fit ``available`` bytes less a ``margin`` fraction, each block taking its
-    weights plus its share of the KV cache budget; at least 1, at most the model's blocks."""
-    weights = block_bytes(config, dtype)
+    weights (quantized with ``quant``) plus its share of the KV cache budget; at least 1, at most the
+    model's blocks."""
+    weights = block_bytes(config, dtype, quant)
     cache = KVCache.nbytes_per_token(config, 1, dtype) * max_cache_tokens
     usable = int(available * (1 - margin))
     fit = usable // (weights + cache)
     blocks = max(1, min(fit, config.num_blocks))
-    why = (f"each block takes {format_bytes(weights)} of weights + {format_bytes(cache)} of KV cache "
+    why = (f"each block takes {format_bytes(weights)} of weights{f' ({quant})' if quant != 'none' else ''} + "
+           f"{format_bytes(cache)} of KV cache "
            f"({max_cache_tokens} tokens); {format_bytes(available)} {source}, less a {margin:.0%} margin, "
            f"holds {fit}")
     if fit > config.num_blocks:

@@ -125,7 +125,8 @@ class Server:
         self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
         try:
             model = await loop.run_in_executor(
-                None, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device)
+                None, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device,
+                                        quant=cfg.quant)
             )
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs)
@@ -163,6 +164,7 @@ class Server:
             cache_tokens_left=cache_left, dtype=cfg.dtype, version=__version__, public_name=cfg.public_name,
             next_pings=next_pings or {}, forward_throughput=speed.forward, network_bandwidth=speed.bandwidth,
             moving_to=(self.moving_to.start, self.moving_to.end) if self.moving_to else None,
+            quant=cfg.quant if cfg.quant != "none" else None,
         )
 
     def _announce(self, dht: DHT, peer_id: PeerIDStr, state: ServerState, speed: Speed, cache_left: int,
@@ -203,7 +205,8 @@ class Server:
         cfg = self.config
         available = cfg.max_memory or available_memory(cfg.device)
         source = "allowed by --max-memory" if cfg.max_memory else f"free on {cfg.device}"
-        plan = plan_blocks(block_config, cfg.torch_dtype, cfg.max_cache_tokens, available, cfg.memory_margin, source)
+        plan = plan_blocks(block_config, cfg.torch_dtype, cfg.max_cache_tokens, available, cfg.memory_margin, source,
+                           cfg.quant)
         logger.info("%s", plan.message)
         return plan.num_blocks
 
@@ -226,7 +229,7 @@ class Server:
         if cfg.throughput is not None:
             return Speed(cfg.throughput)
         cached = cached_only(cfg.throughput_cache, cache_key(cfg.device, self.model_name, cfg.torch_dtype,
-                                                                 block_config))
+                                                                 block_config, cfg.quant))
         return Speed(cached.inference if cached else 1.0)
 
     async def _measure(self, dht: DHT, p2p: P2P, peer_id: PeerIDStr, model: SpanModel,
@@ -236,7 +239,7 @@ class Server:
         if cfg.throughput is not None:
             return Speed(cfg.throughput)
         loop = asyncio.get_running_loop()
-        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config)
+        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config, cfg.quant)
         compute, cached = await loop.run_in_executor(
             None, lambda: cached_compute(cfg.throughput_cache, key,
                                          lambda: measure_compute(model, cfg.torch_dtype, cfg.device)))
@@ -295,7 +298,8 @@ class Server:
         self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left)
         try:
             model = await asyncio.get_running_loop().run_in_executor(None, lambda: load_span(
-                s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device, reuse=old_model))
+                s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device, reuse=old_model,
+                quant=cfg.quant))
         except Exception:
             self.moving_to = None
             raise

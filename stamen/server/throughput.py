@@ -62,9 +62,10 @@ def device_name(device: str) -> str:
     return f"{dev.type}:{cpu}:{torch.get_num_threads()} threads"
 
 
-def cache_key(device: str, model_name: str, dtype: torch.dtype, c: BlockConfig) -> str:
+def cache_key(device: str, model_name: str, dtype: torch.dtype, c: BlockConfig, quant: str = "none") -> str:
     return (f"{device_name(device)}|{model_name} (hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
-            f"heads {c.num_heads}/{c.num_kv_heads})|{str(dtype).removeprefix('torch.')}")
+            f"heads {c.num_heads}/{c.num_kv_heads})|{str(dtype).removeprefix('torch.')}"
+            + (f"|{quant}" if quant != "none" else ""))
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
