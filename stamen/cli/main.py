@@ -296,21 +296,98 @@ def simulate(
     run_and_report(config, baseline, png, json_path)
 
 
+def _bench_settings(model: str | None, preset: str, servers: int, prefix: list[int] | None, new_tokens: int | None,
+                    runs: int | None, offload: bool, quick: bool):
+    from stamen.bench.inference import BenchSettings
+
+    settings = BenchSettings.quick(model, preset if preset != "246m" else "small") if quick else \
+        BenchSettings(model=model, preset=preset)
+    settings.servers, settings.offload = servers, offload
+    if prefix:
+        settings.prefixes = list(prefix)
+    if new_tokens is not None:
+        settings.new_tokens = new_tokens
+    if runs is not None:
+        settings.runs = settings.forward_runs = runs
+    return settings
+
+
+BenchModelOpt = Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")]
+BenchPresetOpt = Annotated[str, typer.Option(help="Preset of the random model: 246m (default), small, tiny.")]
+BenchServersOpt = Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")]
+BenchPrefixOpt = Annotated[list[int] | None, typer.Option(help="Prompt lengths to decode after (default 128 2048).")]
+BenchTokensOpt = Annotated[int | None, typer.Option(help="Tokens generated per run (default 32).")]
+BenchRunsOpt = Annotated[int | None, typer.Option(help="Interleaved runs per contender (default 3; medians).")]
+BenchOffloadOpt = Annotated[bool, typer.Option(help="Time transformers + accelerate with layers offloaded to disk.")]
+BenchQuickOpt = Annotated[bool, typer.Option(help="A smoke run: small model, short prompts, one run.")]
+BenchJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
+
+
 @bench_app.command("inference")
 def bench_inference(
-    model: Annotated[str | None, typer.Option(help="Model directory (default: a random 246M Llama).")] = None,
-    servers: Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")] = 3,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 64,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 16,
-    runs: Annotated[int, typer.Option(help="Runs per contender (median reported).")] = 5,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    model: BenchModelOpt = None,
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    prefix: BenchPrefixOpt = None,
+    new_tokens: BenchTokensOpt = None,
+    runs: BenchRunsOpt = None,
+    offload: BenchOffloadOpt = True,
+    push_off: Annotated[bool, typer.Option(help="Also time a client with server-to-server push off.")] = False,
+    forward: Annotated[bool, typer.Option(help="Also run the forward benchmark.")] = False,
+    breakdown: Annotated[bool, typer.Option(help="Per-token breakdown of a swarm decode step.")] = True,
+    quick: BenchQuickOpt = False,
+    json_out: BenchJsonOpt = False,
 ) -> None:
-    """ms/token of swarm generation vs local transformers generation, side by side in one run."""
+    """Decoding (steps/s, ms/token, time to first token at each prefix): swarm vs local transformers,
+    our blocks in-process and offloading, side by side in one run; the offloading bound; a breakdown."""
     setup_logging("WARNING")
     from stamen.bench.inference import run_inference_bench
 
-    run_inference_bench(model=model, num_servers=servers, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
-                        runs=runs, json_only=json_out)
+    settings = _bench_settings(model, preset, servers, prefix, new_tokens, runs, offload, quick)
+    settings.push_off = push_off
+    run_inference_bench(settings, json_only=json_out, forward=forward, breakdown=breakdown)
+
+
+@bench_app.command("forward")
+def bench_forward(
+    model: BenchModelOpt = None,
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    runs: BenchRunsOpt = None,
+    offload: BenchOffloadOpt = True,
+    quick: BenchQuickOpt = False,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Forward tokens/s (no cache, the rpc_forward path) at batch 1 × 128 and 64 × 16: swarm vs local vs offload."""
+    setup_logging("WARNING")
+    from stamen.bench.inference import run_forward_bench
+
+    settings = _bench_settings(model, preset, servers, None, None, runs, offload, quick)
+    settings.cpu_offload = False
+    run_forward_bench(settings, json_only=json_out)
+
+
+@bench_app.command("suite")
+def bench_suite(
+    out: Annotated[Path, typer.Option(help="Directory for suite.json and suite.md.")] = Path("bench-results"),
+    model: BenchModelOpt = None,
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    prefix: BenchPrefixOpt = None,
+    new_tokens: BenchTokensOpt = None,
+    runs: BenchRunsOpt = None,
+    offload: BenchOffloadOpt = True,
+    train: Annotated[bool, typer.Option(help="Also run `stamen bench train` (its own swarm; minutes).")] = False,
+    quick: BenchQuickOpt = False,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Inference + forward (+ training with --train) side by side with local runs and offloading; writes
+    OUT/suite.json and OUT/suite.md."""
+    setup_logging("WARNING")
+    from stamen.bench.inference import run_suite
+
+    settings = _bench_settings(model, preset, servers, prefix, new_tokens, runs, offload, quick)
+    run_suite(settings, out, train=train, json_only=json_out)
 
 
 @bench_app.command("train")
