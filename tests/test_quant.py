@@ -273,3 +273,17 @@ def test_an_int8_server_serves_generation_close_to_the_float_model(tiny, tmp_pat
     assert 0 < rel(forward, ref) < 0.02
     assert rel(decoded, ref[:, 5:]) < 0.02
     assert generated.shape == (1, 10) and torch.equal(generated[:, :4], ids[:, :4])
+
+
+def test_bench_quant_reports_every_method(tiny):
+    from stamen.bench.quant import DEFAULT_TEXT, bench_real_model, format_table
+
+    result = bench_real_model(tiny[0], DEFAULT_TEXT, rounds=1, steps=2, say=lambda _: None)
+    methods = result["methods"]
+    assert list(methods) == ["none", "int8", "nf4"]
+    assert methods["none"]["perplexity"] == pytest.approx(result["transformers_perplexity"], rel=1e-4)
+    assert methods["nf4"]["block_bytes"] < methods["int8"]["block_bytes"] < methods["none"]["block_bytes"]
+    assert all(m["block_bytes"] == m["planned_block_bytes"] and m["decode_ms"] > 0 for m in methods.values())
+    table = format_table(dict(device="cpu", torch="x", torch_threads=2, bitsandbytes=None, rounds=1, dtype="float32",
+                              results=[result]))
+    assert "| int8 |" in table and "perplexity" in table

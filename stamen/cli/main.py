@@ -69,6 +69,8 @@ def server(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
                                             "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
+    quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
+                                            "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -461,6 +463,26 @@ def bench_network(
     if forward_batch:
         settings.forward_batches = list(forward_batch)
     run_network_bench(settings, json_only=json_out, out=out)
+
+
+@bench_app.command("quant")
+def bench_quant(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: SmolLM2-135M-Instruct, converted "
+                                                   "once).")] = None,
+    text: Annotated[Path | None, typer.Option(help="Text to measure perplexity on (default: "
+                                                   "examples/data/swarm_notes.txt).")] = None,
+    random_246m: Annotated[bool, typer.Option(help="Also time one block of the random 246M Llama shape.")] = True,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (medians reported).")] = 5,
+    steps: Annotated[int, typer.Option(help="Decoding steps timed per round.")] = 10,
+    json_path: Annotated[Path | None, typer.Option("--json-path", help="Also write the JSON here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Quantized server weights (none, int8, nf4): bytes and speed per block, perplexity cost on a real model."""
+    setup_logging("WARNING")
+    from stamen.bench.quant import run_quant_bench
+
+    run_quant_bench(model=model, text=text, random_246m=random_246m, rounds=rounds, steps=steps,
+                    json_path=json_path, json_only=json_out)
 
 
 @app.command("make-model")
