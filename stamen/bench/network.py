@@ -19,10 +19,15 @@ the round-trip cells on 127.0.0.1 (relays only, bandwidth unlimited).
 
 Each cell measures: the round trip as pinged (an ``rpc_info`` call to each server); greedy
 generation after a ``prefix``-token prompt (ms/token = mean gap between new tokens after the
-first; time to first token), with server-to-server push on and off; forward tokens/s of
+first; time to first token from the ``generate`` call, so choosing a route and opening the sessions
+count), with server-to-server push on and off; forward tokens/s of
 ``B × length`` tokens through all blocks (stateless ``rpc_forward`` hops, as fine-tuning
-forwards without streams). Next to each measurement stands what the analytic model predicts from
-compute timed in this process, the pinged round trip and the bandwidth (see ``predict``).
+forwards without streams). Next to each measurement stands what the analytic model predicts: the
+base cell's measurement (highest bandwidth, lowest round trip: compute and local overheads) with
+the network time of ``network_ms`` for the base cell swapped for this cell's (pinged round trip,
+bandwidth, message bytes). Our blocks timed in this process before the swarm starts give the
+compute floor for reference (on a loaded 2-core machine that timing is noisy, which is why the
+model does not start from it).
 """
 
 from __future__ import annotations
@@ -86,33 +91,47 @@ class NetworkSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(servers: int, rtt_ms: float, bits_per_s: float, hidden_size: int, compute: dict, prefix: int,
-            forward_length: int, bytes_per_value: int = 4) -> dict:
-    """What round trips, bandwidth and compute alone would give, with no other overhead.
+def network_ms(servers: int, rtt_ms: float, bits_per_s: float, hidden_size: int, prefix: int,
+               forward_batches: list[int], forward_length: int, bytes_per_value: int = 4) -> dict[str, float]:
+    """Milliseconds the network alone adds to each measurement, from round trips and bandwidth:
 
     - decode, push on: the step crosses ``servers + 1`` links one way (client → s1 → … → sN →
-      client): (servers + 1) × (RTT/2 + message/bandwidth) + the blocks' step + the client's head;
-    - decode, push off: the client calls each server in turn: servers × (RTT + 2 × message/bandwidth)
-      + compute;
-    - time to first token: opening the sessions (one round trip, in parallel) + the push chain
-      with ``prefix`` tokens per message + the blocks' prefill + the head;
+      client): (servers + 1) × (RTT/2 + message/bandwidth);
+    - decode, push off: the client calls each server in turn: servers × (RTT + 2 × message/bandwidth);
+    - time to first token: opening the sessions (one round trip, all servers at once) + the same
+      paths with ``prefix`` tokens per message;
     - forward of B × T tokens: the client calls each server in turn (stateless hops):
-      servers × (RTT + 2 × B·T·H·bytes/bandwidth) + the blocks' forward (sub-batches that overlap
-      network and compute can beat this).
+      servers × (RTT + 2 × B·T·H·bytes/bandwidth) (sub-batches sent in parallel overlap some of it).
     """
-    def wire_ms(values: int) -> float:
+    def wire(values: int) -> float:
         return 0.0 if math.isinf(bits_per_s) else 1000 * 8 * (values * bytes_per_value + MESSAGE_OVERHEAD) / bits_per_s
 
-    token = wire_ms(hidden_size)
+    token, prompt = wire(hidden_size), wire(prefix * hidden_size)
     out = {
-        "decode_push_ms": (servers + 1) * (rtt_ms / 2 + token) + compute["step_ms"] + compute["head_ms"],
-        "decode_nopush_ms": servers * (rtt_ms + 2 * token) + compute["step_ms"] + compute["head_ms"],
-        "ttft_ms": rtt_ms + (servers + 1) * (rtt_ms / 2 + wire_ms(prefix * hidden_size))
-        + compute["prefill_ms"] + compute["head_ms"],
+        "push_ms_per_token": (servers + 1) * (rtt_ms / 2 + token),
+        "push_off_ms_per_token": servers * (rtt_ms + 2 * token),
+        "push_ttft_ms": rtt_ms + (servers + 1) * (rtt_ms / 2 + prompt),
+        "push_off_ttft_ms": rtt_ms + servers * (rtt_ms + 2 * prompt),
     }
-    for batch, ms in compute["forward_ms"].items():
-        total = servers * (rtt_ms + 2 * wire_ms(int(batch) * forward_length * hidden_size)) + ms
-        out[f"forward_b{batch}_tokens_per_s"] = int(batch) * forward_length / total * 1000
+    for batch in forward_batches:
+        out[f"forward_b{batch}_ms"] = servers * (rtt_ms + 2 * wire(batch * forward_length * hidden_size))
+    return out
+
+
+def predict(base: dict[str, float], base_network: dict[str, float], network: dict[str, float],
+            forward_length: int) -> dict[str, float]:
+    """The analytic model: a cell's measurement = the base cell's (compute and local overheads, at the
+    highest bandwidth and lowest round trip) − the network time the model gives the base cell + the
+    network time it gives this cell."""
+    out = {}
+    for key, value in base.items():
+        if key.endswith("_tokens_per_s"):
+            tokens = int(key[len("forward_b"):-len("_tokens_per_s")]) * forward_length
+            net = f"{key[:-len('_tokens_per_s')]}_ms"
+            ms = 1000 * tokens / value - base_network[net] + network[net]
+            out[key] = 1000 * tokens / ms
+        elif key in network:
+            out[key] = value - base_network[key] + network[key]
     return out
 
 
@@ -137,12 +156,13 @@ class _Clock:
 def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(ms per token after the first, time to first token in ms) of one greedy generation."""
     clock = _Clock()
+    start = time.perf_counter()  # the first token's time includes choosing a route and opening sessions
     with torch.no_grad():
         model.generate(prompt, streamer=clock, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                        pad_token_id=0)
     t = clock.times
     gaps = [b - a for a, b in zip(t[1:], t[2:], strict=False)]
-    return 1000 * statistics.mean(gaps), 1000 * (t[1] - t[0])
+    return 1000 * statistics.mean(gaps), 1000 * (t[1] - start)
 
 
 def _forward(model, batch: int, length: int, hidden_size: int) -> float:
@@ -154,41 +174,58 @@ def _forward(model, batch: int, length: int, hidden_size: int) -> float:
     return batch * length / (time.perf_counter() - start)
 
 
-def measure_compute(model_dir: str, prefix: int, new_tokens: int, forward_batches: list[int],
-                    forward_length: int) -> dict:
-    """Our blocks in this process (the compute the servers do, without network) and the client's head."""
-    from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+class Compute:
+    """Our blocks in this process (the compute the servers do, without network) and the client's
+    head, timed once per run between the swarm's runs so both see the same load on the machine."""
 
-    hf_config = load_config(model_dir)
-    config = BlockConfig.from_hf(hf_config)
-    span = load_span(open_checkpoint(model_dir), config, Span(0, config.num_blocks), torch.float32, progress=False)
-    H = config.hidden_size
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        prefills, steps = [], []
-        for _ in range(2):
-            cache = KVCache(config, config.num_blocks, 1, prefix + new_tokens + 1, torch.float32)
+    def __init__(self, model_dir: str, prefix: int, new_tokens: int, forward_batches: list[int],
+                 forward_length: int):
+        from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+
+        hf_config = load_config(model_dir)
+        self.config = BlockConfig.from_hf(hf_config)
+        self.span = load_span(open_checkpoint(model_dir), self.config, Span(0, self.config.num_blocks),
+                              torch.float32, progress=False)
+        self.head = torch.randn(hf_config.vocab_size, self.config.hidden_size)
+        self.prefix, self.new_tokens = prefix, new_tokens
+        self.forward_batches, self.forward_length = forward_batches, forward_length
+        self.gen = torch.Generator().manual_seed(0)
+        self.KVCache = KVCache
+        with torch.inference_mode():  # first touches of the weights
+            warm = KVCache(self.config, self.config.num_blocks, 1, 16, torch.float32)
+            self.span.step(self._x(1, 8), warm)
+            self.span.step(self._x(1, 1), warm)
+            self.span.forward(self._x(1, 8))
+
+    def _x(self, batch: int, length: int) -> torch.Tensor:
+        return torch.randn(batch, length, self.config.hidden_size, generator=self.gen)
+
+    def measure(self) -> dict[str, float]:
+        """One run: ms of the prefill, of a decode step (median), of the head, of each forward."""
+        config, span = self.config, self.span
+        with torch.inference_mode():
+            cache = self.KVCache(config, config.num_blocks, 1, self.prefix + self.new_tokens + 1, torch.float32)
             start = time.perf_counter()
-            span.step(torch.randn(1, prefix, H, generator=gen), cache)
-            prefills.append(time.perf_counter() - start)
-            x = torch.randn(1, 1, H, generator=gen)
-            for _ in range(new_tokens):
+            span.step(self._x(1, self.prefix), cache)
+            prefill = time.perf_counter() - start
+            x, steps = self._x(1, 1), []
+            for _ in range(self.new_tokens):
                 start = time.perf_counter()
                 span.step(x, cache)
                 steps.append(time.perf_counter() - start)
-        forward_ms = {}
-        for batch in forward_batches:
-            start = time.perf_counter()
-            span.forward(torch.randn(batch, forward_length, H, generator=gen))
-            forward_ms[str(batch)] = 1000 * (time.perf_counter() - start)
-        head = torch.randn(hf_config.vocab_size, H, generator=gen)
-        heads = []
-        for _ in range(10):
-            start = time.perf_counter()
-            (torch.randn(1, H) @ head.T).argmax()
-            heads.append(time.perf_counter() - start)
-    return {"step_ms": 1000 * statistics.median(steps), "prefill_ms": 1000 * statistics.median(prefills),
-            "head_ms": 1000 * statistics.median(heads), "forward_ms": forward_ms}
+            heads = []
+            for _ in range(5):
+                start = time.perf_counter()
+                (x[0] @ self.head.T).argmax()
+                heads.append(time.perf_counter() - start)
+            out = {"prefill_ms": 1000 * prefill, "step_ms": 1000 * statistics.median(steps),
+                   "head_ms": 1000 * statistics.median(heads)}
+            for batch in self.forward_batches:
+                hidden = self._x(batch, self.forward_length)
+                start = time.perf_counter()
+                span.forward(hidden)
+                out[f"forward_b{batch}_ms"] = 1000 * (time.perf_counter() - start)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,11 +386,10 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
     H, num_blocks = hf.hidden_size, hf.num_hidden_layers
     prompt = torch.randint(3, hf.vocab_size, (1, settings.prefix), generator=torch.Generator().manual_seed(0))
 
-    say("timing our blocks in this process (the compute of the analytic model) ...")
-    compute = measure_compute(model, settings.prefix, settings.new_tokens, settings.forward_batches,
-                              settings.forward_length)
-    say(f"  decode step {compute['step_ms']:.1f} ms, prefill {compute['prefill_ms']:.1f} ms, head "
-        f"{compute['head_ms']:.1f} ms, forward {compute['forward_ms']} ms")
+    say("timing our blocks in this process (the compute floor, for reference) ...")
+    compute = Compute(model, settings.prefix, settings.new_tokens, settings.forward_batches,
+                      settings.forward_length).measure()
+    say("  " + ", ".join(f"{k} {v:.1f}" for k, v in compute.items()))
 
     spans = _even_spans(num_blocks, settings.servers)
     hosts = ["client", *(f"s{i}" for i in range(settings.servers))]
@@ -390,8 +426,9 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
                             cell = _cell(settings, clients, prompt, H, say)
                             bits = parse_rate(bandwidth) if bandwidth else math.inf
                             cell.update(bandwidth=bandwidth or "unlimited (loopback)", rtt_injected_ms=rtt,
-                                        predicted=predict(settings.servers, cell["measured"]["ping_ms"], bits, H,
-                                                          compute, settings.prefix, settings.forward_length))
+                                        bits_per_s=bits, network_ms=network_ms(
+                                            settings.servers, cell["measured"]["ping_ms"], bits, H, settings.prefix,
+                                            settings.forward_batches, settings.forward_length))
                             cells.append(cell)
                 finally:
                     for client in clients.values():
@@ -403,6 +440,12 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
         if topo is not None:
             topo.teardown()
 
+    base = max(cells, key=lambda c: (c["bits_per_s"], -c["rtt_injected_ms"]))
+    for cell in cells:
+        cell["predicted"] = predict(base["measured"], base["network_ms"], cell["network_ms"], settings.forward_length)
+        cell["base"] = cell is base
+        if math.isinf(cell["bits_per_s"]):
+            cell["bits_per_s"] = None  # JSON has no infinity
     summary = {
         "settings": asdict(settings),
         "model": model,
@@ -413,7 +456,9 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
         else f"127.0.0.1 (namespace runs skipped: {reason})",
         "latency": "emulated at the transport, not by the kernel: a TCP relay in front of each server "
                    "holds every byte for RTT/2 each way",
-        "compute": compute,
+        "compute_in_process_ms": compute,
+        "analytic_model": "a cell = the base cell's measurement - the network time the model gives the base "
+                          "cell + the network time it gives this cell (RTT as pinged; see network_ms)",
         "torch_threads": torch.get_num_threads(),
         "wall_s": round(time.monotonic() - started, 1),
         "cells": cells,
@@ -435,32 +480,33 @@ def markdown(summary: dict) -> str:
     s = summary["settings"]
     batches = s["forward_batches"]
 
-    def pair(m: dict, p: dict, key: str, fmt: str = "{:.0f}") -> str:
+    def pair(m: dict, p: dict, key: str, fmt: str, base: bool) -> str:
         if key not in m:
             return "–"
-        return f"{fmt.format(m[key])} ({fmt.format(p[key])})" if key in p else fmt.format(m[key])
+        if base or key not in p:
+            return fmt.format(m[key])
+        return f"{fmt.format(m[key])} ({fmt.format(p[key])})"
 
-    head = ["bandwidth", "RTT injected", "RTT pinged ms", "ms/token push", "ms/token push off", "TTFT ms",
-            *(f"forward B={b}×{s['forward_length']} tokens/s" for b in batches)]
+    head = ["bandwidth", "RTT injected", "RTT pinged ms", "ms/token push", "ms/token push off", "TTFT ms push",
+            *(f"forward {b}×{s['forward_length']} tokens/s" for b in batches)]
     lines = [
         f"network: {summary['num_blocks']} blocks over {s['servers']} servers ({', '.join(summary['spans'])}), "
         f"prefix {s['prefix']}, {s['new_tokens']} new tokens, medians of {s['runs']} runs; "
-        f"measured (analytic model in parentheses)",
+        f"measured (analytic model in parentheses; * = the base cell the model starts from)",
         f"topology: {summary['topology']}; latency {summary['latency']}",
+        "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * 2 + "---:|" * (len(head) - 2),
     ]
     for c in summary["cells"]:
-        m, p = dict(c["measured"]), dict(c["predicted"])
-        m["decode_push_ms"], m["ttft_ms"] = m.get("push_ms_per_token"), m.get("push_ttft_ms")
-        if "push_off_ms_per_token" in m:
-            m["decode_nopush_ms"] = m["push_off_ms_per_token"]
-        row = [c["bandwidth"], f"+{c['rtt_injected_ms']:g} ms", f"{m['ping_ms']:.1f}",
-               pair(m, p, "decode_push_ms", "{:.1f}"), pair(m, p, "decode_nopush_ms", "{:.1f}"),
-               pair(m, p, "ttft_ms"), *(pair(m, p, f"forward_b{b}_tokens_per_s") for b in batches)]
+        m, p, b = c["measured"], c["predicted"], c["base"]
+        row = [c["bandwidth"] + (" *" if b else ""), f"+{c['rtt_injected_ms']:g} ms", f"{m['ping_ms']:.1f}",
+               pair(m, p, "push_ms_per_token", "{:.1f}", b), pair(m, p, "push_off_ms_per_token", "{:.1f}", b),
+               pair(m, p, "push_ttft_ms", "{:.0f}", b),
+               *(pair(m, p, f"forward_b{n}_tokens_per_s", "{:.0f}", b) for n in batches)]
         lines.append("| " + " | ".join(row) + " |")
-    comp = summary["compute"]
-    lines.append(f"compute in-process: decode step {comp['step_ms']:.1f} ms + head {comp['head_ms']:.1f} ms, "
-                 f"prefill {comp['prefill_ms']:.0f} ms, forward "
-                 + ", ".join(f"B={b}: {ms:.0f} ms" for b, ms in comp["forward_ms"].items()))
+    comp = summary["compute_in_process_ms"]
+    lines += ["", "our blocks in this process before the swarm started (compute floor): decode step "
+              f"{comp['step_ms']:.1f} ms + head {comp['head_ms']:.1f} ms, prefill {comp['prefill_ms']:.0f} ms, "
+              + ", ".join(f"forward {b}×{s['forward_length']} {comp[f'forward_b{b}_ms']:.0f} ms" for b in batches)]
     return "\n".join(lines)
