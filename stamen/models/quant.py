@@ -131,7 +131,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
                    dtype: torch.dtype) -> torch.Tensor:
     ops = bitsandbytes_ops()
     if ops is not None and packed.device.type in ("cpu", "cuda"):
-        return ops.dequantize_4bit(packed.view(-1, 1), absmax, NF4_BLOCK, "nf4", list(shape), dtype)
+        return ops.dequantize_4bit(packed.view(-1, 1), absmax.float(), NF4_BLOCK, "nf4", list(shape), dtype)
     return _dequantize_nf4_torch(packed, absmax, shape, dtype)
 
 
