@@ -64,10 +64,10 @@ def _speeds(models: dict[str, SpanModel], rounds: int, steps: int) -> dict[str, 
         for r in range(rounds + 1):
             for name, model in models.items():
                 times = [_time_ms(lambda n=name: step(n)) for _ in range(steps)]
-                fwd = _time_ms(lambda m=model: m(prompt, blocks=one))
+                fwd = [_time_ms(lambda m=model: m(prompt, blocks=one)) for _ in range(3)]
                 if r > 0:  # round 0 warms up
                     decode[name].extend(times)
-                    forward[name].append(fwd)
+                    forward[name].extend(fwd)
     return {name: dict(decode_ms=statistics.median(decode[name]), forward_ms=statistics.median(forward[name]),
                        decode_best_ms=min(decode[name]), forward_best_ms=min(forward[name])) for name in models}
 
@@ -158,11 +158,13 @@ def bench_random_246m(rounds: int, steps: int, say) -> dict:
 
 
 def run_quant_bench(model: str | None, text: Path | None, random_246m: bool, rounds: int, steps: int,
-                    json_path: Path | None, json_only: bool) -> dict:
+                    json_path: Path | None, json_only: bool, threads: int | None = None) -> dict:
     def say(msg: str) -> None:
         if not json_only:
             print(msg, file=sys.stderr, flush=True)
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     if model is None:
         from stamen.models.convert import default_model_dir
 

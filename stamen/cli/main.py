@@ -475,6 +475,7 @@ def bench_quant(
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (medians reported).")] = 5,
     steps: Annotated[int, typer.Option(help="Decoding steps timed per round.")] = 10,
     json_path: Annotated[Path | None, typer.Option("--json-path", help="Also write the JSON here.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Quantized server weights (none, int8, nf4): bytes and speed per block, perplexity cost on a real model."""
@@ -482,7 +483,7 @@ def bench_quant(
     from stamen.bench.quant import run_quant_bench
 
     run_quant_bench(model=model, text=text, random_246m=random_246m, rounds=rounds, steps=steps,
-                    json_path=json_path, json_only=json_out)
+                    json_path=json_path, json_only=json_out, threads=threads)
 
 
 @app.command("make-model")

@@ -18,8 +18,9 @@ the quantized matmuls take bfloat16 inputs with float32 accumulation whatever th
 int8 values are exact in bfloat16 and the extra rounding of the activations is small next to the
 weights' own quantization error (measured: 0.84 % vs 0.78 % relative output error for int8).
 Decoding-size inputs (≤ ``INT8_GEMV_ROWS`` rows) use ``torch._weight_int8pack_mm``, which reads the
-int8 weight directly (2.5× faster than an fp32 matmul for one token here); larger inputs dequantize
-the weight to bfloat16 and run one GEMM. Elsewhere the weight is dequantized to the input's dtype.
+int8 weight directly (2.5× faster than an fp32 matmul for one token here); larger inputs convert
+the int8 codes to bfloat16, run one GEMM and scale its output rows (NF4: dequantize, then one GEMM).
+Elsewhere (no native bfloat16, CUDA) the same is done in the input's dtype.
 
 Backward (training through quantized blocks) is defined for the inputs only: the weights are
 frozen. ``_QuantMatmul`` saves nothing but a reference to the quantized weight and dequantizes it
@@ -199,6 +200,9 @@ class QuantLinear(nn.Module):
             out = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).to(dtype).contiguous(), self.weight_q,
                                             self._scale_bf16)
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self.method == "int8":  # int8 codes are exact in any float dtype: scale the (smaller) output instead
+            out = F.linear(x.to(dtype), self.weight_q.to(dtype)).to(x.dtype)
+            return out * self.weight_scale.to(x.dtype)
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
