@@ -69,8 +69,6 @@ def server(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
                                             "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
-    quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
-                                            "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
