@@ -120,6 +120,8 @@ class BenchSettings:
     """(batch, sequence length) of the forward benchmark."""
     forward_runs: int = 3
     breakdown_tokens: int = 32
+    server_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables of the server processes (experiments)."""
 
     @classmethod
     def quick(cls, model: str | None = None, preset: str = "small") -> BenchSettings:
@@ -161,7 +163,7 @@ class Harness:
             self.spans = _even_spans(self.num_blocks, s.servers)
             self.say(f"starting a bootstrap peer and {s.servers} servers on 127.0.0.1: "
                      f"{', '.join(map(str, self.spans))}")
-            swarm = self._stack.enter_context(LocalSwarm(log_dir=self.workdir / "logs"))
+            swarm = self._stack.enter_context(LocalSwarm(log_dir=self.workdir / "logs", env=s.server_env))
             swarm.start_bootstrap()
             for span in self.spans:
                 swarm.add_server(s.model, span)
