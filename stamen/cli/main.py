@@ -67,6 +67,8 @@ def server(
     move_grace: Annotated[float, typer.Option(help="Seconds old-span sessions may run on after a move.")] = 120.0,
     throughput_cache: Annotated[Path | None, typer.Option(help="Compute measurement cache (JSON).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    compression: Annotated[str, typer.Option(help="How activations this server sends travel unless a client "
+                                                  "asks otherwise: none or blockwise8 (8-bit, lossy).")] = "none",
     quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
                                             "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
@@ -109,7 +111,7 @@ def server(
             host=host,
             port=port, announce_maddrs=announce_maddrs, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
             max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
-            max_train_graphs=max_train_graphs,
+            max_train_graphs=max_train_graphs, compression=compression,
             torch_threads=torch_threads,
             public_name=public_name,
         )
@@ -482,6 +484,23 @@ def bench_quant(
 
     run_quant_bench(model=model, text=text, random_246m=random_246m, rounds=rounds, steps=steps,
                     json_path=json_path, json_only=json_out, threads=threads)
+
+
+@bench_app.command("wire")
+def bench_wire(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: the converted SmolLM2-135M).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Use a random Llama of this preset instead (e.g. 246m).")] = None,
+    servers: Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Decoding steps measured.")] = 64,
+    dtype: Annotated[list[str], typer.Option(help="Server dtypes to measure.")] = ["float32", "bfloat16"],  # noqa: B006
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Bytes per token per hop on the wire, and the accuracy cost of blockwise8 activation compression."""
+    setup_logging("WARNING")
+    from stamen.bench.wire import run_wire_bench
+
+    run_wire_bench(model=model, preset=preset, num_servers=servers, new_tokens=new_tokens, dtypes=dtype,
+                   json_only=json_out)
 
 
 @app.command("make-model")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from stamen.wire.compression import Compression
+
 
 class ClientConfig(BaseModel):
     initial_peers: list[str]
@@ -37,3 +39,12 @@ class ClientConfig(BaseModel):
     graph inside that one call, and backward sends the gradient through the same stream (no
     recomputation). A server over its budget of kept graphs, or a kept stream that fails in
     backward, falls back to stateless forward and ``rpc_backward``. False: always stateless."""
+    compression: Compression | None = None
+    """Lossy compression of activations on the wire: "blockwise8" sends hidden states as 8-bit codes
+    with one float32 scale per 64 values (1.06 bytes per value instead of 4 or 2) and asks servers
+    to send their outputs (and pushes) the same way; "none" asks for the compute dtype both ways.
+    None: the client sends uncompressed and each server answers as its ``--compression`` says.
+    Applies to inference sessions and forwards without gradients (see ``train_compression``)."""
+    train_compression: bool = False
+    """Apply ``compression`` to training too: hidden states, outputs and their gradients over
+    ``rpc_train`` / ``rpc_backward`` (prompt and LoRA gradients always travel uncompressed)."""

@@ -163,6 +163,7 @@ class RemoteBlocks:
         if not needs_grad:
             return run.forward(hidden.detach())
         run.train = self.swarm.config.train_streams
+        run.needs_grad = True
         placeholder = prompts if prompts is not None else hidden.new_zeros(0)
         return _RemoteChain.apply(run, hidden, placeholder, *lora_tensors)
 
@@ -195,6 +196,8 @@ class _ChainRun:
         self.dtype = torch.float32
         self.train = False
         """Forward over ``rpc_train`` streams, kept for backward."""
+        self.needs_grad = False
+        """A backward may follow (training: compressed only with ``train_compression``)."""
 
     def __del__(self) -> None:  # no backward came (e.g. the loss was never backpropagated)
         streams = [hop.stream for _, trace in self.traces for hop in trace
@@ -254,6 +257,12 @@ class _ChainRun:
                 x, block = out, hop.blocks.end
         return x, trace
 
+    @property
+    def _compression(self):
+        """How activations travel: the client's choice, for training only with ``train_compression``."""
+        config = self.swarm.config
+        return config.compression if not self.needs_grad or config.train_compression else None
+
     async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: _Budget,
                            train: bool) -> tuple[torch.Tensor, TrainStream | None]:
         mask, positions = self._aux(rows)
@@ -267,13 +276,13 @@ class _ChainRun:
                         stream, out = await TrainStream.open(
                             self.swarm.p2p, peer, hop.blocks, x, mask, positions, timeout,
                             self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks),
-                            lora.train_a if lora is not None else True)
+                            lora.train_a if lora is not None else True, self._compression)
                         return out, stream
                     except ServerFullError:  # the server holds all the graphs it may: stateless for this hop
                         train = False
                 return await call_forward(
                     self.swarm.p2p, peer, hop.blocks, x, mask, positions, timeout,
-                    self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks)), None
+                    self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks), self._compression), None
             except UnknownAdapterError as e:  # evicted or restarted: upload again
                 budget.spend(e)
                 self.remote.uploader.forget(hop.peer_id)
@@ -323,7 +332,8 @@ class _ChainRun:
                 grad_in, grad_prompts, lora_grads = await call_backward(
                     self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, x, grad, mask, positions,
                     self.swarm.config.request_timeout, self.tuning.prompts_for(hop.blocks),
-                    self.tuning.adapter_for(hop.blocks), lora.train_a if lora is not None else True)
+                    self.tuning.adapter_for(hop.blocks), lora.train_a if lora is not None else True,
+                    self._compression)
             except UnknownAdapterError as e:
                 budget.spend(e)
                 self.remote.uploader.forget(hop.peer_id)

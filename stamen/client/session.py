@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
 from stamen.server.config import DTYPES
-from stamen.server.handler import InferenceStream
+from stamen.server.handler import InferenceStream, WireCounter
 from stamen.types import PeerIDStr, Span
 from stamen.wire.messages import AdapterRef, PushTarget
 from stamen.wire.tensors import STREAM_PART_BYTES
@@ -59,6 +60,28 @@ class _LiveHop:
     wire_dtype: torch.dtype
     history: list[torch.Tensor] = field(default_factory=list)
     """Hidden states sent to this hop, one tensor per step, aligned with the session's steps."""
+    reply_s: float | None = None
+    """Moving average of the seconds from having this hop's input to its reply (decoding steps)."""
+    late_copies: int = 0
+    """Consecutive decoding steps whose pushed input did not answer within the grace time."""
+
+    @property
+    def copy_grace(self) -> float | None:
+        """Seconds to wait for the reply to a pushed input before sending the client's own copy
+        (None: send it at once: no estimate yet, or pushes to this hop keep failing)."""
+        if self.reply_s is None or self.late_copies >= _MAX_LATE_COPIES:
+            return None
+        return max(_MIN_GRACE_S, 1.5 * self.reply_s + 0.002)
+
+    def observe(self, seconds: float, late: bool) -> None:
+        self.reply_s = seconds if self.reply_s is None else 0.8 * self.reply_s + 0.2 * seconds
+        self.late_copies = self.late_copies + 1 if late else 0
+
+
+_DEFER_TOKENS = 8
+"""Steps of at most this many tokens (decoding) may skip the client's copy of a pushed input."""
+_MIN_GRACE_S = 0.005
+_MAX_LATE_COPIES = 3
 
 
 class InferenceSession:
@@ -83,6 +106,8 @@ class InferenceSession:
         """How many times a failed hop was replaced (for logs and tests)."""
         self.sent_tokens = 0
         """Positions sent through the chain over the session's life (rolled-back ones count again)."""
+        self._retired = WireCounter()
+        """Traffic of hops that were replaced."""
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -128,9 +153,30 @@ class InferenceSession:
         stream = await InferenceStream.open(
             self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, uuid.uuid4().hex,
             self.max_length + self.prefix_length, self.batch_size, self.swarm.config.request_timeout,
-            prompts, adapter,
+            prompts, adapter, self.swarm.config.compression,
         )
         return _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
+
+    def hop_counters(self) -> list[WireCounter]:
+        """Per hop of the current route: messages and serialized bytes this client sent to and
+        received from it (steps, their outputs, open and close; a replaced hop's new streams start at 0)."""
+        return [WireCounter() + h.stream.counter for h in self._hops]
+
+    @property
+    def counter(self) -> WireCounter:
+        """The session's traffic with every server it used, replaced ones included."""
+        total = WireCounter() + self._retired
+        for h in self._hops:
+            total = total + h.stream.counter
+        return total
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.counter.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.counter.bytes_received
 
     def describe_route(self) -> str:
         return " -> ".join(f"{h.peer_id[-6:]}{h.blocks}" for h in self.route)
@@ -172,19 +218,29 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         """One step through the chain. Hop 0 gets the input with the rest of the chain attached, so
-        each server pushes its output to the next; the client still sends every hop its input as
-        soon as it has it (ignored if the push came first), which also covers failed pushes."""
+        each server pushes its output to the next. The client also sends every later hop its input
+        (ignored if the push came first), which covers failed pushes: at once for prompts, but for
+        decoding steps only when the hop has not answered within ``copy_grace`` (1.5× its usual
+        reply time), so that a working push chain carries each hidden state once. A hop whose
+        pushes keep arriving late gets its copies at once again."""
         for live in self._hops:  # register before sending: a pushed reply may come back first
             live.stream.expect(inputs.step_id)
+        decoding = self.swarm.config.use_push and hidden.shape[0] * hidden.shape[1] <= _DEFER_TOKENS
         i = 0
         while i < len(self._hops):
             live = self._hops[i]
             for attempt in range(self.swarm.config.max_retries + 1):
                 try:
                     hidden = hidden.to(live.wire_dtype)
-                    live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
-                                          inputs.position_ids, self._push_chain(i + 1), inputs.hypo_ids)
+                    start = time.perf_counter()
+                    grace = live.copy_grace if decoding and i > 0 and attempt == 0 else None
+                    late = grace is not None and not await live.stream.answered_within(inputs.step_id, grace)
+                    if grace is None or late:
+                        live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
+                                              inputs.position_ids, self._push_chain(i + 1), inputs.hypo_ids)
                     out = await live.stream.result(inputs.step_id, hidden.numel())
+                    if decoding and i > 0 and attempt == 0:
+                        live.observe(time.perf_counter() - start, late)
                     break
                 except Exception as e:
                     if not is_retryable(e) or attempt == self.swarm.config.max_retries:
@@ -206,6 +262,7 @@ class InferenceSession:
         Returns the first new hop (the others follow it in ``self._hops``)."""
         failed = self._hops[i]
         asyncio.ensure_future(failed.stream.close())  # best effort; the server may be gone
+        self._retired = self._retired + failed.stream.counter
         for attempt in range(self.swarm.config.max_retries + 1):
             new_hops = await self._open_route(failed.hop.blocks)
             try:
@@ -213,6 +270,8 @@ class InferenceSession:
                 break
             except Exception as e:
                 await asyncio.gather(*(h.stream.close() for h in new_hops), return_exceptions=True)
+                for h in new_hops:
+                    self._retired = self._retired + h.stream.counter
                 if not is_retryable(e) or attempt == self.swarm.config.max_retries:
                     raise
                 await asyncio.sleep(backoff_delay(attempt))

@@ -81,6 +81,8 @@ class Session:
     """LoRA adapters, one per block of the session."""
     model: SpanModel | None = None
     """Set when the server moved: the span the session was opened on, kept until it closes."""
+    compression: str = "none"
+    """How step outputs travel back and on (``stamen.wire.compression``): the client's choice or the server's."""
 
 
 class TrainGraph:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from stamen.server.placement import PlacementSettings
 from stamen.server.throughput import DEFAULT_CACHE
 from stamen.types import Span
+from stamen.wire.compression import Compression
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,6 +36,11 @@ class ServerConfig(BaseModel):
     """The model's name in the swarm; default: derived from ``model``."""
     dtype: str = "float32"
     """Compute dtype: float32, bfloat16 or float16 (activations travel in it)."""
+    compression: Compression = "none"
+    """How this server sends activations by default (step outputs to clients, pushes to the next
+    server, forward outputs): "none" (the compute dtype) or "blockwise8" (8-bit codes with one
+    float32 scale per 64 values: 1.06 bytes per value, lossy). A request's own choice overrides it;
+    training replies are compressed only when the request asks."""
     quant: Literal["none", "int8", "nf4"] = "none"
     """Quantize the blocks' projection weights as they load: "int8" (per output channel, 1 byte per
     weight, no extra dependency) or "nf4" (4-bit NormalFloat in blocks of 64 as bitsandbytes stores

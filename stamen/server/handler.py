@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import astuple, dataclass
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises stream RPCs by typing.AsyncIterator hints)
 
 import torch
@@ -23,6 +24,7 @@ from stamen.errors import (
 )
 from stamen.server.backend import SpanBackend
 from stamen.types import Span
+from stamen.wire.compression import Compression
 from stamen.wire.messages import (
     AdapterMeta,
     AdapterRef,
@@ -86,13 +88,18 @@ def _error(e: Exception, step_id: int | None = None) -> Response:
 
 class SpanHandler(ServicerBase):
     def __init__(self, backend: SpanBackend, peer_id: str, version: str, session_timeout: float,
-                 request_timeout: float):
+                 request_timeout: float, compression: Compression = "none"):
         self.backend, self.peer_id, self.version = backend, peer_id, version
         self.session_timeout, self.request_timeout = session_timeout, request_timeout
+        self.compression: Compression = compression
+        """Default for what this server sends: step outputs, pushes and forward outputs (a request's
+        own ``compression`` overrides it; training replies are compressed only when asked)."""
         self._p2p: P2P | None = None
         self._pushes: set[asyncio.Task] = set()
         self._push_queues: dict[str, asyncio.Queue] = {}
         self.pushed_steps = 0
+        self.push_messages = 0
+        self.push_bytes = 0
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         self._p2p = p2p  # pushes go out through the same daemon
@@ -104,7 +111,7 @@ class SpanHandler(ServicerBase):
         if len(protos) != expected:
             raise InvalidRequestError(f"expected {expected} tensors, got {len(protos)}")
         limit = self.backend.max_step_tokens * self.backend.hidden_size
-        hidden = decode_tensor(protos[0], "hidden_states", FLOAT_DTYPES, limit)
+        hidden = decode_tensor(protos[0], "hidden_states", FLOAT_DTYPES, limit, compressed_ok=True)
         rest = iter(protos[1:])
         mask = decode_tensor(next(rest), "attention_mask", INDEX_DTYPES, limit) if has_mask else None
         positions = decode_tensor(next(rest), "position_ids", {"int64", "int32"}, limit) if has_positions else None
@@ -124,6 +131,9 @@ class SpanHandler(ServicerBase):
             kept_backwards=self.backend.kept_backwards,
             recomputed_backwards=self.backend.recomputed_backwards,
             train_graphs_held=self.backend.train_graphs_held,
+            compression=self.compression,
+            push_messages=self.push_messages,
+            push_bytes=self.push_bytes,
         )
         return Response(metadata=encode(reply))
 
@@ -172,7 +182,8 @@ class SpanHandler(ServicerBase):
                                  opened: set[str]) -> Response | None:
         if isinstance(msg, OpenSession):
             prompts = self._decode_prompts(list(request.tensors), msg.has_prompts, msg.max_length)
-            self.backend.open(msg, replies, prompts)
+            session = self.backend.open(msg, replies, prompts)
+            session.compression = msg.compression or self.compression
             opened.add(msg.session_id)
             return Response(metadata=encode(Opened(session_id=msg.session_id)))
         if isinstance(msg, CloseSession):
@@ -196,8 +207,8 @@ class SpanHandler(ServicerBase):
             out = await self.backend.step(session, msg, hidden, mask, positions, hypo_ids)
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
-        compute_ms = 1000 * (time.perf_counter() - start)
-        encoded = encode_tensor(out)
+        compute_ms = round(1000 * (time.perf_counter() - start), 3)
+        encoded = encode_tensor(out, session.compression)  # one encoding for the reply and the push
         if msg.push_to:
             pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:]))
             self._push(msg.push_to[0].peer_id, pushed, [encoded, *tensors[1:]])
@@ -221,7 +232,10 @@ class SpanHandler(ServicerBase):
             task = asyncio.create_task(self._push_stream(peer_id, queue))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
-        queue.put_nowait(Request(metadata=encode(msg), tensors=tensors))
+        request = Request(metadata=encode(msg), tensors=tensors)
+        self.push_messages += 1
+        self.push_bytes += request.ByteSize()
+        queue.put_nowait(request)
 
     async def _push_local(self, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
         """libp2p cannot dial itself: a push to this server runs the step here."""
@@ -271,7 +285,7 @@ class SpanHandler(ServicerBase):
         except Exception as e:
             yield _error(e)
             return
-        for response in _stream_reply(ForwardDone(), [out]):
+        for response in _stream_reply(ForwardDone(), [out], compression=msg.compression or self.compression):
             yield response
 
     # --- backward: stateless like forward; the span's activations are recomputed ---
@@ -288,7 +302,7 @@ class SpanHandler(ServicerBase):
             return
         reply = BackwardDone(has_prompt_grads=grad_prompts is not None, num_adapter_grads=len(adapter_grads))
         tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
-        for response in _stream_reply(reply, tensors):
+        for response in _stream_reply(reply, tensors, compression=msg.compression or "none"):
             yield response
 
     # --- train: forward with autograd, then the backward on the kept graph, within one call ---
@@ -312,7 +326,8 @@ class SpanHandler(ServicerBase):
             return
         try:
             out = graph.output()
-            for response in _stream_reply(TrainForwardDone(parts=1), [out], counted=True):
+            for response in _stream_reply(TrainForwardDone(parts=1), [out], counted=True,
+                                          compression=msg.compression or "none"):
                 yield response
             try:
                 backward, protos = await asyncio.wait_for(
@@ -327,7 +342,7 @@ class SpanHandler(ServicerBase):
                 if len(protos) != 1:
                     raise InvalidRequestError(f"expected 1 tensor (grad_outputs), got {len(protos)}")
                 limit = self.backend.max_step_tokens * self.backend.hidden_size
-                grad_outputs = decode_tensor(protos[0], "grad_outputs", FLOAT_DTYPES, limit)
+                grad_outputs = decode_tensor(protos[0], "grad_outputs", FLOAT_DTYPES, limit, compressed_ok=True)
                 grad_inputs, grad_prompts, adapter_grads = await asyncio.wait_for(
                     self.backend.train_backward(graph, grad_outputs), self.request_timeout)
             except Exception as e:
@@ -337,7 +352,7 @@ class SpanHandler(ServicerBase):
             self.backend.release_graph(graph)
         reply = BackwardDone(has_prompt_grads=grad_prompts is not None, num_adapter_grads=len(adapter_grads))
         tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
-        for response in _stream_reply(reply, tensors):
+        for response in _stream_reply(reply, tensors, compression=msg.compression or "none"):
             yield response
 
     async def _read_parts(self, requests: AsyncIterator[Request], decode, grads: bool):
@@ -407,8 +422,8 @@ class SpanHandler(ServicerBase):
             raise InvalidRequestError(f"expected {expected} tensors, got {len(protos)}")
         limit = self.backend.max_step_tokens * self.backend.hidden_size
         rest = iter(protos)
-        hidden = decode_tensor(next(rest), "hidden_states", FLOAT_DTYPES, limit)
-        grad = decode_tensor(next(rest), "grad_outputs", FLOAT_DTYPES, limit) if grads else None
+        hidden = decode_tensor(next(rest), "hidden_states", FLOAT_DTYPES, limit, compressed_ok=True)
+        grad = decode_tensor(next(rest), "grad_outputs", FLOAT_DTYPES, limit, compressed_ok=True) if grads else None
         mask = decode_tensor(next(rest), "attention_mask", INDEX_DTYPES, limit) if msg.has_attention_mask else None
         positions = decode_tensor(next(rest), "position_ids", {"int64", "int32"}, limit) if msg.has_position_ids \
             else None
@@ -426,10 +441,12 @@ class SpanHandler(ServicerBase):
                              * self.backend.span.length)
 
 
-def _stream_reply(reply, tensors: list[torch.Tensor], counted: bool = False) -> list[Response]:
+def _stream_reply(reply, tensors: list[torch.Tensor], counted: bool = False,
+                  compression: Compression = "none") -> list[Response]:
     """A reply whose tensors go in parts of at most STREAM_PART_BYTES (the metadata rides on the first);
-    ``counted``: the reply's ``parts`` field is set to the number of parts."""
-    parts = list(split_tensors(encode_tensor(t) for t in tensors))
+    ``counted``: the reply's ``parts`` field is set to the number of parts. ``compression`` applies to
+    the first tensor only (the outputs or grad_inputs; never prompt or LoRA gradients)."""
+    parts = list(split_tensors(encode_tensor(t, compression if i == 0 else "none") for i, t in enumerate(tensors)))
     if counted:
         reply = reply.model_copy(update=dict(parts=max(1, len(parts))))
     return [Response(metadata=encode(reply) if i == 0 else b"", tensors=[part]) for i, part in enumerate(parts)] \
@@ -439,6 +456,37 @@ def _stream_reply(reply, tensors: list[torch.Tensor], counted: bool = False) -> 
 # ---------------------------------------------------------------------------------------------
 # Client halves
 # ---------------------------------------------------------------------------------------------
+
+
+def _encode_all(tensors: list[torch.Tensor], compression: Compression | None,
+                activations: int) -> list[runtime_pb2.Tensor]:
+    """Encode ``tensors``; the first ``activations`` of them (hidden states, gradients) with ``compression``."""
+    return [encode_tensor(t, (compression or "none") if i < activations else "none") for i, t in enumerate(tensors)]
+
+
+@dataclass
+class WireCounter:
+    """Messages and their serialized bytes (protobuf ``ByteSize``: metadata and tensors, without the
+    few bytes of libp2p framing) that a client sent and received on one connection."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+
+    def sent(self, message: Request) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += message.ByteSize()
+
+    def received(self, message: Response) -> None:
+        self.messages_received += 1
+        self.bytes_received += message.ByteSize()
+
+    def __add__(self, other: WireCounter) -> WireCounter:
+        return WireCounter(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __sub__(self, other: WireCounter) -> WireCounter:
+        return WireCounter(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 def _mark_retrieved(future: asyncio.Future) -> None:
@@ -480,18 +528,22 @@ async def call_forward(
     timeout: float,
     prompts: torch.Tensor | None = None,
     adapter: AdapterRef | None = None,
+    compression: Compression | None = None,
 ) -> torch.Tensor:
+    """The span's outputs; ``compression``: how hidden goes and how the outputs come back (None:
+    hidden uncompressed, outputs as the server's default)."""
     msg = ForwardRequest(
         blocks=SpanRef.of(blocks),
         has_attention_mask=attention_mask is not None,
         has_position_ids=position_ids is not None,
         has_prompts=prompts is not None,
         adapter=adapter,
+        compression=compression,
     )
     tensors = [t for t in (hidden, attention_mask, position_ids, prompts) if t is not None]
 
     async def requests() -> AsyncIterator[Request]:
-        for i, part in enumerate(split_tensors(encode_tensor(t) for t in tensors)):
+        for i, part in enumerate(split_tensors(_encode_all(tensors, compression, 1))):
             yield Request(metadata=encode(msg) if i == 0 else b"", tensors=[part])
 
     async def call() -> torch.Tensor:
@@ -504,7 +556,7 @@ async def call_forward(
         joined = join_tensor_parts(parts)
         if len(joined) != 1:
             raise RemoteCallError(f"forward reply from {peer} carried {len(joined)} tensors")
-        return decode_tensor(joined[0], "output", FLOAT_DTYPES, hidden.numel())
+        return decode_tensor(joined[0], "output", FLOAT_DTYPES, hidden.numel(), compressed_ok=True)
 
     try:
         return await asyncio.wait_for(call(), timeout)
@@ -515,11 +567,12 @@ async def call_forward(
 
 
 async def _call_stream(p2p: P2P, peer: PeerID, method: str, msg, tensors: list[torch.Tensor], decode_reply,
-                       timeout: float, what: str):
-    """Send ``msg`` with ``tensors`` in parts over a stream RPC; the typed reply and its joined tensors."""
+                       timeout: float, what: str, compression: Compression | None = None, activations: int = 0):
+    """Send ``msg`` with ``tensors`` in parts over a stream RPC (the first ``activations`` of them with
+    ``compression``); the typed reply and its joined tensors."""
 
     async def requests() -> AsyncIterator[Request]:
-        parts = list(split_tensors(encode_tensor(t) for t in tensors)) or [None]
+        parts = list(split_tensors(_encode_all(tensors, compression, activations))) or [None]
         for i, part in enumerate(parts):
             yield Request(metadata=encode(msg) if i == 0 else b"", tensors=[part] if part is not None else [])
 
@@ -555,8 +608,10 @@ async def call_backward(
     prompts: torch.Tensor | None = None,
     adapter: AdapterRef | None = None,
     train_lora_a: bool = True,
+    compression: Compression | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-    """Gradients of the span's inputs, of its deep prompts (if sent) and of its LoRA weights."""
+    """Gradients of the span's inputs, of its deep prompts (if sent) and of its LoRA weights.
+    ``compression`` applies to hidden, grad_outputs and grad_inputs only."""
     msg = BackwardRequest(
         blocks=SpanRef.of(blocks),
         has_attention_mask=attention_mask is not None,
@@ -564,14 +619,16 @@ async def call_backward(
         has_prompts=prompts is not None,
         adapter=adapter,
         train_lora_a=train_lora_a,
+        compression=compression,
     )
     tensors = [t for t in (hidden, grad_outputs, attention_mask, position_ids, prompts) if t is not None]
     reply, protos = await _call_stream(p2p, peer, "rpc_backward", msg, tensors, decode_backward_reply, timeout,
-                                       f"backward over blocks {blocks}")
+                                       f"backward over blocks {blocks}", compression, activations=2)
     if not isinstance(reply, BackwardDone) or len(protos) != 1 + reply.has_prompt_grads + reply.num_adapter_grads:
         raise RemoteCallError(f"backward reply from {peer} carried {len(protos)} tensors for {reply!r}")
     limit = max(hidden.numel(), 0 if prompts is None else prompts.numel())
-    grads = [decode_tensor(p, "gradient", FLOAT_DTYPES, max(limit, 1 << 26)) for p in protos]
+    grads = [decode_tensor(p, "gradient", FLOAT_DTYPES, max(limit, 1 << 26), compressed_ok=i == 0)
+             for i, p in enumerate(protos)]
     grad_prompts = grads[1] if reply.has_prompt_grads else None
     return grads[0], grad_prompts, grads[1 + reply.has_prompt_grads:]
 
@@ -588,8 +645,8 @@ class TrainStream:
     """The client half of ``rpc_train``: a span's forward whose graph the server keeps until
     ``backward`` sends the gradient of its outputs (or ``close`` drops it)."""
 
-    def __init__(self, peer: PeerID, blocks: Span, timeout: float):
-        self.peer, self.blocks, self.timeout = peer, blocks, timeout
+    def __init__(self, peer: PeerID, blocks: Span, timeout: float, compression: Compression | None = None):
+        self.peer, self.blocks, self.timeout, self.compression = peer, blocks, timeout, compression
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._replies: AsyncIterator[Response] | None = None
         self.used = False
@@ -600,7 +657,7 @@ class TrainStream:
             yield request
 
     def _send(self, make_msg, tensors: list[torch.Tensor]) -> None:
-        parts = list(split_tensors(encode_tensor(t) for t in tensors))
+        parts = list(split_tensors(_encode_all(tensors, self.compression, 1)))
         for i, part in enumerate(parts):
             self._outbox.put_nowait(Request(metadata=encode(make_msg(len(parts))) if i == 0 else b"", tensors=[part]))
 
@@ -621,15 +678,17 @@ class TrainStream:
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, hidden: torch.Tensor,
                    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, timeout: float,
                    prompts: torch.Tensor | None = None, adapter: AdapterRef | None = None,
-                   train_lora_a: bool = True) -> tuple[TrainStream, torch.Tensor]:
+                   train_lora_a: bool = True,
+                   compression: Compression | None = None) -> tuple[TrainStream, torch.Tensor]:
         """Run the span forward on a server that keeps its graph; the stream and the span's outputs.
-        ``ServerFullError``: the server holds as many graphs as it may (use ``call_forward``)."""
-        self = cls(peer, blocks, timeout)
+        ``ServerFullError``: the server holds as many graphs as it may (use ``call_forward``).
+        ``compression`` applies to hidden, the outputs and both gradients."""
+        self = cls(peer, blocks, timeout, compression)
         tensors = [t for t in (hidden, attention_mask, position_ids, prompts) if t is not None]
         self._send(lambda n: TrainRequest(
             blocks=SpanRef.of(blocks), parts=n, has_attention_mask=attention_mask is not None,
             has_position_ids=position_ids is not None, has_prompts=prompts is not None, adapter=adapter,
-            train_lora_a=train_lora_a), tensors)
+            train_lora_a=train_lora_a, compression=compression), tensors)
 
         async def call():
             stub = SpanHandler.get_stub(p2p, peer)
@@ -637,7 +696,7 @@ class TrainStream:
             _, protos = await self._read_counted(decode_train_forward_reply)
             if len(protos) != 1:
                 raise RemoteCallError(f"train reply from {peer} carried {len(protos)} tensors")
-            return decode_tensor(protos[0], "output", FLOAT_DTYPES, hidden.numel())
+            return decode_tensor(protos[0], "output", FLOAT_DTYPES, hidden.numel(), compressed_ok=True)
 
         try:
             return self, await asyncio.wait_for(call(), timeout)
@@ -668,7 +727,9 @@ class TrainStream:
             protos = join_tensor_parts(parts)
             if len(protos) != 1 + reply.has_prompt_grads + reply.num_adapter_grads:
                 raise RemoteCallError(f"train reply from {self.peer} carried {len(protos)} tensors for {reply!r}")
-            grads = [decode_tensor(p, "gradient", FLOAT_DTYPES, max(grad_outputs.numel(), 1 << 26)) for p in protos]
+            limit = max(grad_outputs.numel(), 1 << 26)
+            grads = [decode_tensor(p, "gradient", FLOAT_DTYPES, limit, compressed_ok=i == 0)
+                     for i, p in enumerate(protos)]
             return grads[0], grads[1] if reply.has_prompt_grads else None, grads[1 + reply.has_prompt_grads:]
 
         try:
@@ -689,8 +750,13 @@ class InferenceStream:
     client's request when a previous server pushed its input), and other replies (open, close,
     errors without a step) to the one pending control call."""
 
-    def __init__(self, peer: PeerID, blocks: Span, session_id: str, timeout: float):
+    def __init__(self, peer: PeerID, blocks: Span, session_id: str, timeout: float,
+                 compression: Compression | None = None):
         self.peer, self.blocks, self.session_id, self.timeout = peer, blocks, session_id, timeout
+        self.compression = compression
+        """How this client sends hidden states and asks for outputs (None: uncompressed / the server's default)."""
+        self.counter = WireCounter()
+        """Messages and bytes this stream sent and received."""
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future] = {}
         self._control: asyncio.Future | None = None
@@ -704,10 +770,15 @@ class InferenceStream:
         while (request := await self._outbox.get()) is not None:
             yield request
 
+    def _send(self, request: Request) -> None:
+        self.counter.sent(request)
+        self._outbox.put_nowait(request)
+
     async def _read(self, replies: AsyncIterator[Response]) -> None:
         failure: Exception = RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}")
         try:
             async for response in replies:
+                self.counter.received(response)
                 self._dispatch(response)
         except Exception as e:
             failure = RemoteCallError(f"inference stream to {self.peer} failed: {e!r}")
@@ -747,15 +818,16 @@ class InferenceStream:
             raise RemoteCallError(f"the stream to {self.peer} is not open")
         self._control = asyncio.get_running_loop().create_future()
         self._control.add_done_callback(_mark_retrieved)
-        self._outbox.put_nowait(request)
+        self._send(request)
         return await self._await(self._control)
 
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, session_id: str, max_length: int, batch_size: int,
                    timeout: float, prompts: torch.Tensor | None = None,
-                   adapter: AdapterRef | None = None) -> InferenceStream:
-        """Open a session; deep ``prompts`` (n_blocks, P, H) and LoRA ``adapter`` apply to all its steps."""
-        self = cls(peer, blocks, session_id, timeout)
+                   adapter: AdapterRef | None = None, compression: Compression | None = None) -> InferenceStream:
+        """Open a session; deep ``prompts`` (n_blocks, P, H) and LoRA ``adapter`` apply to all its steps;
+        ``compression``: how hidden states go and how outputs come back and are pushed on."""
+        self = cls(peer, blocks, session_id, timeout, compression)
         stub = SpanHandler.get_stub(p2p, peer)
         try:
             replies = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
@@ -763,7 +835,8 @@ class InferenceStream:
             raise RemoteCallError(f"cannot open a stream to {peer}: {e!r}") from e
         self._reader = asyncio.create_task(self._read(replies))
         msg = OpenSession(session_id=session_id, blocks=SpanRef.of(blocks), max_length=max_length,
-                          batch_size=batch_size, has_prompts=prompts is not None, adapter=adapter)
+                          batch_size=batch_size, has_prompts=prompts is not None, adapter=adapter,
+                          compression=compression)
         tensors = [encode_tensor(prompts)] if prompts is not None else []
         try:
             await self.control(Request(metadata=encode(msg), tensors=tensors))
@@ -791,8 +864,15 @@ class InferenceStream:
         msg = Step(session_id=self.session_id, step_id=step_id, position=position,
                    has_attention_mask=attention_mask is not None, has_position_ids=position_ids is not None,
                    has_hypo_ids=hypo_ids is not None, push_to=push_to or [])
-        tensors = [encode_tensor(t) for t in (hidden, attention_mask, position_ids, hypo_ids) if t is not None]
-        self._outbox.put_nowait(Request(metadata=encode(msg), tensors=tensors))
+        tensors = [t for t in (hidden, attention_mask, position_ids, hypo_ids) if t is not None]
+        self._send(Request(metadata=encode(msg), tensors=_encode_all(tensors, self.compression, 1)))
+
+    async def answered_within(self, step_id: int, seconds: float) -> bool:
+        """Whether the step's reply (or error) arrives within ``seconds``, without consuming it."""
+        future = self.expect(step_id)
+        if not future.done():
+            await asyncio.wait([future], timeout=seconds)
+        return future.done()
 
     async def result(self, step_id: int, num_elements: int) -> torch.Tensor:
         """Await a step's output hidden states."""
@@ -804,7 +884,7 @@ class InferenceStream:
         if not isinstance(reply, StepDone) or len(response.tensors) != 1:
             raise RemoteCallError(f"unexpected reply from {self.peer}: {reply!r}")
         self.server_compute_ms += reply.compute_ms
-        return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, num_elements)
+        return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, num_elements, compressed_ok=True)
 
     async def step(self, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None) -> torch.Tensor:

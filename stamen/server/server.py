@@ -130,7 +130,8 @@ class Server:
             )
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs)
-            handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout)
+            handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
+                                  cfg.compression)
             p2p = await dht.replicate_p2p()
             await handler.add_p2p_handlers(p2p)
             await BandwidthServicer().add_p2p_handlers(p2p)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from stamen.errors import InvalidRequestError
 from stamen.types import Span
+from stamen.wire.compression import Compression
 
 
 class _Msg(BaseModel):
@@ -59,6 +61,9 @@ class OpenSession(_Msg):
     batch_size: int = Field(gt=0)
     has_prompts: bool = False
     adapter: AdapterRef | None = None
+    compression: Compression | None = None
+    """How the server sends this session's step outputs back and pushes them on (None: the
+    server's default, ``stamen server --compression``)."""
 
 
 class PushTarget(_Msg):
@@ -104,7 +109,8 @@ class Opened(_Msg):
 
 
 class StepDone(_Msg):
-    """Tensors: the span's output hidden states (B, T, H) in the server's compute dtype."""
+    """Tensors: the span's output hidden states (B, T, H) in the server's compute dtype (compressed
+    as the session asked)."""
 
     kind: Literal["step_done"] = "step_done"
     session_id: str
@@ -147,6 +153,8 @@ class ForwardRequest(_Msg):
     has_position_ids: bool = False
     has_prompts: bool = False
     adapter: AdapterRef | None = None
+    compression: Compression | None = None
+    """How the server sends the outputs back (None: the server's default)."""
 
 
 class ForwardDone(_Msg):
@@ -172,6 +180,9 @@ class BackwardRequest(_Msg):
     adapter: AdapterRef | None = None
     train_lora_a: bool = True
     """Return gradients of LoRA A matrices too (False for LoRA-FA, where A is frozen)."""
+    compression: Compression | None = None
+    """How the server sends grad_inputs back (None: uncompressed; the server's default applies to
+    inference and forwards only). Prompt and LoRA gradients always go uncompressed."""
 
 
 class BackwardDone(_Msg):
@@ -202,6 +213,9 @@ class TrainRequest(_Msg):
     adapter: AdapterRef | None = None
     train_lora_a: bool = True
     """Return gradients of LoRA A matrices too (False for LoRA-FA, where A is frozen)."""
+    compression: Compression | None = None
+    """How the server sends the outputs and grad_inputs back (None: uncompressed, as for
+    ``BackwardRequest``)."""
 
 
 class TrainForwardDone(_Msg):
@@ -271,6 +285,12 @@ class InfoReply(_Msg):
     """Stateless backwards (``rpc_backward``), which recompute the span's activations."""
     train_graphs_held: int = 0
     """Training graphs held now (``rpc_train`` calls between their forward and backward)."""
+    compression: Compression = "none"
+    """The server's default compression of what it sends (``stamen server --compression``)."""
+    push_messages: int = 0
+    """Steps this server pushed to next servers."""
+    push_bytes: int = 0
+    """Serialized bytes (protobuf size) of those pushes."""
 
 
 _inference_request = TypeAdapter(InferenceRequest)
@@ -279,7 +299,12 @@ _forward_reply = TypeAdapter(ForwardReply)
 
 
 def encode(msg: BaseModel) -> bytes:
-    return msg.model_dump_json().encode()
+    """Compact JSON: fields at their defaults are left out (the receiver fills them in again), all
+    but ``kind``, which tags the message."""
+    fields = msg.model_dump(mode="json", exclude_defaults=True)
+    if "kind" in type(msg).model_fields:
+        fields = {"kind": msg.kind, **fields}
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def decode_inference_request(raw: bytes) -> OpenSession | Step | CloseSession:

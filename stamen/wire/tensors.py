@@ -1,5 +1,6 @@
 """Tensor encoding on the wire: hivemind's protobuf ``Tensor``, in the tensor's own dtype
-(bf16/fp16 travel as 2 bytes per element), split into parts for streams; decoded with checks."""
+(bf16/fp16 travel as 2 bytes per element) or, for activations only, 8-bit blockwise compressed
+(``compression.py``); split into parts for streams; decoded with checks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from stamen.errors import InvalidRequestError
+from stamen.wire.compression import Compression, compress, decode_compressed
 
 FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
 INDEX_DTYPES = {"int64", "int32", "bool", "uint8"}
@@ -18,9 +20,13 @@ STREAM_PART_BYTES = 1 << 20
 """Each streamed message carries at most this many tensor bytes (hivemind caps messages at 4 MiB)."""
 
 
-def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    """Serialize without compression, in the tensor's dtype. (hivemind's own serializer upcasts
-    bfloat16 to float32 unless USE_LEGACY_BFLOAT16=0 is set, doubling the bytes on the wire.)"""
+def encode_tensor(tensor: torch.Tensor, compression: Compression = "none") -> runtime_pb2.Tensor:
+    """Serialize in the tensor's dtype, uncompressed unless ``compression`` is "blockwise8" (for
+    hidden states and their gradients only; a tensor that cannot be compressed goes uncompressed).
+    (hivemind's own serializer upcasts bfloat16 to float32 unless USE_LEGACY_BFLOAT16=0 is set,
+    doubling the bytes on the wire.)"""
+    if compression == "blockwise8" and (proto := compress(tensor)) is not None:
+        return proto
     tensor = tensor.detach().cpu().contiguous()
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     return runtime_pb2.Tensor(
@@ -32,8 +38,11 @@ def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     )
 
 
-def decode_tensor(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str], max_numel: int) -> torch.Tensor:
-    """Decode one tensor, raising InvalidRequestError for a wrong dtype, size or corrupt buffer."""
+def decode_tensor(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str], max_numel: int,
+                  compressed_ok: bool = False) -> torch.Tensor:
+    """Decode one tensor, raising InvalidRequestError for a wrong dtype, size or corrupt buffer.
+    ``compressed_ok``: the tensor (hidden states or a gradient) may come blockwise8-compressed;
+    anything else (ids, masks, positions, prompts, adapter weights) must come uncompressed."""
     if proto.dtype not in allowed_dtypes:
         raise InvalidRequestError(
             f"{name}: dtype {proto.dtype or '?'} not allowed (expected one of {sorted(allowed_dtypes)})"
@@ -43,6 +52,8 @@ def decode_tensor(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str]
         numel *= dim
     if numel > max_numel:
         raise InvalidRequestError(f"{name}: {numel} elements exceed the limit of {max_numel}")
+    if compressed_ok and proto.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT:
+        return decode_compressed(proto, name, numel)
     if proto.compression != runtime_pb2.CompressionType.NONE:
         raise InvalidRequestError(f"{name}: compression {proto.compression} is not accepted")
     itemsize = torch.empty((), dtype=getattr(torch, proto.dtype)).element_size()
