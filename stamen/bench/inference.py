@@ -325,6 +325,7 @@ def run_decode(h: Harness) -> dict:
         raw[prefix][name]["ms"].append(ms)
         raw[prefix][name]["ttft_ms"].append(ttft)
 
+    loads: list[float] = []
     h.say("warming up ...")
     warm = h.prompt(8)
     for m in (h.local, h.dmodel, h.nopush, h.offload, h.cpu_offloaded):
@@ -369,7 +370,9 @@ def run_decode(h: Harness) -> dict:
                 _generate(h.cpu_offloaded, prompt, s.offload_tokens, clock)
                 record(prefix, "cpu_offload", clock.ms_per_token(), clock.first_token_ms())
             r = raw[prefix]
-            h.say(f"run {run + 1}/{s.runs} prefix {prefix}: local {r['local']['ms'][-1]:.1f} ms/token, "
+            loads.append(round(os.getloadavg()[0], 2))
+            h.say(f"run {run + 1}/{s.runs} prefix {prefix} (load {loads[-1]}): "
+                  f"local {r['local']['ms'][-1]:.1f} ms/token, "
                   f"swarm {r['swarm']['ms'][-1]:.1f} (servers computed {server_compute[prefix][-1]:.1f}), "
                   f"blocks {r['blocks']['ms'][-1]:.1f} (+head {r['blocks_head']['ms'][-1]:.1f})"
                   + (f", disk offload {r['disk_offload']['ms'][-1]:.0f}" if r["disk_offload"]["ms"] else "")
@@ -408,6 +411,7 @@ def run_decode(h: Harness) -> dict:
             "raw_ttft_ms": {k: [_r(x, 1) for x in v["ttft_ms"]] for k, v in r.items() if v["ttft_ms"]},
             "raw_server_compute_ms": [_r(x) for x in server_compute[prefix]],
         }
+    out["load_average_1min_after_each_prefix"] = loads
     out["new_tokens"] = s.new_tokens
     out["offload_tokens"] = s.offload_tokens
     out["cold_tokens"] = s.cold_tokens
@@ -711,20 +715,26 @@ def run_suite(settings: BenchSettings, out_dir: Path, train: bool = False, train
 
 
 def _measured_stream_rate(h: Harness, decode: dict) -> dict | None:
-    """What the warm disk offload achieved here: block bytes / (offload ms - local ms) per token."""
-    first = decode["prefixes"][str(h.settings.prefixes[0])]["contenders"]
-    if "disk_offload" not in first:
-        return None
-    extra_ms = first["disk_offload"]["ms_per_token"] - first["local"]["ms_per_token"]
-    out = {"disk_offload_warm_extra_ms_per_token": _r(extra_ms, 1)}
-    if extra_ms > 0:
-        out["implied_gb_per_s_page_cache"] = _r(h.block_weight_bytes / (extra_ms / 1000) / 1e9, 2)
-    if "disk_offload_cold" in first:
-        cold_extra = first["disk_offload_cold"]["ms_per_token"] - first["local"]["ms_per_token"]
-        out["disk_offload_cold_extra_ms_per_token"] = _r(cold_extra, 1)
-        if cold_extra > 0:
-            out["implied_gb_per_s_cold"] = _r(h.block_weight_bytes / (cold_extra / 1000) / 1e9, 2)
-    return out
+    """What reading the weights cost the disk offload here, per token at the first prefix: warm
+    offload minus ``cpu_offload`` (the same hooks without reads) and cold minus warm, as medians of
+    the per-run differences, with the read rate they imply for the block weights."""
+    raw = decode["prefixes"][str(h.settings.prefixes[0])]["raw_ms_per_token"]
+
+    def diff(a: str, b: str) -> float | None:
+        if a not in raw or b not in raw:
+            return None
+        return statistics.median(x - y for x, y in zip(raw[a], raw[b], strict=False))
+
+    out = {}
+    for name, (a, b) in {"warm_disk_offload_minus_cpu_offload": ("disk_offload", "cpu_offload"),
+                         "cold_minus_warm_disk_offload": ("disk_offload_cold", "disk_offload")}.items():
+        extra = diff(a, b)
+        if extra is None:
+            continue
+        out[f"{name}_ms_per_token"] = _r(extra, 1)
+        if extra > 0:
+            out[f"{name}_implied_gb_per_s"] = _r(h.block_weight_bytes / (extra / 1000) / 1e9, 2)
+    return out or None
 
 
 def _emit(report: dict, json_only: bool) -> None:
