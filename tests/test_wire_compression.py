@@ -241,12 +241,14 @@ def test_byte_counters_show_the_reduction(b8_clients):
         # float32 sends 4 bytes per value; blockwise8 1 + 4/64 = 1.0625: 3.76x less payload
         assert f32.bytes_sent / b8c.bytes_sent > 3.5
         assert f32.bytes_received / b8c.bytes_received > 3.5
-    # decode steps: one message each way per hop, at most 1.1 x hidden x 4 bytes + a fixed overhead
-    for before, after in zip(pre_f32, end_f32, strict=True):
+    # decode steps: one reply per hop, at most 1.1 x hidden x 4 bytes + a fixed overhead each; the
+    # client sends every step to hop 0 (naming the next hop), and to hop 1 only the copies of pushes
+    # that did not answer in time (the first decoding step, before there is a reply time to go by)
+    for i, (before, after) in enumerate(zip(pre_f32, end_f32, strict=True)):
         step = after - before
-        assert step.messages_sent == step.messages_received == 8
+        assert step.messages_received == 8 and (step.messages_sent == 8 if i == 0 else 1 <= step.messages_sent <= 8)
         assert step.bytes_received / 8 <= 1.1 * HIDDEN * 4 + 200
-        assert step.bytes_sent / 8 <= 1.1 * HIDDEN * 4 + 400  # hop 0's steps also name the next hop
+        assert step.bytes_sent / step.messages_sent <= 1.1 * HIDDEN * 4 + 400
     for before, after in zip(pre_b8, end_b8, strict=True):
         step = after - before
         assert step.bytes_received / 8 <= compressed_size(HIDDEN) + 200
