@@ -90,6 +90,10 @@ def server(
 ) -> None:
     """Serve a span of a model's blocks to the swarm."""
     setup_logging()
+    # OpenMP workers that spin ~300 000 times after every parallel region (libgomp's default) keep a
+    # core busy for milliseconds after each step, while the next server of the chain computes on the
+    # same machine; 30 000 still covers the gaps inside a step (see server/compute.py). Read when torch loads.
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     from pydantic import ValidationError
 
     from stamen.server.config import ServerConfig

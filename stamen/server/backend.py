@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -111,7 +111,8 @@ class TrainGraph:
 
 class SpanBackend:
     def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
-                 max_step_tokens: int, adapter_cache_bytes: int = 256 << 20, max_train_graphs: int = 8):
+                 max_step_tokens: int, adapter_cache_bytes: int = 256 << 20, max_train_graphs: int = 8,
+                 executor: Executor | None = None):
         self.model, self.dtype, self.device = model, dtype, device
         self.span = model.span
         self.hidden_size = model.config.hidden_size
@@ -119,7 +120,10 @@ class SpanBackend:
         self.budget = CacheBudget(max_cache_tokens, self.span.length)
         self.sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, for clear errors
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
+        self._own_pool = executor is None
+        self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
+        """Where compute runs: a server passes its main thread (``server/compute.py``) and then runs
+        every step there; otherwise one worker thread, with decoding steps inline on the loop."""
         self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
         """LoRA adapters by content hash: the only state kept between training calls."""
         self.max_train_graphs = max_train_graphs
@@ -255,7 +259,7 @@ class SpanBackend:
         if hypo_ids is not None:
             cache.reorder(hypo_ids.to(cache.tensor.device))
         session.last_used = time.monotonic()
-        if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:
+        if self._own_pool and hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:
             return self._step(session, hidden, attention_mask, position_ids)  # a thread handoff costs more
         return await self._run(self._step, session, hidden, attention_mask, position_ids)
 
@@ -387,4 +391,5 @@ class SpanBackend:
     def shutdown(self) -> None:
         for session_id in list(self.sessions):
             self.close(session_id)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
+from stamen.server.compute import MainThreadExecutor, limit_omp_to_one_thread
 from stamen.server.config import ServerConfig, default_dht_prefix
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
@@ -89,14 +91,40 @@ class Server:
         self.moving_to: Span | None = None
         self._stop = asyncio.Event()
         self._drains: set[asyncio.Task] = set()
+        self._compute = MainThreadExecutor()
+        """Every torch computation of the server runs here, on the main thread."""
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
+        """The event loop runs on a second thread; the main thread computes (see ``server/compute.py``)."""
         import uvloop  # hivemind depends on it; its loop wakes up faster than asyncio's default
 
-        uvloop.run(self._main())
+        errors: list[BaseException] = []
+
+        def loop_thread() -> None:
+            try:
+                limit_omp_to_one_thread()
+                uvloop.run(self._main())
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                self._compute.shutdown()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._request_stop_threadsafe())
+        thread = threading.Thread(target=loop_thread, name="stamen-loop", daemon=True)
+        thread.start()
+        self._compute.serve()
+        thread.join()
+        if errors:
+            raise errors[0]
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _request_stop_threadsafe(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.request_stop)
 
     @property
     def tag(self) -> str:
@@ -104,11 +132,9 @@ class Server:
 
     async def _main(self) -> None:
         cfg = self.config
+        loop = self._loop = asyncio.get_running_loop()
         if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.request_stop)
+            await loop.run_in_executor(self._compute, torch.set_num_threads, cfg.torch_threads)
 
         hf_config = load_config(cfg.model)
         block_config = BlockConfig.from_hf(hf_config)
@@ -125,11 +151,12 @@ class Server:
         self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
         try:
             model = await loop.run_in_executor(
-                None, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device,
+                self._compute, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device,
                                         quant=cfg.quant)
             )
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
-                                  cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs)
+                                  cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs,
+                                  executor=self._compute)
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
                                   cfg.compression)
             p2p = await dht.replicate_p2p()
@@ -242,7 +269,7 @@ class Server:
         loop = asyncio.get_running_loop()
         key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config, cfg.quant)
         compute, cached = await loop.run_in_executor(
-            None, lambda: cached_compute(cfg.throughput_cache, key,
+            self._compute, lambda: cached_compute(cfg.throughput_cache, key,
                                          lambda: measure_compute(model, cfg.torch_dtype, cfg.device)))
         records = await loop.run_in_executor(None, lambda: fetch_servers(dht, self.model_name, block_config.num_blocks))
         peers = [PeerID.from_base58(p) for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id]
@@ -298,7 +325,7 @@ class Server:
                     decision.target.length - kept, kept)
         self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left)
         try:
-            model = await asyncio.get_running_loop().run_in_executor(None, lambda: load_span(
+            model = await asyncio.get_running_loop().run_in_executor(self._compute, lambda: load_span(
                 s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device, reuse=old_model,
                 quant=cfg.quant))
         except Exception:
