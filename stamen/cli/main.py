@@ -90,10 +90,7 @@ def server(
 ) -> None:
     """Serve a span of a model's blocks to the swarm."""
     setup_logging()
-    # OpenMP workers that spin ~300 000 times after every parallel region (libgomp's default) keep a
-    # core busy for milliseconds after each step, while the next server of the chain computes on the
-    # same machine; 30 000 still covers the gaps inside a step (see server/compute.py). Read when torch loads.
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # see main(); also when called without main()
     from pydantic import ValidationError
 
     from stamen.server.config import ServerConfig
@@ -524,6 +521,11 @@ def make_model(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # libgomp's idle OpenMP workers spin ~300 000 times after every parallel region, holding a core
+    # for milliseconds; when a client and servers share cores, that core is the one the next hop
+    # computes on. 30 000 spins still cover the gaps inside a step (benchmarks: swarm / local
+    # 1.23 -> 1.18 with the client at 30 000 too). Read when torch loads, so set before any command.
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     app()
 
 
