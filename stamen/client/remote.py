@@ -318,12 +318,16 @@ class _ChainRun:
         if stream is not None and not stream.used:  # the server kept this hop's graph
             try:
                 grad_in, grad_prompts, lora_grads = await stream.backward(grad)
+                grads.add(hop.blocks, grad_prompts, lora_grads)
+                return grad_in.to(grad.dtype)
             except Exception as e:
                 if not is_retryable(e):
                     raise
-                return await self._reroute_backward(hop, x, grad, rows, grads, budget, e)
-            grads.add(hop.blocks, grad_prompts, lora_grads)
-            return grad_in.to(grad.dtype)
+                # The graph is gone (its call broke or timed out), not necessarily the server: ask the
+                # same server for a stateless backward first; the loop below reroutes if that fails too.
+                budget.spend(e)
+                logger.info("kept graph for blocks %s on %s lost (%s): stateless backward", hop.blocks,
+                            hop.peer_id, e)
         mask, positions = self._aux(rows)
         lora = self.tuning.lora
         while True:

@@ -4,6 +4,7 @@ so the contract reads in one place. Handlers decode a typed request, call the ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import astuple, dataclass
@@ -323,6 +324,7 @@ class SpanHandler(ServicerBase):
             ), self.request_timeout)
         except Exception as e:
             yield _error(e)
+            await _client_end(requests)
             return
         try:
             out = graph.output()
@@ -347,6 +349,7 @@ class SpanHandler(ServicerBase):
                     self.backend.train_backward(graph, grad_outputs), self.request_timeout)
             except Exception as e:
                 yield _error(e)
+                await _client_end(requests)
                 return
         finally:
             self.backend.release_graph(graph)
@@ -354,6 +357,7 @@ class SpanHandler(ServicerBase):
         tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
         for response in _stream_reply(reply, tensors, compression=msg.compression or "none"):
             yield response
+        await _client_end(requests)
 
     async def _read_parts(self, requests: AsyncIterator[Request], decode, grads: bool):
         """One message of a multi-message stream: typed metadata with ``parts``, then that many stream
@@ -439,6 +443,17 @@ class SpanHandler(ServicerBase):
         return decode_tensor(protos[0], "prompts", FLOAT_DTYPES,
                              min(max_length, self.backend.max_step_tokens) * self.backend.hidden_size
                              * self.backend.span.length)
+
+
+async def _client_end(requests: AsyncIterator[Request], timeout: float = 10.0) -> None:
+    """Wait (bounded) for the client to end its half of a stream before this handler returns and
+    closes ours. The client writes its end-of-stream marker right after its last message; if that
+    write reaches a stream the server already closed, the client's libp2p daemon drops the whole
+    connection and the client loses the replies it had not read yet (a BrokenPipeError)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            async for _ in requests:
+                pass
 
 
 def _stream_reply(reply, tensors: list[torch.Tensor], counted: bool = False,
