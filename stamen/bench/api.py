@@ -17,28 +17,16 @@ from pathlib import Path
 
 import torch
 
+from stamen.bench.inference import TokenClock
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
-class _Clock:
-    """Streamer (put/end) that timestamps the prompt and every new token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def _python_run(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
     """(time to first token ms, ms/token, tokens) for one generate call."""
-    clock = _Clock()
+    clock = TokenClock()
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
     tokens = out.shape[1] - ids.shape[1]

@@ -41,7 +41,7 @@ from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
 
 
-class _Clock:
+class TokenClock:
     """A transformers-style streamer that timestamps every new token (``put``); ``times[0]`` is the
     prompt, put before any compute. ``on_put`` runs after the timestamp (e.g. to drop the page
     cache); its own time is excluded from the next gap."""
@@ -75,7 +75,7 @@ class _Clock:
         return 1000 * (self.times[1] - self.starts[0])
 
 
-def _even_spans(num_blocks: int, parts: int) -> list[Span]:
+def even_spans(num_blocks: int, parts: int) -> list[Span]:
     bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
     return [Span(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
@@ -160,7 +160,7 @@ class Harness:
             self.num_blocks = self.hf_config.num_hidden_layers
             self.vocab = self.hf_config.vocab_size
             self.blocks = _load_all_blocks(s.model)
-            self.spans = _even_spans(self.num_blocks, s.servers)
+            self.spans = even_spans(self.num_blocks, s.servers)
             self.say(f"starting a bootstrap peer and {s.servers} servers on 127.0.0.1: "
                      f"{', '.join(map(str, self.spans))}")
             swarm = self._stack.enter_context(LocalSwarm(log_dir=self.workdir / "logs", env=s.server_env))
@@ -262,7 +262,7 @@ def _read_bytes() -> int:
 # --- decoding ---
 
 
-def _generate(model, prompt: torch.Tensor, new_tokens: int, clock: _Clock, session=None) -> None:
+def _generate(model, prompt: torch.Tensor, new_tokens: int, clock: TokenClock, session=None) -> None:
     settings = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         if session is None:
@@ -271,10 +271,10 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int, clock: _Clock, sessi
             model.generate(prompt, streamer=clock, session=session, **settings)
 
 
-def _swarm_generate(dmodel, prompt: torch.Tensor, new_tokens: int) -> tuple[_Clock, list[float]]:
+def _swarm_generate(dmodel, prompt: torch.Tensor, new_tokens: int) -> tuple[TokenClock, list[float]]:
     """Generate through the swarm; returns the clock and the servers' reported compute ms per decode step."""
     with dmodel.inference_session(max_length=prompt.shape[1] + new_tokens, batch_size=prompt.shape[0]) as session:
-        clock = _Clock(on_put=lambda: sum(h.stream.server_compute_ms for h in session._hops))
+        clock = TokenClock(on_put=lambda: sum(h.stream.server_compute_ms for h in session._hops))
         _generate(dmodel, prompt, new_tokens, clock, session=session)
     compute = [b - a for a, b in zip(clock.extra[1:], clock.extra[2:], strict=False)]
     return clock, compute
@@ -330,12 +330,12 @@ def run_decode(h: Harness) -> dict:
     warm = h.prompt(8)
     for m in (h.local, h.dmodel, h.nopush, h.offload, h.cpu_offloaded):
         if m is not None:
-            _generate(m, warm, 3, _Clock())
+            _generate(m, warm, 3, TokenClock())
     _blocks_generate(h, warm, 3)
     for run in range(s.runs):
         for prefix in s.prefixes:
             prompt = h.prompt(prefix, seed=run)
-            clock = _Clock()
+            clock = TokenClock()
             _generate(h.local, prompt, s.new_tokens, clock)
             record(prefix, "local", clock.ms_per_token(), clock.first_token_ms())
             clock, compute = _swarm_generate(h.dmodel, prompt, s.new_tokens)
@@ -351,14 +351,14 @@ def run_decode(h: Harness) -> dict:
             offload_now = prefix == s.prefixes[0] or run == 0
             if h.offload is not None and offload_now:
                 warm_page_cache(h.offload_files)
-                clock = _Clock()
+                clock = TokenClock()
                 before = _read_bytes()
                 _generate(h.offload, prompt, s.offload_tokens, clock)
                 offload_io["warm_read_mb_per_token"].append((_read_bytes() - before) / 2**20 / s.offload_tokens)
                 record(prefix, "disk_offload", clock.ms_per_token(), clock.first_token_ms())
                 if s.cold_tokens and prefix == s.prefixes[0]:
                     drops = [drop_page_cache(h.offload_files)]
-                    clock = _Clock(on_put=lambda drops=drops: drops.append(drop_page_cache(h.offload_files)))
+                    clock = TokenClock(on_put=lambda drops=drops: drops.append(drop_page_cache(h.offload_files)))
                     before = _read_bytes()
                     _generate(h.offload, prompt, s.cold_tokens, clock)
                     offload_io["cold_read_mb_per_token"].append((_read_bytes() - before) / 2**20 / s.cold_tokens)
@@ -366,7 +366,7 @@ def run_decode(h: Harness) -> dict:
                     # the first gap starts after the prompt's drop: clock.starts[0] is taken after it
                     record(prefix, "disk_offload_cold", clock.ms_per_token(), clock.first_token_ms())
             if h.cpu_offloaded is not None and offload_now:
-                clock = _Clock()
+                clock = TokenClock()
                 _generate(h.cpu_offloaded, prompt, s.offload_tokens, clock)
                 record(prefix, "cpu_offload", clock.ms_per_token(), clock.first_token_ms())
             r = raw[prefix]

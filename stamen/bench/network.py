@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from stamen.bench.inference import TokenClock, even_spans
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.netns import Topology, cleanup_stale, entered, namespaces_unavailable, parse_rate
 from stamen.testing.swarm import LocalSwarm
@@ -161,29 +162,14 @@ def predict(base: dict[str, float], base_network: dict[str, float], network: dic
 # ---------------------------------------------------------------------------------------------
 
 
-class _Clock:
-    """A transformers-style streamer that timestamps every new token (``times[0]``: the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(ms per token after the first, time to first token in ms) of one greedy generation."""
-    clock = _Clock()
+    clock = TokenClock()
     start = time.perf_counter()  # the first token's time includes choosing a route and opening sessions
     with torch.no_grad():
         model.generate(prompt, streamer=clock, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                        pad_token_id=0)
-    t = clock.times
-    gaps = [b - a for a, b in zip(t[1:], t[2:], strict=False)]
-    return 1000 * statistics.mean(gaps), 1000 * (t[1] - start)
+    return statistics.mean(clock.gaps_ms()), 1000 * (clock.times[1] - start)
 
 
 def _forward(model, batch: int, length: int, hidden_size: int) -> float:
@@ -331,11 +317,6 @@ class _NetSwarm(LocalSwarm):
             self.relays = []
 
 
-def _even_spans(num_blocks: int, parts: int) -> list[Span]:
-    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
-    return [Span(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
 def _ping_ms(model, repeats: int = 5) -> float:
     from stamen.client import loop
     from stamen.server.handler import ping
@@ -412,7 +393,7 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
                       settings.forward_length).measure()
     say("  " + ", ".join(f"{k} {v:.1f}" for k, v in compute.items()))
 
-    spans = _even_spans(num_blocks, settings.servers)
+    spans = even_spans(num_blocks, settings.servers)
     hosts = ["client", *(f"s{i}" for i in range(settings.servers))]
     cells = []
     started = time.monotonic()

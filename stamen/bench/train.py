@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stamen.bench.inference import _even_spans
+from stamen.bench.inference import even_spans
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
 
@@ -92,7 +92,7 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
     hf_config = AutoConfig.from_pretrained(model)
     num_blocks, vocab = hf_config.num_hidden_layers, hf_config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    spans = _even_spans(num_blocks, num_servers)
+    spans = even_spans(num_blocks, num_servers)
     swarms = ("swarm", "stateless") if stateless else ("swarm",)
     results: dict[str, list[float]] = {f"{c}_{m}_s": [] for m in MODES for c in ("local", *swarms)}
     say(f"starting a bootstrap peer and {num_servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")

@@ -90,7 +90,6 @@ def server(
 ) -> None:
     """Serve a span of a model's blocks to the swarm."""
     setup_logging()
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # see main(); also when called without main()
     from pydantic import ValidationError
 
     from stamen.server.config import ServerConfig

@@ -35,7 +35,6 @@ from stamen.errors import InvalidRequestError
 
 Compression = Literal["none", "blockwise8"]
 """``none``: the tensor's own dtype; ``blockwise8``: int8 codes with one float32 absmax per 64 values."""
-COMPRESSIONS: tuple[str, ...] = ("none", "blockwise8")
 BLOCK_SIZE = 64
 """Values per block on the wire (a fixed part of the format)."""
 _QMAX = 127
