@@ -522,9 +522,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # libgomp's idle OpenMP workers spin ~300 000 times after every parallel region, holding a core
     # for milliseconds; when a client and servers share cores, that core is the one the next hop
-    # computes on. 30 000 spins still cover the gaps inside a step (benchmarks: swarm / local
-    # 1.23 -> 1.18 with the client at 30 000 too). Read when torch loads, so set before any command.
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+    # computes on, and a 2-thread team then waits for it at every barrier. 3 000 spins (~0.1 ms on
+    # the development machine) still cover the gaps between the parallel regions of a step (a
+    # step's compute in-process is the same at 300, 3 000 and 30 000), and with 3 servers sharing
+    # 2 cores the servers' compute went from 1.12x to 0.97x the same blocks in-process against
+    # 30 000 (docs/benchmarks.md). Read when torch loads, so set before any command.
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     app()
 
 

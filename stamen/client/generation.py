@@ -22,6 +22,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from stamen import trace
 from stamen.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class GenerationMixin:
             unfinished = torch.ones(batch, dtype=torch.bool)
             while True:
                 logits = self.step_logits(session, new_ids, mask, positions).float()
+                trace.mark("c.logits")
                 session.input_ids = ids
                 scores = processors(ids, logits)
                 if config.do_sample:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stamen import trace
 from stamen.client import loop
 from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.routing import Hop
@@ -204,7 +205,9 @@ class InferenceSession:
                 hypo_ids if start == 0 else None,
             )
             self._next_step_id += 1
+            trace.mark("c.step", inputs.step_id)
             outputs.append(loop.run(self._step(hidden[:, start:end], inputs)))
+            trace.mark("c.main", inputs.step_id)
             self._steps.append(inputs)
             self.position += end - start
             self.sent_tokens += end - start

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stamen import trace
 from stamen.errors import (
     InvalidRequestError,
     ServerFullError,
@@ -25,6 +26,7 @@ from stamen.errors import (
 from stamen.models.lora import BlockLoRA
 from stamen.models.span import KVCache, SpanModel
 from stamen.server.adapters import AdapterCache
+from stamen.server.compute import InlineExecutor
 from stamen.types import Span
 from stamen.wire.messages import AdapterMeta, AdapterRef, OpenSession, Step
 
@@ -122,8 +124,9 @@ class SpanBackend:
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, for clear errors
         self._own_pool = executor is None
         self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
-        """Where compute runs: a server passes its main thread (``server/compute.py``) and then runs
-        every step there; otherwise one worker thread, with decoding steps inline on the loop."""
+        """Where compute runs: a server passes ``InlineExecutor`` (``server/compute.py``) and then runs
+        every step inline on its loop; otherwise one worker thread, with decoding steps inline."""
+        self._inline = isinstance(executor, InlineExecutor)
         self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
         """LoRA adapters by content hash: the only state kept between training calls."""
         self.max_train_graphs = max_train_graphs
@@ -264,9 +267,12 @@ class SpanBackend:
         return await self._run(self._step, session, hidden, attention_mask, position_ids)
 
     def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
+        trace.mark("s.c0")
         with torch.inference_mode():
-            return (session.model or self.model).step(hidden, session.cache, attention_mask, position_ids,
-                                                      session.blocks, session.prompts, session.adapters)
+            out = (session.model or self.model).step(hidden, session.cache, attention_mask, position_ids,
+                                                     session.blocks, session.prompts, session.adapters)
+        trace.mark("s.c1")
+        return out
 
     async def forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None,
@@ -372,6 +378,8 @@ class SpanBackend:
         return result
 
     async def _run(self, fn, *args) -> torch.Tensor:
+        if self._inline:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def swap_model(self, model: SpanModel) -> None:

@@ -14,6 +14,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from stamen import trace
 from stamen.errors import (
     InvalidRequestError,
     RemoteCallError,
@@ -148,6 +149,7 @@ class SpanHandler(ServicerBase):
         reader = asyncio.create_task(self._read_inference(requests, replies, opened, context))
         try:
             while (reply := await replies.get()) is not None:
+                trace.mark("s.reply_out")
                 yield reply
         finally:
             reader.cancel()
@@ -171,6 +173,7 @@ class SpanHandler(ServicerBase):
                 try:
                     msg = decode_inference_request(request.metadata)
                     step_id = msg.step_id if isinstance(msg, Step) else None
+                    trace.mark("s.recv", -1 if step_id is None else step_id)
                     reply = await self._inference_message(msg, request, replies, opened)
                 except Exception as e:  # a typed error (or a bug): reply and keep serving
                     reply = _error(e, step_id)
@@ -209,6 +212,7 @@ class SpanHandler(ServicerBase):
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
         compute_ms = round(1000 * (time.perf_counter() - start), 3)
+        trace.mark("s.back", msg.step_id)
         encoded = encode_tensor(out, session.compression)  # one encoding for the reply and the push
         if msg.push_to:
             pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:]))
@@ -216,6 +220,7 @@ class SpanHandler(ServicerBase):
         reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
                          compute_ms=compute_ms)
         session.replies.put_nowait(Response(metadata=encode(reply), tensors=[encoded]))
+        trace.mark("s.queued", msg.step_id)
 
     # --- push: a server hands its output straight to the next server of the route ---
     # One long-lived stream per next server: a unary call would open a new libp2p stream per step.
@@ -250,6 +255,7 @@ class SpanHandler(ServicerBase):
     async def _push_stream(self, peer_id: str, queue: asyncio.Queue) -> None:
         async def requests() -> AsyncIterator[Request]:
             while (request := await queue.get()) is not None:
+                trace.mark("s.push_out")
                 yield request
 
         try:
@@ -267,6 +273,7 @@ class SpanHandler(ServicerBase):
         async for request in requests:
             try:
                 msg = decode_step(request.metadata)
+                trace.mark("s.recv_push", msg.step_id)
                 await self._step(msg, list(request.tensors), pushed=True)
             except (UnknownSessionError, SessionClosedError):
                 continue  # the client closed or moved its session: nothing to do
@@ -669,6 +676,7 @@ class TrainStream:
 
     async def _requests(self) -> AsyncIterator[Request]:
         while (request := await self._outbox.get()) is not None:
+            trace.mark(f"c.out{self.blocks.start}")
             yield request
 
     def _send(self, make_msg, tensors: list[torch.Tensor]) -> None:
@@ -783,6 +791,7 @@ class InferenceStream:
 
     async def _requests(self) -> AsyncIterator[Request]:
         while (request := await self._outbox.get()) is not None:
+            trace.mark(f"c.out{self.blocks.start}")
             yield request
 
     def _send(self, request: Request) -> None:
@@ -793,6 +802,7 @@ class InferenceStream:
         failure: Exception = RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}")
         try:
             async for response in replies:
+                trace.mark(f"c.recv{self.blocks.start}")
                 self.counter.received(response)
                 self._dispatch(response)
         except Exception as e:

@@ -6,19 +6,19 @@ import asyncio
 import logging
 import random
 import signal
-import threading
 from dataclasses import dataclass
 
 import torch
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 
+from stamen import trace
 from stamen.dht.records import ServerRecord, ServerState, announce, fetch_servers
 from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
-from stamen.server.compute import MainThreadExecutor, limit_omp_to_one_thread
+from stamen.server.compute import InlineExecutor
 from stamen.server.config import ServerConfig, default_dht_prefix
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
@@ -91,40 +91,18 @@ class Server:
         self.moving_to: Span | None = None
         self._stop = asyncio.Event()
         self._drains: set[asyncio.Task] = set()
-        self._compute = MainThreadExecutor()
-        """Every torch computation of the server runs here, on the main thread."""
+        self._compute = InlineExecutor()
+        """Every torch computation of the server runs inline on the loop (the main thread)."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
-        """The event loop runs on a second thread; the main thread computes (see ``server/compute.py``)."""
+        """The event loop runs on the main thread and computes inline (see ``server/compute.py``)."""
         import uvloop  # hivemind depends on it; its loop wakes up faster than asyncio's default
 
-        errors: list[BaseException] = []
-
-        def loop_thread() -> None:
-            try:
-                limit_omp_to_one_thread()
-                uvloop.run(self._main())
-            except BaseException as e:
-                errors.append(e)
-            finally:
-                self._compute.shutdown()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._request_stop_threadsafe())
-        thread = threading.Thread(target=loop_thread, name="stamen-loop", daemon=True)
-        thread.start()
-        self._compute.serve()
-        thread.join()
-        if errors:
-            raise errors[0]
+        uvloop.run(self._main())
 
     def request_stop(self) -> None:
         self._stop.set()
-
-    def _request_stop_threadsafe(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.request_stop)
 
     @property
     def tag(self) -> str:
@@ -133,6 +111,8 @@ class Server:
     async def _main(self) -> None:
         cfg = self.config
         loop = self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
         if cfg.torch_threads:
             await loop.run_in_executor(self._compute, torch.set_num_threads, cfg.torch_threads)
 
@@ -146,6 +126,7 @@ class Server:
         self.span = cfg.blocks or self._choose_span(dht, block_config, length)
         if self.span.end > block_config.num_blocks:
             raise SystemExit(f"--blocks {self.span} is past the model's {block_config.num_blocks} blocks")
+        trace.set_role(f"server{self.span.start}")
         logger.info("%s %s joining; visible at %s", peer_id[-6:], self.tag,
                     " ".join(str(m) for m in dht.get_visible_maddrs()))
         self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
