@@ -21,6 +21,22 @@ def enabled() -> bool:
     return _events is not None
 
 
+def enable(directory: str) -> None:
+    """Start marking in this process (as if ``STAMEN_TRACE_DIR`` had been set at import)."""
+    global _DIR, _events
+    if _events is None:
+        _events = []
+        atexit.register(flush)
+    _DIR = directory
+
+
+def disable() -> None:
+    """Write what was marked and stop marking."""
+    global _events
+    flush()
+    _events = None
+
+
 def set_role(role: str) -> None:
     global _role
     _role = role
@@ -42,3 +58,14 @@ def flush() -> None:
 
 if _events is not None:
     atexit.register(flush)
+
+
+def load(directory: str) -> list[tuple[int, str, str, int]]:
+    """Every process's marks in ``directory``, merged: ``(ns, role, event, step)`` in time order."""
+    events = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".jsonl"):
+            role = name.rsplit("-", 1)[0]
+            with open(os.path.join(directory, name)) as f:
+                events += [(t, role, event, step) for t, event, step in map(json.loads, f)]
+    return sorted(events)

@@ -26,7 +26,7 @@ from stamen.errors import (
 from stamen.models.lora import BlockLoRA
 from stamen.models.span import KVCache, SpanModel
 from stamen.server.adapters import AdapterCache
-from stamen.server.compute import InlineExecutor
+from stamen.server.compute import InlineExecutor, in_fresh_thread
 from stamen.types import Span
 from stamen.wire.messages import AdapterMeta, AdapterRef, OpenSession, Step
 
@@ -124,9 +124,12 @@ class SpanBackend:
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, for clear errors
         self._own_pool = executor is None
         self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
-        """Where compute runs: a server passes ``InlineExecutor`` (``server/compute.py``) and then runs
-        every step inline on its loop; otherwise one worker thread, with decoding steps inline."""
+        """Where compute runs: a server passes ``InlineExecutor`` (``server/compute.py``): decoding
+        steps inline on its loop, longer work on a short-lived thread; otherwise one worker thread,
+        with decoding steps inline."""
         self._inline = isinstance(executor, InlineExecutor)
+        self._compute_lock = asyncio.Lock()
+        """With ``InlineExecutor``: one computation at a time, inline or on its thread."""
         self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
         """LoRA adapters by content hash: the only state kept between training calls."""
         self.max_train_graphs = max_train_graphs
@@ -262,8 +265,12 @@ class SpanBackend:
         if hypo_ids is not None:
             cache.reorder(hypo_ids.to(cache.tensor.device))
         session.last_used = time.monotonic()
-        if self._own_pool and hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:
-            return self._step(session, hidden, attention_mask, position_ids)  # a thread handoff costs more
+        if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:  # decoding: a thread handoff costs more
+            if self._own_pool:
+                return self._step(session, hidden, attention_mask, position_ids)
+            if self._inline:
+                async with self._compute_lock:
+                    return self._step(session, hidden, attention_mask, position_ids)
         return await self._run(self._step, session, hidden, attention_mask, position_ids)
 
     def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
@@ -379,8 +386,16 @@ class SpanBackend:
 
     async def _run(self, fn, *args) -> torch.Tensor:
         if self._inline:
-            return fn(*args)
+            return await self.run_long(fn, *args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def run_long(self, fn, *args):
+        """Longer work (prefills, forwards, backwards, loading): after the computation before it, on
+        a short-lived thread, so that the loop keeps answering meanwhile (``server/compute.py``)."""
+        if not self._inline:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        async with self._compute_lock:
+            return await in_fresh_thread(fn, *args)
 
     def swap_model(self, model: SpanModel) -> None:
         """Serve ``model`` (a new span) from now on. Open sessions keep the span they were opened on

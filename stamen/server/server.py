@@ -92,11 +92,12 @@ class Server:
         self._stop = asyncio.Event()
         self._drains: set[asyncio.Task] = set()
         self._compute = InlineExecutor()
-        """Every torch computation of the server runs inline on the loop (the main thread)."""
+        """Decoding steps and start-up work (threads, load, speed) run inline on the loop (the main
+        thread); the backend runs longer work on a short-lived thread (``server/compute.py``)."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
-        """The event loop runs on the main thread and computes inline (see ``server/compute.py``)."""
+        """The event loop runs on the main thread and computes decoding steps inline (``server/compute.py``)."""
         import uvloop  # hivemind depends on it; its loop wakes up faster than asyncio's default
 
         uvloop.run(self._main())
@@ -306,7 +307,7 @@ class Server:
                     decision.target.length - kept, kept)
         self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left)
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self._compute, lambda: load_span(
+            model = await s.backend.run_long(lambda: load_span(  # pings and steps go on meanwhile
                 s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device, reuse=old_model,
                 quant=cfg.quant))
         except Exception:

@@ -1,0 +1,64 @@
+"""The step timeline (``stamen/trace.py``) across real processes, and inline compute on servers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stamen import AutoDistributedModelForCausalLM, trace
+from stamen.server.compute import InlineExecutor
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import Span
+
+
+def test_inline_executor_runs_on_the_loop_thread():
+    async def main():
+        loop = asyncio.get_running_loop()
+        here = await loop.run_in_executor(InlineExecutor(), threading.get_ident)
+        with pytest.raises(ZeroDivisionError):
+            await loop.run_in_executor(InlineExecutor(), lambda: 1 / 0)
+        return here
+
+    assert asyncio.run(main()) == threading.get_ident()
+
+
+@pytest.mark.swarm
+def test_timeline_shows_the_push_chain(model_dirs, tmp_path):
+    """Two servers traced at once: in every decoding step the second server computes from the first
+    server.s push, and its output is the last
+    thing the client waits for; the tokens equal transformers'."""
+    model_dir, traces = model_dirs["llama-gqa"], str(tmp_path / "trace")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(3, ref.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with LocalSwarm(log_dir=tmp_path / "logs", env={"STAMEN_TRACE_DIR": traces}) as swarm:
+        swarm.start_bootstrap()
+        for span in (Span(0, 3), Span(3, 6)):
+            swarm.add_server(model_dir, span, "--torch-threads", "1")
+        swarm.wait_online("llama-gqa", 6)
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
+                                                                request_timeout=30)
+        trace.enable(traces)
+        trace.set_role("client")
+        try:
+            got = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        finally:
+            trace.disable()
+            model.shutdown()
+    assert torch.equal(got, expected)
+    events = trace.load(traces)  # the servers wrote theirs when they stopped
+    assert {role for _, role, _, _ in events} >= {"client", "server0", "server3"}
+    starts = [(t, step) for t, role, event, step in events if role == "client" and event == "c.step"]
+    assert len(starts) == 8  # the prompt, then 7 decoding steps
+    for (t0, step), (t1, _) in zip(starts[1:], [*starts[2:], (float("inf"), -1)], strict=True):
+        window = [(role, event, s) for t, role, event, s in events if t0 <= t < t1]
+        order = [(role, event) for role, event, _ in window]
+        push = order.index(("server3", "s.recv_push"))
+        assert ("server3", "s.recv_push", step) in window
+        assert order.index(("server0", "s.recv")) < order.index(("server0", "s.c1")) < push
+        assert push < order.index(("server3", "s.c0")) < order.index(("client", "c.recv3"))
+        assert order.index(("client", "c.recv3")) < order.index(("client", "c.main"))
