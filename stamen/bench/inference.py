@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from stamen import trace
+from stamen.bench.timeline import critical_path
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
@@ -138,6 +140,7 @@ class Harness:
     def __init__(self, settings: BenchSettings, say: Callable[[str], None]):
         self.settings, self.say = settings, say
         self.workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-"))
+        self.trace_dir = self.workdir / "trace"
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Harness:
@@ -163,7 +166,8 @@ class Harness:
             self.spans = even_spans(self.num_blocks, s.servers)
             self.say(f"starting a bootstrap peer and {s.servers} servers on 127.0.0.1: "
                      f"{', '.join(map(str, self.spans))}")
-            swarm = self._stack.enter_context(LocalSwarm(log_dir=self.workdir / "logs", env=s.server_env))
+            env = {"STAMEN_TRACE_DIR": str(self.trace_dir), **s.server_env}  # the breakdown's step timeline
+            swarm = self._stack.enter_context(LocalSwarm(log_dir=self.workdir / "logs", env=env))
             swarm.start_bootstrap()
             for span in self.spans:
                 swarm.add_server(s.model, span)
@@ -607,7 +611,13 @@ def run_breakdown(h: Harness, decode: dict | None = None) -> dict:
     network wait is what is left of the step."""
     s = h.settings
     prefix = s.prefixes[0]
-    clock, compute = _swarm_generate(h.dmodel, h.prompt(prefix, seed=99), s.breakdown_tokens)
+    trace.enable(str(h.trace_dir))
+    trace.set_role("client")
+    try:
+        clock, compute = _swarm_generate(h.dmodel, h.prompt(prefix, seed=99), s.breakdown_tokens)
+    finally:
+        trace.disable()
+    path = critical_path(_server_marks(h), h.spans)
     step_ms = _median(clock.gaps_ms())
     server_ms = _median(compute)
     ops = block_op_times(h, prefix, s.breakdown_tokens)
@@ -634,7 +644,21 @@ def run_breakdown(h: Harness, decode: dict | None = None) -> dict:
         "serialization_ms_per_message": {k: _r(v, 4) for k, v in ser.items()}, "messages_per_token": messages,
         "parts_ms": {k: _r(v) for k, v in parts.items()},
         "parts_percent": {k: _r(100 * v / step_ms, 1) for k, v in parts.items()},
+        "critical_path": path,
     }
+
+
+def _server_marks(h: Harness, timeout: float = 10.0) -> list:
+    """The merged marks once every server has written those of the breakdown's last step (servers
+    write their marks when a session closes)."""
+    roles = {f"server{span.start}" for span in h.spans}
+    deadline = time.monotonic() + timeout
+    while True:
+        events = trace.load(str(h.trace_dir))
+        last_step = max((t for t, role, name, _ in events if role == "client" and name == "c.step"), default=0)
+        if roles <= {role for t, role, _, _ in events if t > last_step} or time.monotonic() > deadline:
+            return events
+        time.sleep(0.2)
 
 
 # --- entry points ---
@@ -815,6 +839,13 @@ def markdown(report: dict) -> str:
         for name, ms in br["parts_ms"].items():
             lines.append(f"| {name} | {ms:.2f} | {br['parts_percent'][name]:.1f} |")
         lines.append("")
+        path = br.get("critical_path", {})
+        if path.get("steps"):
+            lines += [f"Measured critical path (`stamen/trace.py` marks in the client and every server, one "
+                      f"clock; medians over {path['steps']} decoding steps):", "", "| part | ms |", "|---|---:|"]
+            lines += [f"| {name} | {ms:.2f} |" for name, ms in path["parts_ms"].items()]
+            lines += [f"| **{name}** | **{ms:.2f}** |" for name, ms in path["totals_ms"].items()]
+            lines.append("")
     if "train" in report:
         from stamen.bench.train import _table as train_table
 

@@ -193,6 +193,7 @@ class SpanHandler(ServicerBase):
         if isinstance(msg, CloseSession):
             self.backend.get(msg.session_id)
             self.backend.close(msg.session_id)
+            trace.flush()  # a traced benchmark reads the servers' marks after its session
             opened.discard(msg.session_id)
             return Response(metadata=encode(Closed(session_id=msg.session_id)))
         await self._step(msg, list(request.tensors))
@@ -766,6 +767,12 @@ class TrainStream:
             self.close()
 
 
+_live_readers: set[asyncio.Task] = set()
+"""Reader tasks of inference streams, held until their stream ends (also after the client closed it)."""
+_CLOSE_GRACE_S = 30.0
+"""Seconds a closed stream's reader waits for the server to end the stream before it is cancelled."""
+
+
 class InferenceStream:
     """The client half of ``rpc_inference``: one open session on one server.
 
@@ -859,6 +866,8 @@ class InferenceStream:
         except Exception as e:
             raise RemoteCallError(f"cannot open a stream to {peer}: {e!r}") from e
         self._reader = asyncio.create_task(self._read(replies))
+        _live_readers.add(self._reader)  # the loop keeps tasks only weakly: a dropped session's
+        self._reader.add_done_callback(_live_readers.discard)  # reader would be collected (on any thread)
         msg = OpenSession(session_id=session_id, blocks=SpanRef.of(blocks), max_length=max_length,
                           batch_size=batch_size, has_prompts=prompts is not None, adapter=adapter,
                           compression=compression)
@@ -867,6 +876,7 @@ class InferenceStream:
             await self.control(Request(metadata=encode(msg), tensors=tensors))
         except BaseException:
             self._outbox.put_nowait(None)
+            asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self._reader.cancel)
             raise
         return self
 
@@ -928,3 +938,5 @@ class InferenceStream:
             logger.debug("closing session %s on %s: %s", self.session_id, self.peer, e)
         finally:
             self._outbox.put_nowait(None)
+            if self._reader is not None and not self._reader.done():  # a server that never ends the stream
+                asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self._reader.cancel)
