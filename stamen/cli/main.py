@@ -525,8 +525,8 @@ def main() -> None:
     # computes on, and a 2-thread team then waits for it at every barrier. 3 000 spins (~0.1 ms on
     # the development machine) still cover the gaps between the parallel regions of a step (a
     # step's compute in-process is the same at 300, 3 000 and 30 000), and with 3 servers sharing
-    # 2 cores the servers' compute went from 1.12x to 0.97x the same blocks in-process against
-    # 30 000 (docs/benchmarks.md). Read when torch loads, so set before any command.
+    # 2 cores the servers' compute went from 1.12x the same blocks in-process at 30 000 to 0.97x
+    # side by side (0.93-1.09x over five runs; docs/benchmarks.md). Read when torch loads.
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     app()
 
