@@ -1,0 +1,64 @@
+"""Where a server computes: long work runs off the event loop, so the server keeps answering."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from stamen import AutoDistributedModelForCausalLM
+from stamen.client import loop
+from stamen.server.config import default_dht_prefix
+from stamen.server.handler import ping
+from stamen.testing.models import save_random_llama
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import Span
+
+pytestmark = pytest.mark.swarm
+
+
+def test_pings_are_answered_during_a_long_forward(tmp_path):
+    """One 8192-token forward (one request, seconds of compute on one thread) and, meanwhile, pings
+    from the same client: they come back while the forward still runs, and the forward's logits are
+    those of a forward run alone."""
+    model_dir = save_random_llama(tmp_path / "mid", dict(
+        hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=4, max_position_embeddings=2048, vocab_size=512))
+    with LocalSwarm(log_dir=tmp_path / "logs") as swarm:
+        swarm.start_bootstrap()
+        swarm.add_server(model_dir, Span(0, 4), "--torch-threads", "1")
+        swarm.wait_online(default_dht_prefix(str(model_dir)), 4)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(model_dir), initial_peers=swarm.initial_peers, request_timeout=120, sub_batch_tokens=8192)
+        try:
+            ids = torch.randint(3, 512, (8, 1024), generator=torch.Generator().manual_seed(0))
+            small = ids[:1, :16]
+            with torch.no_grad():
+                alone = model(small).logits
+            result: dict = {}
+
+            def forward() -> None:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    result["logits"] = model(ids).logits
+                result["seconds"] = time.perf_counter() - start
+                result["done_at"] = time.perf_counter()
+
+            worker = threading.Thread(target=forward)
+            worker.start()
+            time.sleep(0.5)  # the request is on the server by now
+            peer = model.swarm.peer(next(iter(model.swarm.servers())).peer_id)
+            answered = []
+            while worker.is_alive() and len(answered) < 3:
+                rtt = loop.run(ping(model.swarm.p2p, peer, timeout=5.0))
+                answered.append((rtt, time.perf_counter()))
+            worker.join()
+        finally:
+            model.shutdown()
+    assert result["seconds"] > 1.5, f"the forward took only {result['seconds']:.2f} s: too short to tell"
+    during = [(rtt, at) for rtt, at in answered if at < result["done_at"]]
+    assert during and all(rtt is not None and rtt < 1.0 for rtt, _ in during), answered
+    with torch.no_grad():
+        assert torch.allclose(result["logits"][:1, :16], alone, atol=1e-4)  # causal: the prefix's logits
