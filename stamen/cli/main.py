@@ -46,7 +46,10 @@ def dht(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    from stamen.server.config import parent_gone
+
+    while not stop.wait(1.0) and not parent_gone():
+        pass
     node.shutdown()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -119,3 +120,10 @@ def default_dht_prefix(model: str) -> str:
     if Path(name).is_dir():
         name = Path(name).resolve().name
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def parent_gone() -> bool:
+    """Whether the process that started this one with ``STAMEN_PARENT_PID`` (``LocalSwarm``: tests,
+    the demo, benchmarks) has died: a crashed harness must not leave servers running."""
+    expected = os.environ.get("STAMEN_PARENT_PID")
+    return expected is not None and os.getppid() != int(expected)

@@ -19,7 +19,7 @@ from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import InlineExecutor
-from stamen.server.config import ServerConfig, default_dht_prefix
+from stamen.server.config import ServerConfig, default_dht_prefix, parent_gone
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
@@ -105,6 +105,14 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _stop_with_parent(self) -> None:
+        while not self._stop.is_set():
+            if parent_gone():
+                logger.warning("%s the process that started this server is gone: stopping", self.tag)
+                self.request_stop()
+                return
+            await asyncio.sleep(1.0)
+
     @property
     def tag(self) -> str:
         return f"[{self.model_name} blocks {self.span}]"
@@ -114,6 +122,7 @@ class Server:
         loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        self._watcher = asyncio.create_task(self._stop_with_parent())
         if cfg.torch_threads:
             await loop.run_in_executor(self._compute, torch.set_num_threads, cfg.torch_threads)
 

@@ -42,6 +42,7 @@ class LocalSwarm:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="stamen-swarm-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.env["STAMEN_PARENT_PID"] = str(os.getpid())  # children stop if this process dies without stopping them
         self.bootstrap: subprocess.Popen | None = None
         self.initial_peers: list[str] = []
         self.servers: list[ServerProcess] = []
