@@ -177,3 +177,17 @@ def test_forward_rejects_bad_input(qwen):
         loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 2, HIDDEN), mask, None, 20))
     out = loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(2, 5, HIDDEN), None, None, 20))
     assert out.shape == (2, 5, HIDDEN)
+
+
+def test_a_cut_stream_reply_is_a_retryable_network_fault():
+    from hivemind.p2p import PeerID
+
+    from stamen.client.retry import is_retryable
+    from stamen.errors import RemoteCallError
+    from stamen.server.handler import _check_complete
+
+    peer = PeerID(b"x" * 34)
+    _check_complete(peer, "forward", 3, 3)
+    with pytest.raises(RemoteCallError, match="after 5 of 8 messages") as info:
+        _check_complete(peer, "forward", 5, 8)
+    assert is_retryable(info.value)

@@ -294,7 +294,8 @@ class SpanHandler(ServicerBase):
         except Exception as e:
             yield _error(e)
             return
-        for response in _stream_reply(ForwardDone(), [out], compression=msg.compression or self.compression):
+        compression = msg.compression or self.compression
+        for response in _stream_reply(ForwardDone(), [out], counted=True, compression=compression):
             yield response
 
     # --- backward: stateless like forward; the span's activations are recomputed ---
@@ -311,7 +312,7 @@ class SpanHandler(ServicerBase):
             return
         reply = BackwardDone(has_prompt_grads=grad_prompts is not None, num_adapter_grads=len(adapter_grads))
         tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
-        for response in _stream_reply(reply, tensors, compression=msg.compression or "none"):
+        for response in _stream_reply(reply, tensors, counted=True, compression=msg.compression or "none"):
             yield response
 
     # --- train: forward with autograd, then the backward on the kept graph, within one call ---
@@ -363,7 +364,7 @@ class SpanHandler(ServicerBase):
             self.backend.release_graph(graph)
         reply = BackwardDone(has_prompt_grads=grad_prompts is not None, num_adapter_grads=len(adapter_grads))
         tensors = [grad_inputs, *([grad_prompts] if grad_prompts is not None else []), *adapter_grads]
-        for response in _stream_reply(reply, tensors, compression=msg.compression or "none"):
+        for response in _stream_reply(reply, tensors, counted=True, compression=msg.compression or "none"):
             yield response
         await _client_end(requests)
 
@@ -517,6 +518,13 @@ def _mark_retrieved(future: asyncio.Future) -> None:
         future.exception()
 
 
+def _check_complete(peer: PeerID, what: str, messages: int, expected: int) -> None:
+    """A counted reply whose stream ended early (the transport cut it) is a network fault, retried
+    like one, never a tensor decoded from some of its parts."""
+    if messages < expected:
+        raise RemoteCallError(f"the {what} reply from {peer} ended after {messages} of {expected} messages")
+
+
 def _raise_if_error(reply) -> None:
     if isinstance(reply, ErrorReply):
         raise request_error_from_code(reply.code, reply.message)
@@ -571,11 +579,15 @@ async def call_forward(
 
     async def call() -> torch.Tensor:
         stub = SpanHandler.get_stub(p2p, peer)
-        parts = []
+        parts, messages, expected = [], 0, 1
         async for response in await stub.rpc_forward(requests()):
+            messages += 1
             if response.metadata:
-                _raise_if_error(decode_forward_reply(response.metadata))
+                reply = decode_forward_reply(response.metadata)
+                _raise_if_error(reply)
+                expected = reply.parts
             parts.extend(response.tensors)
+        _check_complete(peer, "forward", messages, expected)
         joined = join_tensor_parts(parts)
         if len(joined) != 1:
             raise RemoteCallError(f"forward reply from {peer} carried {len(joined)} tensors")
@@ -601,14 +613,16 @@ async def _call_stream(p2p: P2P, peer: PeerID, method: str, msg, tensors: list[t
 
     async def call():
         stub = SpanHandler.get_stub(p2p, peer)
-        reply, parts = None, []
+        reply, parts, messages = None, [], 0
         async for response in await getattr(stub, method)(requests()):
+            messages += 1
             if response.metadata:
                 reply = decode_reply(response.metadata)
                 _raise_if_error(reply)
             parts.extend(response.tensors)
         if reply is None:
             raise RemoteCallError(f"{what} call to {peer} ended without a reply")
+        _check_complete(peer, what, messages, getattr(reply, "parts", messages))
         return reply, join_tensor_parts(parts)
 
     try:

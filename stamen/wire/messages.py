@@ -159,6 +159,9 @@ class ForwardRequest(_Msg):
 
 class ForwardDone(_Msg):
     kind: Literal["forward_done"] = "forward_done"
+    parts: int = Field(default=1, ge=1, le=1 << 20)
+    """Stream messages of the reply (this metadata rides on the first): a client that gets fewer
+    knows the stream was cut."""
 
 
 ForwardReply = Annotated[ForwardDone | ErrorReply, Field(discriminator="kind")]
@@ -192,6 +195,8 @@ class BackwardDone(_Msg):
     kind: Literal["backward_done"] = "backward_done"
     has_prompt_grads: bool = False
     num_adapter_grads: int = Field(default=0, ge=0)
+    parts: int = Field(default=1, ge=1, le=1 << 20)
+    """Stream messages of the reply, as in ``ForwardDone``."""
 
 
 BackwardReply = Annotated[BackwardDone | ErrorReply, Field(discriminator="kind")]
