@@ -11,20 +11,19 @@ from transformers import AutoModelForCausalLM
 
 from stamen import AutoDistributedModelForCausalLM, trace
 from stamen.bench import timeline as trace_timeline
-from stamen.server.compute import InlineExecutor
+from stamen.server.compute import in_fresh_thread
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
 
 
-def test_inline_executor_runs_on_the_loop_thread():
+def test_long_work_runs_on_a_thread_of_its_own():
     async def main():
-        loop = asyncio.get_running_loop()
-        here = await loop.run_in_executor(InlineExecutor(), threading.get_ident)
+        here = await in_fresh_thread(threading.get_ident)
         with pytest.raises(ZeroDivisionError):
-            await loop.run_in_executor(InlineExecutor(), lambda: 1 / 0)
+            await in_fresh_thread(lambda: 1 / 0)
         return here
 
-    assert asyncio.run(main()) == threading.get_ident()
+    assert asyncio.run(main()) != threading.get_ident()
 
 
 @pytest.mark.swarm

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,7 @@ from stamen.errors import (
 from stamen.models.lora import BlockLoRA
 from stamen.models.span import KVCache, SpanModel
 from stamen.server.adapters import AdapterCache
-from stamen.server.compute import InlineExecutor, in_fresh_thread
+from stamen.server.compute import in_fresh_thread
 from stamen.types import Span
 from stamen.wire.messages import AdapterMeta, AdapterRef, OpenSession, Step
 
@@ -114,7 +114,7 @@ class TrainGraph:
 class SpanBackend:
     def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
                  max_step_tokens: int, adapter_cache_bytes: int = 256 << 20, max_train_graphs: int = 8,
-                 executor: Executor | None = None):
+                 inline_compute: bool = False):
         self.model, self.dtype, self.device = model, dtype, device
         self.span = model.span
         self.hidden_size = model.config.hidden_size
@@ -122,14 +122,12 @@ class SpanBackend:
         self.budget = CacheBudget(max_cache_tokens, self.span.length)
         self.sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, for clear errors
-        self._own_pool = executor is None
-        self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
-        """Where compute runs: a server passes ``InlineExecutor`` (``server/compute.py``): decoding
-        steps inline on its loop, longer work on a short-lived thread; otherwise one worker thread,
-        with decoding steps inline."""
-        self._inline = isinstance(executor, InlineExecutor)
+        self._inline = inline_compute
+        """Servers: decoding steps inline on the loop, longer work on a short-lived thread, one at a
+        time (``server/compute.py``). Otherwise (tests, in-process use): one worker thread, with
+        decoding steps inline."""
+        self._pool = None if inline_compute else ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
         self._compute_lock = asyncio.Lock()
-        """With ``InlineExecutor``: one computation at a time, inline or on its thread."""
         self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
         """LoRA adapters by content hash: the only state kept between training calls."""
         self.max_train_graphs = max_train_graphs
@@ -266,12 +264,11 @@ class SpanBackend:
             cache.reorder(hypo_ids.to(cache.tensor.device))
         session.last_used = time.monotonic()
         if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:  # decoding: a thread handoff costs more
-            if self._own_pool:
+            if not self._inline:
                 return self._step(session, hidden, attention_mask, position_ids)
-            if self._inline:
-                async with self._compute_lock:
-                    return self._step(session, hidden, attention_mask, position_ids)
-        return await self._run(self._step, session, hidden, attention_mask, position_ids)
+            async with self._compute_lock:
+                return self._step(session, hidden, attention_mask, position_ids)
+        return await self.run_long(self._step, session, hidden, attention_mask, position_ids)
 
     def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
         trace.mark("s.c0")
@@ -290,7 +287,7 @@ class SpanBackend:
         position_ids = self.check_aux(position_ids, hidden, "position_ids")
         prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
         adapters = self.get_adapters(adapter, blocks)
-        return await self._run(self._forward, blocks, hidden, attention_mask, position_ids, prompts, adapters)
+        return await self.run_long(self._forward, blocks, hidden, attention_mask, position_ids, prompts, adapters)
 
     def _forward(self, blocks: Span, hidden, attention_mask, position_ids, prompts=None, adapters=None) -> torch.Tensor:
         with torch.inference_mode():
@@ -315,7 +312,7 @@ class SpanBackend:
         position_ids = self.check_aux(position_ids, hidden, "position_ids")
         prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
         adapters = self.get_adapters(adapter, blocks)
-        return await self._run(self._backward, blocks, hidden, grad_outputs, attention_mask, position_ids, prompts,
+        return await self.run_long(self._backward, blocks, hidden, grad_outputs, attention_mask, position_ids, prompts,
                                adapters, train_lora_a)
 
     def _backward(self, blocks: Span, hidden, grad_outputs, attention_mask, position_ids, prompts, adapters,
@@ -359,7 +356,7 @@ class SpanBackend:
                                   f"graphs held; use stateless forward and backward")
         self.train_graphs_held += 1
         try:
-            return await self._run(self._graph, blocks, hidden, attention_mask, position_ids, prompts, adapters,
+            return await self.run_long(self._graph, blocks, hidden, attention_mask, position_ids, prompts, adapters,
                                    train_lora_a)
         except BaseException:
             self.train_graphs_held -= 1
@@ -380,14 +377,9 @@ class SpanBackend:
         if not torch.isfinite(grad_outputs).all():
             raise InvalidRequestError("grad_outputs contain NaN or infinity")
         grad_outputs = grad_outputs.to(self.device, self.dtype)
-        result = await self._run(graph.grads, grad_outputs)
+        result = await self.run_long(graph.grads, grad_outputs)
         self.kept_backwards += 1
         return result
-
-    async def _run(self, fn, *args) -> torch.Tensor:
-        if self._inline:
-            return await self.run_long(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def run_long(self, fn, *args):
         """Longer work (prefills, forwards, backwards, loading): after the computation before it, on
@@ -414,5 +406,5 @@ class SpanBackend:
     def shutdown(self) -> None:
         for session_id in list(self.sessions):
             self.close(session_id)
-        if self._own_pool:
+        if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

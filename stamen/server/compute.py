@@ -21,28 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Executor, Future
-
-
-class InlineExecutor(Executor):
-    """``submit`` runs the call at once on the calling thread (the loop's) and returns its done future,
-    so ``loop.run_in_executor(InlineExecutor(), ...)`` computes inline."""
-
-    def __init__(self):
-        self._closed = False
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        if self._closed:
-            raise RuntimeError("the compute executor is shut down")
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as e:
-            future.set_exception(e)
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._closed = True
 
 
 async def in_fresh_thread(fn, *args):

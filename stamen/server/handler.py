@@ -213,7 +213,6 @@ class SpanHandler(ServicerBase):
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
         compute_ms = round(1000 * (time.perf_counter() - start), 3)
-        trace.mark("s.back", msg.step_id)
         encoded = encode_tensor(out, session.compression)  # one encoding for the reply and the push
         if msg.push_to:
             pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:]))
@@ -221,7 +220,6 @@ class SpanHandler(ServicerBase):
         reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
                          compute_ms=compute_ms)
         session.replies.put_nowait(Response(metadata=encode(reply), tensors=[encoded]))
-        trace.mark("s.queued", msg.step_id)
 
     # --- push: a server hands its output straight to the next server of the route ---
     # One long-lived stream per next server: a unary call would open a new libp2p stream per step.
@@ -691,7 +689,6 @@ class TrainStream:
 
     async def _requests(self) -> AsyncIterator[Request]:
         while (request := await self._outbox.get()) is not None:
-            trace.mark(f"c.out{self.blocks.start}")
             yield request
 
     def _send(self, make_msg, tensors: list[torch.Tensor]) -> None:
@@ -809,10 +806,11 @@ class InferenceStream:
         self.closed = False
         self.server_compute_ms = 0.0
         """Total compute time the server reported for this session's steps."""
+        self._sent_mark, self._received_mark = f"c.out{blocks.start}", f"c.recv{blocks.start}"  # stamen/trace.py
 
     async def _requests(self) -> AsyncIterator[Request]:
         while (request := await self._outbox.get()) is not None:
-            trace.mark(f"c.out{self.blocks.start}")
+            trace.mark(self._sent_mark)
             yield request
 
     def _send(self, request: Request) -> None:
@@ -823,7 +821,7 @@ class InferenceStream:
         failure: Exception = RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}")
         try:
             async for response in replies:
-                trace.mark(f"c.recv{self.blocks.start}")
+                trace.mark(self._received_mark)
                 self.counter.received(response)
                 self._dispatch(response)
         except Exception as e:

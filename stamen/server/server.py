@@ -18,7 +18,6 @@ from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
-from stamen.server.compute import InlineExecutor
 from stamen.server.config import ServerConfig, default_dht_prefix, parent_gone
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
@@ -91,9 +90,6 @@ class Server:
         self.moving_to: Span | None = None
         self._stop = asyncio.Event()
         self._drains: set[asyncio.Task] = set()
-        self._compute = InlineExecutor()
-        """Decoding steps and start-up work (threads, load, speed) run inline on the loop (the main
-        thread); the backend runs longer work on a short-lived thread (``server/compute.py``)."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -123,8 +119,10 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         self._watcher = asyncio.create_task(self._stop_with_parent())
+        # start-up work (threads, the first load, the speed measurement) runs inline on the loop, which
+        # serves nothing yet; once online, the backend decides where compute runs (``server/compute.py``)
         if cfg.torch_threads:
-            await loop.run_in_executor(self._compute, torch.set_num_threads, cfg.torch_threads)
+            torch.set_num_threads(cfg.torch_threads)
 
         hf_config = load_config(cfg.model)
         block_config = BlockConfig.from_hf(hf_config)
@@ -141,13 +139,9 @@ class Server:
                     " ".join(str(m) for m in dht.get_visible_maddrs()))
         self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
         try:
-            model = await loop.run_in_executor(
-                self._compute, lambda: load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device,
-                                        quant=cfg.quant)
-            )
+            model = load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device, quant=cfg.quant)
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
-                                  cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs,
-                                  executor=self._compute)
+                                  cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True)
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
                                   cfg.compression)
             p2p = await dht.replicate_p2p()
@@ -259,9 +253,8 @@ class Server:
             return Speed(cfg.throughput)
         loop = asyncio.get_running_loop()
         key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config, cfg.quant)
-        compute, cached = await loop.run_in_executor(
-            self._compute, lambda: cached_compute(cfg.throughput_cache, key,
-                                         lambda: measure_compute(model, cfg.torch_dtype, cfg.device)))
+        compute, cached = cached_compute(cfg.throughput_cache, key,
+                                         lambda: measure_compute(model, cfg.torch_dtype, cfg.device))
         records = await loop.run_in_executor(None, lambda: fetch_servers(dht, self.model_name, block_config.num_blocks))
         peers = [PeerID.from_base58(p) for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id]
         bandwidth = await measure_bandwidth(p2p, random.sample(peers, min(2, len(peers))))
