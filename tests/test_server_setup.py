@@ -13,6 +13,7 @@ from stamen.dht.records import ServerRecord, ServerState
 from stamen.errors import WrongBlocksError
 from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
 from stamen.server.backend import SpanBackend
+from stamen.server.compute import choose_decode_threads, fewest_within, in_fresh_thread, thread_counts
 from stamen.server.memory import block_bytes, parse_bytes, plan_blocks
 from stamen.server.throughput import ComputeThroughput, cached_compute, measure_compute, network_steps_per_second
 from stamen.testing.models import save_random_llama
@@ -113,3 +114,28 @@ def test_health_shows_a_moving_server():
     assert "moving to [2:4)" in format_health(report)
     assert report.servers[1].network_bandwidth == 1e6 and report.servers[1].forward_throughput == 300.0
     assert ServerRecord.model_validate(records["peer-b"].model_dump(mode="json")).placed_span == Span(2, 4)
+
+
+def test_decoding_threads_are_the_fewest_within_the_tolerance():
+    assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(6) == [1, 2, 4, 6]
+    assert fewest_within({1: 10.0, 2: 9.5}, 0.10) == 1  # memory-bound: a second thread adds barriers only
+    assert fewest_within({1: 20.0, 2: 10.0, 4: 10.8}, 0.10) == 2
+    assert fewest_within({1: 20.0, 2: 12.0, 4: 10.0}, 0.10) == 4
+
+
+def test_decoding_and_long_work_keep_their_own_thread_counts(tiny):
+    """The loop's thread steps with the measured count; a long-work thread sets its own and leaves
+    the caller's alone (torch's thread count is per thread)."""
+    _, config, checkpoint = tiny
+    model = load_span(checkpoint, config, Span(0, 2), torch.float32, progress=False)
+    before = torch.get_num_threads()
+    try:
+        chosen, ms = choose_decode_threads(model, torch.float32, "cpu", 2, rounds=1, steps=2)
+        assert set(ms) == {1, 2} and all(t > 0 for t in ms.values())
+        assert chosen == fewest_within(ms, 0.10) and torch.get_num_threads() == chosen
+        torch.set_num_threads(1)
+        assert asyncio.run(in_fresh_thread(torch.get_num_threads, threads=2)) == 2
+        assert torch.get_num_threads() == 1
+        assert choose_decode_threads(model, torch.float32, "cpu", 1) == (1, {})
+    finally:
+        torch.set_num_threads(before)

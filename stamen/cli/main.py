@@ -88,7 +88,10 @@ def server(
     record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives.")] = 60.0,
     max_train_graphs: Annotated[int, typer.Option(help="Training graphs kept between a forward and its "
                                                        "backward at once (0: always recompute).")] = 8,
-    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads of prefills, forwards and "
+                                                           "backwards.")] = None,
+    decode_threads: Annotated[int | None, typer.Option(help="torch threads of decoding steps (default: measured "
+                                                            "at start).")] = None,
     public_name: Annotated[str | None, typer.Option(help="A name shown by health tools.")] = None,
 ) -> None:
     """Serve a span of a model's blocks to the swarm."""
@@ -115,7 +118,7 @@ def server(
             port=port, announce_maddrs=announce_maddrs, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
             max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
             max_train_graphs=max_train_graphs, compression=compression,
-            torch_threads=torch_threads,
+            torch_threads=torch_threads, decode_threads=decode_threads,
             public_name=public_name,
         )
     except (ValidationError, ValueError) as e:

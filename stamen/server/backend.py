@@ -114,7 +114,7 @@ class TrainGraph:
 class SpanBackend:
     def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
                  max_step_tokens: int, adapter_cache_bytes: int = 256 << 20, max_train_graphs: int = 8,
-                 inline_compute: bool = False):
+                 inline_compute: bool = False, long_threads: int | None = None):
         self.model, self.dtype, self.device = model, dtype, device
         self.span = model.span
         self.hidden_size = model.config.hidden_size
@@ -126,6 +126,8 @@ class SpanBackend:
         """Servers: decoding steps inline on the loop, longer work on a short-lived thread, one at a
         time (``server/compute.py``). Otherwise (tests, in-process use): one worker thread, with
         decoding steps inline."""
+        self.long_threads = long_threads
+        """torch threads of long work on its own thread (None: torch's default for a new thread)."""
         self._pool = None if inline_compute else ThreadPoolExecutor(max_workers=1, thread_name_prefix="stamen-compute")
         self._compute_lock = asyncio.Lock()
         self.adapters = AdapterCache(model.config, adapter_cache_bytes, dtype, device)
@@ -387,7 +389,7 @@ class SpanBackend:
         if not self._inline:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         async with self._compute_lock:
-            return await in_fresh_thread(fn, *args)
+            return await in_fresh_thread(fn, *args, threads=self.long_threads)
 
     def swap_model(self, model: SpanModel) -> None:
         """Serve ``model`` (a new span) from now on. Open sessions keep the span they were opened on

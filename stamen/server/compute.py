@@ -15,16 +15,35 @@ step pays a futex wake-up (on a Xeon development machine 16 blocks of the 246M L
 per step with one team and 41-43 ms as soon as a second thread had run a parallel region). A
 thread that exits takes its team with it, so between long jobs the loop's team is the only one.
 Long jobs are made of few, large parallel regions, for which the shorter spinning costs nothing.
+
+Threads per computation: decoding steps and long work use different torch thread counts (torch's
+count is per thread: ``torch.set_num_threads`` on the loop's thread sets the decoding count, each
+long-work thread sets its own at its start). A decoding step is a chain of matrix-vector products
+that read every weight once: memory-bound, so past a few threads more of them add barriers, not
+speed. On the development machine (2 vCPUs) one thread steps 16 blocks of the 246M Llama as fast
+as two in-process, and a 3-server swarm decodes 4-7% faster with single-threaded steps: a
+2-thread team waits at every barrier whenever another process (the previous hop's reply, a
+daemon, the client) holds the other core. ``choose_decode_threads`` measures the count at start;
+prefills, forwards and backwards are compute-bound and keep every thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
+
+import torch
+
+from stamen.types import Span
+
+logger = logging.getLogger(__name__)
 
 
-async def in_fresh_thread(fn, *args):
-    """Run ``fn(*args)`` on a new thread that exits afterwards (with its OpenMP team); await the result."""
+async def in_fresh_thread(fn, *args, threads: int | None = None):
+    """Run ``fn(*args)`` on a new thread that exits afterwards (with its OpenMP team); await the result.
+    ``threads``: the torch thread count of that thread (default: what torch gives a new thread)."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -34,6 +53,8 @@ async def in_fresh_thread(fn, *args):
 
     def target() -> None:
         try:
+            if threads is not None:
+                torch.set_num_threads(threads)
             result, error = fn(*args), None
         except BaseException as e:
             result, error = None, e
@@ -41,3 +62,56 @@ async def in_fresh_thread(fn, *args):
 
     threading.Thread(target=target, name="stamen-long-compute", daemon=True).start()
     return await future
+
+
+def thread_counts(limit: int) -> list[int]:
+    """Candidate thread counts up to ``limit``: 1, 2, 4, ... and ``limit`` itself."""
+    counts, n = [], 1
+    while n < limit:
+        counts.append(n)
+        n *= 2
+    return counts + [max(1, limit)]
+
+
+def choose_decode_threads(model, dtype: torch.dtype, device: str | torch.device, limit: int,
+                          tolerance: float = 0.10, rounds: int = 4, steps: int = 4) -> tuple[int, dict[int, float]]:
+    """The torch thread count for decoding steps on this thread: the fewest threads whose
+    single-token step (through up to 4 blocks of ``model``) is within ``tolerance`` of the fastest
+    count's. Rounds interleave the counts so that drift of a shared machine hits each alike.
+    Returns (count, fastest ms per step by count); leaves this thread at the chosen count. The
+    fastest, not the median: servers starting together load and measure at the same time, and the
+    least disturbed sample is the closest to the machine's speed.
+
+    Within ``tolerance``, fewer threads win because in-process timing cannot see what they save in
+    a swarm: cores left to the other processes, no team waiting at barriers (``server/compute.py``).
+    """
+    from stamen.models import KVCache
+
+    counts = thread_counts(limit)
+    if torch.device(device).type != "cpu" or len(counts) == 1:
+        torch.set_num_threads(limit)
+        return limit, {}
+    blocks = Span(model.span.start, min(model.span.end, model.span.start + 4))
+    cache = KVCache(model.config, blocks.length, 1, steps + 2, dtype, device)
+    token = torch.randn(1, 1, model.config.hidden_size, dtype=dtype, device=device)
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for n in counts:
+                torch.set_num_threads(n)
+                cache.length = 0
+                model.step(token, cache, blocks=blocks)  # warm-up: forms the team, touches the weights
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    model.step(token, cache, blocks=blocks)
+                    times[n].append(time.perf_counter() - start)
+    ms = {n: 1000 * min(t) for n, t in times.items()}
+    chosen = fewest_within(ms, tolerance)
+    torch.set_num_threads(chosen)
+    return chosen, ms
+
+
+def fewest_within(ms_by_count: dict[int, float], tolerance: float) -> int:
+    """The smallest thread count whose time is within ``tolerance`` (a fraction) of the fastest."""
+    best = min(ms_by_count.values())
+    return min(n for n, t in ms_by_count.items() if t <= best * (1 + tolerance))

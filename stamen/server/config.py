@@ -89,7 +89,10 @@ class ServerConfig(BaseModel):
     public_name: str | None = None
     """A human-readable name shown by health tools."""
     torch_threads: int | None = Field(default=None, gt=0)
-    """torch intra-op threads (default: torch's choice)."""
+    """torch intra-op threads of prefills, forwards and backwards (default: torch's choice)."""
+    decode_threads: int | None = Field(default=None, gt=0)
+    """torch threads of decoding steps (default: measured at start, at most ``torch_threads``:
+    the fewest within 10% of the fastest; ``server/compute.py``)."""
 
     @field_validator("dtype")
     @classmethod

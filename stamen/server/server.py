@@ -18,6 +18,7 @@ from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
+from stamen.server.compute import choose_decode_threads
 from stamen.server.config import ServerConfig, default_dht_prefix, parent_gone
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
@@ -123,6 +124,8 @@ class Server:
         # serves nothing yet; once online, the backend decides where compute runs (``server/compute.py``)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+        self.threads = torch.get_num_threads()
+        """torch threads of long work; decoding steps on the loop's thread may use fewer."""
 
         hf_config = load_config(cfg.model)
         block_config = BlockConfig.from_hf(hf_config)
@@ -140,8 +143,10 @@ class Server:
         self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
         try:
             model = load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device, quant=cfg.quant)
+            self._set_decode_threads(model)
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
-                                  cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True)
+                                  cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True,
+                                  long_threads=self.threads)
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
                                   cfg.compression)
             p2p = await dht.replicate_p2p()
@@ -162,6 +167,18 @@ class Server:
         finally:
             dht.shutdown()
         logger.info("%s stopped", self.tag)
+
+    def _set_decode_threads(self, model: SpanModel) -> None:
+        """Set the loop thread's torch thread count, the one decoding steps run with."""
+        cfg = self.config
+        if cfg.decode_threads is not None:
+            torch.set_num_threads(min(cfg.decode_threads, self.threads))
+            return
+        chosen, ms = choose_decode_threads(model, cfg.torch_dtype, cfg.device, self.threads)
+        if ms:
+            logger.info("%s decoding steps on %d of %d threads (ms per step through %d blocks: %s)", self.tag, chosen,
+                        self.threads, min(model.span.length, 4),
+                        ", ".join(f"{n} threads {t:.2f}" for n, t in ms.items()))
 
     @property
     def _may_move(self) -> bool:
@@ -242,7 +259,7 @@ class Server:
         if cfg.throughput is not None:
             return Speed(cfg.throughput)
         cached = cached_only(cfg.throughput_cache, cache_key(cfg.device, self.model_name, cfg.torch_dtype,
-                                                                 block_config, cfg.quant))
+                                                                 block_config, cfg.quant, self.threads))
         return Speed(cached.inference if cached else 1.0)
 
     async def _measure(self, dht: DHT, p2p: P2P, peer_id: PeerIDStr, model: SpanModel,
@@ -252,9 +269,10 @@ class Server:
         if cfg.throughput is not None:
             return Speed(cfg.throughput)
         loop = asyncio.get_running_loop()
-        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config, cfg.quant)
+        key = cache_key(cfg.device, self.model_name, cfg.torch_dtype, block_config, cfg.quant, self.threads)
         compute, cached = cached_compute(cfg.throughput_cache, key,
-                                         lambda: measure_compute(model, cfg.torch_dtype, cfg.device))
+                                         lambda: measure_compute(model, cfg.torch_dtype, cfg.device,
+                                                                 forward_threads=self.threads))
         records = await loop.run_in_executor(None, lambda: fetch_servers(dht, self.model_name, block_config.num_blocks))
         peers = [PeerID.from_base58(p) for p, r in records.items() if r.state == ServerState.ONLINE and p != peer_id]
         bandwidth = await measure_bandwidth(p2p, random.sample(peers, min(2, len(peers))))

@@ -46,8 +46,9 @@ class ComputeThroughput(BaseModel):
     """Tokens of the forward batch measured."""
 
 
-def device_name(device: str) -> str:
-    """A stable name for the hardware a server computes on (the cache key's first part)."""
+def device_name(device: str, threads: int | None = None) -> str:
+    """A stable name for the hardware a server computes on (the cache key's first part); ``threads``:
+    the server's torch threads (default: this thread's count)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
@@ -59,11 +60,12 @@ def device_name(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{dev.type}:{cpu}:{torch.get_num_threads()} threads"
+    return f"{dev.type}:{cpu}:{threads or torch.get_num_threads()} threads"
 
 
-def cache_key(device: str, model_name: str, dtype: torch.dtype, c: BlockConfig, quant: str = "none") -> str:
-    return (f"{device_name(device)}|{model_name} (hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
+def cache_key(device: str, model_name: str, dtype: torch.dtype, c: BlockConfig, quant: str = "none",
+              threads: int | None = None) -> str:
+    return (f"{device_name(device, threads)}|{model_name} (hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
             f"heads {c.num_heads}/{c.num_kv_heads})|{str(dtype).removeprefix('torch.')}"
             + (f"|{quant}" if quant != "none" else ""))
 
@@ -79,8 +81,9 @@ def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
 
 
 def measure_compute(model: SpanModel, dtype: torch.dtype, device: str, forward_tokens: int = 128,
-                    repeats: int = 12) -> ComputeThroughput:
-    """Time one block of ``model``: single-token inference steps, and a forward of ``forward_tokens``."""
+                    repeats: int = 12, forward_threads: int | None = None) -> ComputeThroughput:
+    """Time one block of ``model``: single-token inference steps (with this thread's torch threads),
+    and a forward of ``forward_tokens`` (with ``forward_threads``, if given, as servers run it)."""
     block = Span(model.span.start, model.span.start + 1)
     hidden_size = model.config.hidden_size
     cache = KVCache(model.config, 1, 1, repeats + 8, dtype, device)
@@ -88,7 +91,13 @@ def measure_compute(model: SpanModel, dtype: torch.dtype, device: str, forward_t
     batch = torch.randn(1, forward_tokens, hidden_size, dtype=dtype, device=device)
     with torch.inference_mode():
         step = _median_seconds(lambda: model.step(token, cache, blocks=block), repeats)
-        forward = _median_seconds(lambda: model(batch, blocks=block), max(3, repeats // 3), warmup=1)
+        step_threads = torch.get_num_threads()
+        if forward_threads is not None:
+            torch.set_num_threads(forward_threads)
+        try:
+            forward = _median_seconds(lambda: model(batch, blocks=block), max(3, repeats // 3), warmup=1)
+        finally:
+            torch.set_num_threads(step_threads)
     return ComputeThroughput(inference=1.0 / step, forward=forward_tokens / forward, forward_tokens=forward_tokens)
 
 
