@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stamen import AutoDistributedModelForCausalLM
+from stamen.client import model as client_model
 
 pytestmark = pytest.mark.swarm
 
@@ -175,3 +176,25 @@ def test_beam_search_matches_transformers(clients, local_models):
     expected = ref.generate(ids, **settings)
     got = model.generate(ids, **settings)
     assert torch.equal(got, expected)
+
+
+def test_a_transposed_decoding_head_gives_the_same_tokens_and_follows_the_weight(clients, local_models, monkeypatch):
+    """The decoding head's transposed copy (on for large CPU heads, forced on here): the same greedy
+    tokens as transformers, logits equal to the plain head's, rebuilt when the weight changes."""
+    monkeypatch.setattr(client_model, "TRANSPOSED_HEAD_MIN_BYTES", 0)
+    model, ref = clients("llama-gqa"), local_models["llama-gqa"]
+    ids = _prompt(ref.config.vocab_size, seed=3)
+    expected = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0),
+                       expected)
+    assert model._transposed_head is not None
+    hidden = torch.randn(3, model.block_config.hidden_size)
+    original = model.lm_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            assert torch.allclose(model.decode_logits(hidden), model.lm_head(hidden), atol=1e-5)
+            model.lm_head.weight.mul_(2)
+            assert torch.allclose(model.decode_logits(hidden), model.lm_head(hidden), atol=1e-5)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(original)

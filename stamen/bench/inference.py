@@ -294,7 +294,7 @@ def _blocks_generate(h: Harness, prompt: torch.Tensor, new_tokens: int) -> dict[
     cache = KVCache(h.blocks.config, h.num_blocks, prompt.shape[0], prompt.shape[1] + new_tokens + 1, torch.float32)
     start = time.perf_counter()
     hidden = h.blocks.step(d.embed_tokens(prompt), cache)
-    token = d.lm_head(d.norm(hidden[:, -1])).argmax(-1)
+    token = d.decode_logits(d.norm(hidden[:, -1])).argmax(-1)
     ttft = time.perf_counter() - start
     blocks_s, total_s = [], []
     for _ in range(new_tokens - 1):
@@ -303,7 +303,7 @@ def _blocks_generate(h: Harness, prompt: torch.Tensor, new_tokens: int) -> dict[
         t1 = time.perf_counter()
         hidden = h.blocks.step(x, cache)
         t2 = time.perf_counter()
-        token = d.lm_head(d.norm(hidden[:, -1])).argmax(-1)
+        token = d.decode_logits(d.norm(hidden[:, -1])).argmax(-1)
         t3 = time.perf_counter()
         blocks_s.append(t2 - t1)
         total_s.append(t3 - t0)
