@@ -21,10 +21,11 @@ count is per thread: ``torch.set_num_threads`` on the loop's thread sets the dec
 long-work thread sets its own at its start). A decoding step is a chain of matrix-vector products
 that read every weight once: memory-bound, so past a few threads more of them add barriers, not
 speed. On the development machine (2 vCPUs) one thread steps 16 blocks of the 246M Llama as fast
-as two in-process, and a 3-server swarm decodes 4-7% faster with single-threaded steps: a
-2-thread team waits at every barrier whenever another process (the previous hop's reply, a
-daemon, the client) holds the other core. ``choose_decode_threads`` measures the count at start;
-prefills, forwards and backwards are compute-bound and keep every thread.
+as two in-process; in a 3-server swarm, single-threaded steps took 0.94x and 0.99x the time of
+2-thread steps in two side-by-side runs (a 2-thread team waits at every barrier whenever another
+process, such as the previous hop's reply, a daemon or the client, holds the other core).
+``choose_decode_threads`` measures the count at start; prefills, forwards and backwards are
+compute-bound and keep every thread.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import time
 
 import torch
 
+from stamen.models import KVCache
+from stamen.models.span import SpanModel
 from stamen.types import Span
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ def thread_counts(limit: int) -> list[int]:
     return counts + [max(1, limit)]
 
 
-def choose_decode_threads(model, dtype: torch.dtype, device: str | torch.device, limit: int,
+def choose_decode_threads(model: SpanModel, dtype: torch.dtype, device: str | torch.device, limit: int,
                           tolerance: float = 0.10, rounds: int = 4, steps: int = 4) -> tuple[int, dict[int, float]]:
     """The torch thread count for decoding steps on this thread: the fewest threads whose
     single-token step (through up to 4 blocks of ``model``) is within ``tolerance`` of the fastest
@@ -85,8 +88,6 @@ def choose_decode_threads(model, dtype: torch.dtype, device: str | torch.device,
     Within ``tolerance``, fewer threads win because in-process timing cannot see what they save in
     a swarm: cores left to the other processes, no team waiting at barriers (``server/compute.py``).
     """
-    from stamen.models import KVCache
-
     counts = thread_counts(limit)
     if torch.device(device).type != "cpu" or len(counts) == 1:
         torch.set_num_threads(limit)
