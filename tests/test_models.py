@@ -138,6 +138,20 @@ def test_bfloat16_span_is_close(saved):
         torch.testing.assert_close(out16.float(), m32(h), atol=0.1, rtol=0.05)
 
 
+
+def test_cpu_float32_projections_are_input_major(saved):
+    """Decoding streams the weights: float32 CPU spans keep projections input-major (the faster MKL
+    GEMV layout); bfloat16 keeps the checkpoint's row-major layout, where input-major is slower."""
+    path, _ = saved
+    ck = open_checkpoint(path)
+    config = BlockConfig.from_hf(load_config(path))
+    for dtype, input_major in ((torch.float32, True), (torch.bfloat16, False)):
+        block = load_span(ck, config, Span(0, 1), dtype, progress=False).blocks[0]
+        for linear in (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj,
+                       block.mlp.down_proj):
+            out_features, in_features = linear.weight.shape
+            assert linear.weight.stride() == ((1, out_features) if input_major else (in_features, 1))
+
 def test_unsupported_models_get_typed_errors(tmp_path):
     with pytest.raises(UnsupportedModelError):
         BlockConfig.from_hf(AutoConfig.for_model("gpt2"))

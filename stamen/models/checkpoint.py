@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from stamen.errors import CheckpointError
 from stamen.models.config import BlockConfig
-from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict
+from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict, input_major, prefers_input_major
 from stamen.models.quant import PROJECTIONS, QuantMethod, quantize_block_
 from stamen.models.span import SpanModel
 from stamen.types import Span
@@ -143,6 +143,8 @@ def load_span(
         state = hf_block_state_dict(raw, f"{checkpoint.block_prefix}{index}.")
         keep = {f"{p}.weight" for p in PROJECTIONS} if quant != "none" else set()  # quantized from the original
         state = {k: v.to(device=device) if k in keep else v.to(device=device, dtype=dtype) for k, v in state.items()}
+        if quant == "none" and prefers_input_major(device, dtype):
+            state.update({f"{p}.weight": input_major(state[f"{p}.weight"]) for p in PROJECTIONS})
         try:
             block.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
