@@ -90,6 +90,29 @@ def test_left_padded_batch_matches_transformers(saved):
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-4)
 
 
+
+def test_left_padded_one_token_steps_match_transformers(saved):
+    """Decoding steps of one token (their own attention path) with padded keys and, for Mistral,
+    a sliding window that the prompt outgrows."""
+    path, ref = saved
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    _, models, parts, config = _local_logits(path, [Span(0, 4)], ids[:, :1])
+    model, cache = models[0], KVCache(config, 4, 2, 16, torch.float32)
+    outs = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            chunk = slice(0, 8) if t == 0 else slice(t + 7, t + 8)
+            if chunk.start >= ids.shape[1]:
+                break
+            h = model.step(F.embedding(ids[:, chunk], parts.embed_tokens), cache, mask[:, chunk], positions[:, chunk])
+            outs.append(_head(h, parts, config))
+        expected = ref(ids, attention_mask=mask, position_ids=positions).logits
+    got = torch.cat(outs, 1)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-4)
+
 def test_rollback_overwrites_the_cache(saved):
     path, ref = saved
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(3))
