@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -198,3 +200,32 @@ def test_a_transposed_decoding_head_gives_the_same_tokens_and_follows_the_weight
     finally:
         with torch.no_grad():
             model.lm_head.weight.copy_(original)
+
+
+def test_banned_servers_that_still_answer_are_taken_back_when_nothing_else_covers_their_blocks(
+        swarm, model_dirs, local_models):
+    """A ban steers routes around a server that failed a call; when every server of some blocks is
+    banned but still answers a ping, forwards and generation go through them at once (not after
+    the route grace), with the same results."""
+    ref = local_models["llama-gqa"]
+    model = AutoDistributedModelForCausalLM.from_pretrained(model_dirs["llama-gqa"], initial_peers=swarm.initial_peers,
+                                                            request_timeout=30)
+    try:
+        ids = _prompt(ref.config.vocab_size, seed=4)
+        with torch.no_grad():
+            expected_logits = ref(ids).logits
+        expected = ref.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        for call in ("forward", "generate"):
+            for server in model.swarm.servers(refresh=True):
+                model.swarm.ban(server.peer_id, "test")
+            assert model.swarm.servers() == []
+            start = time.monotonic()
+            if call == "forward":
+                assert (model(ids).logits - expected_logits).abs().max().item() <= 1e-4
+            else:
+                got = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+                assert torch.equal(got, expected)
+            assert time.monotonic() - start < model.swarm.config.route_grace
+            assert len(model.swarm.servers()) == 3  # all three taken back
+    finally:
+        model.shutdown()

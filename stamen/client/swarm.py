@@ -91,8 +91,11 @@ class Swarm:
         return loop.run(self.route_async(blocks, min_cache_tokens))
 
     async def route_async(self, blocks: Span | None = None, min_cache_tokens: int = 0) -> list[Hop]:
+        """The fastest chain through ``blocks``; without one, waits up to ``route_grace`` for servers
+        to (re)appear, and takes back banned servers that still answer a ping if nothing else
+        covers the blocks (see ``_pardon``)."""
         blocks = blocks or Span(0, self.num_blocks)
-        deadline, refresh = time.monotonic() + self.config.route_grace, False
+        deadline, refresh, pardoned = time.monotonic() + self.config.route_grace, False, False
         while True:
             # reading the DHT blocks: do it off the client loop, which other sessions share
             servers = await asyncio.to_thread(self.servers, refresh)
@@ -106,6 +109,10 @@ class Swarm:
                                min_cache_tokens=min_cache_tokens)
             if route is not None:
                 return route
+            if not pardoned:
+                pardoned = True
+                if await self._pardon():
+                    continue
             if refresh and time.monotonic() >= deadline:
                 break
             if refresh:
@@ -117,6 +124,26 @@ class Swarm:
             + (f"blocks {_ranges(missing)} have no online server" if missing else "servers lack free cache"),
             missing,
         )
+
+    async def _pardon(self) -> bool:
+        """Unban the banned servers that still announce themselves online and answer a ping now.
+
+        A ban steers routes around a server that failed a call; when no route exists without the
+        banned servers, a live one is better than none: one failed call (a cut stream, a timeout
+        under load) must not fail every request until the ban expires when that server is the
+        only one for some blocks. A dead or hung server does not answer and stays banned; one that
+        keeps failing is banned again by the caller, whose retries are bounded."""
+        now = time.monotonic()
+        banned = [p for p, until in self._banned_until.items() if until > now and p in self._servers]
+        if not banned:
+            return False
+        results = await self._ping_all(banned)
+        alive = [(p, rtt) for p, rtt in zip(banned, results, strict=True) if rtt is not None]
+        for peer_id, rtt in alive:
+            logger.warning("no route without banned %s, which answers pings: using it again", peer_id)
+            del self._banned_until[peer_id]
+            self._rtts[peer_id] = (rtt, now)
+        return bool(alive)
 
     def forward_route(self, blocks: Span) -> list[Hop]:
         """A chain for stateless calls, drawn so that load spreads in proportion to throughput."""
