@@ -37,16 +37,20 @@ def _block_bound(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 576), (2, 3, 1024), (3, 7, 5), (1, 1, 1), (2, 0, 64)])
 def test_round_trip_error_is_within_half_a_step_per_block(dtype, shape):
-    x = (torch.randn(shape) * torch.logspace(-3, 3, shape[-1] or 1)).to(dtype)  # blocks of very different scales
+    generator = torch.Generator().manual_seed(sum(shape))
+    scales = torch.logspace(-3, 3, shape[-1] or 1)  # blocks of very different scales
+    x = (torch.randn(shape, generator=generator) * scales).to(dtype)
     proto = encode_tensor(x, "blockwise8")
     assert proto.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT
     assert len(proto.buffer) == compressed_size(x.numel()) == 4 * math.ceil(x.numel() / BLOCK_SIZE) + x.numel()
     back = decode_tensor(proto, "h", FLOAT_DTYPES, 10**6, compressed_ok=True)
     assert back.shape == x.shape and back.dtype == dtype
     err = (back.float() - x.float()).reshape(-1).abs()
-    # the codec's bound, plus rounding the result to the original dtype (half an ulp, relative)
+    # the codec's bound, plus rounding the result to the original dtype: half an ulp, relative, or
+    # half the subnormal spacing near zero (float16's is 2^-24: a random draw once landed there)
     ulp = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-    assert bool((err <= _block_bound(x) + x.float().reshape(-1).abs() * ulp * 1.01 + 1e-30).all())
+    subnormal = {torch.float32: 2**-149, torch.bfloat16: 2**-133, torch.float16: 2**-24}[dtype]
+    assert bool((err <= _block_bound(x) + x.float().reshape(-1).abs() * ulp * 1.01 + subnormal / 2).all())
     if x.numel() >= 64 and dtype == torch.float32:  # small values are far more precise than a/254
         a = x.abs().max()
         small = x.abs() < a / 1000
