@@ -49,3 +49,26 @@ def test_bench_suite_quick(tmp_path):
     assert "Llama-2-70B shape (80 blocks, float16)" in report["offload_bound"]["models"]
     markdown = (out / "suite.md").read_text()
     assert "Prefix 16" in markdown and "### Forward" in markdown and "network wait" in markdown
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_run_keeps_the_swarms_logs_and_removes_its_other_files():
+    """A benchmark run that fails keeps the servers' logs for diagnosis and removes the rest."""
+    import shutil
+
+    from stamen.bench.inference import BenchSettings, Harness
+
+    settings = BenchSettings.quick(preset="tiny")
+    settings.offload = settings.cpu_offload = False
+    harness = Harness(settings, say=lambda message: None)
+    with pytest.raises(RuntimeError, match="boom"), harness:
+        assert harness.workdir.is_dir()
+        raise RuntimeError("boom")
+    try:
+        assert not harness.workdir.exists()
+        assert harness.kept_logs is not None
+        assert sorted(p.name for p in harness.kept_logs.glob("server*.log")) == [
+            "server0-0-2.log", "server1-2-4.log", "server2-4-6.log"]
+    finally:
+        if harness.kept_logs is not None:
+            shutil.rmtree(harness.kept_logs.parent)

@@ -142,6 +142,8 @@ class Harness:
         self.workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-"))
         self.trace_dir = self.workdir / "trace"
         self._stack = contextlib.ExitStack()
+        self.kept_logs: Path | None = None
+        """Where the servers' logs went after a failed run (None: removed with the run)."""
 
     def __enter__(self) -> Harness:
         from transformers import AutoModelForCausalLM
@@ -151,7 +153,6 @@ class Harness:
 
         s = self.settings
         try:
-            self._stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
             if s.model is None:
                 self.say(f"creating a random {s.preset} Llama (float32) ...")
                 # long enough for a prefix of 2048 plus the new tokens (RoPE itself has no limit)
@@ -188,12 +189,25 @@ class Harness:
             if s.cpu_offload:
                 self.cpu_offloaded = self._cpu_offloaded(s.model)
         except BaseException:
-            self._stack.close()
+            self.close(failed=True)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the swarm and remove the run's files; after a failure, keep the servers' logs (a
+        failure seen once in a suite could not be diagnosed because its logs went with the run)."""
+        try:
+            self._stack.close()
+        finally:
+            logs = self.workdir / "logs"
+            if failed and logs.is_dir() and any(logs.iterdir()):
+                self.kept_logs = Path(tempfile.mkdtemp(prefix="stamen-bench-logs-")) / "logs"
+                shutil.move(str(logs), self.kept_logs)
+                print(f"the run failed: the swarm's logs are kept in {self.kept_logs}", file=sys.stderr, flush=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _disk_offloaded(self, model: str):
         """transformers + accelerate with every decoder layer on "disk": read from a private copy of
