@@ -31,7 +31,6 @@ compute-bound and keep every thread.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 
@@ -40,8 +39,6 @@ import torch
 from stamen.models import KVCache
 from stamen.models.span import SpanModel
 from stamen.types import Span
-
-logger = logging.getLogger(__name__)
 
 
 async def in_fresh_thread(fn, *args, threads: int | None = None):

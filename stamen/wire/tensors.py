@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
@@ -17,7 +16,6 @@ from stamen.wire.compression import Compression, compress, decode_compressed
 FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
 INDEX_DTYPES = {"int64", "int32", "bool", "uint8"}
 _TORCH_DTYPES = {name: getattr(torch, name) for name in (*FLOAT_DTYPES, *INDEX_DTYPES)}
-_DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 STREAM_PART_BYTES = 1 << 20
 """Each streamed message carries at most this many tensor bytes (hivemind caps messages at 4 MiB)."""
 
@@ -29,20 +27,14 @@ def encode_tensor(tensor: torch.Tensor, compression: Compression = "none") -> ru
     doubling the bytes on the wire.)"""
     if compression == "blockwise8" and (proto := compress(tensor)) is not None:
         return proto
-    # each step avoided matters: a server encodes once per hop and token, with cold caches
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
+    tensor = tensor.detach().cpu().contiguous()
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     return runtime_pb2.Tensor(
         compression=runtime_pb2.CompressionType.NONE,
         buffer=raw.numpy().tobytes(),
         size=tensor.shape,
-        dtype=_DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch."),
-        requires_grad=False,
+        dtype=str(tensor.dtype).removeprefix("torch."),
+        requires_grad=tensor.requires_grad,
     )
 
 
@@ -64,16 +56,15 @@ def decode_tensor(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str]
         return decode_compressed(proto, name, numel)
     if proto.compression != runtime_pb2.CompressionType.NONE:
         raise InvalidRequestError(f"{name}: compression {proto.compression} is not accepted")
-    dtype = _TORCH_DTYPES.get(proto.dtype)
-    itemsize = dtype.itemsize if dtype is not None else getattr(torch, proto.dtype).itemsize
-    if len(proto.buffer) != numel * itemsize:
+    dtype = _TORCH_DTYPES[proto.dtype]  # allowed_dtypes are among FLOAT_DTYPES and INDEX_DTYPES
+    if len(proto.buffer) != numel * dtype.itemsize:
         raise InvalidRequestError(
             f"{name}: buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}"
         )
+    if numel == 0:
+        return torch.empty(tuple(proto.size), dtype=dtype)
     try:
-        if dtype is None or numel == 0:
-            return deserialize_torch_tensor(proto)
-        # the lean path of decoding steps: one copy (protobuf's bytes are read-only), no numpy
+        # one copy (protobuf's bytes are read-only), no numpy: the hot path of every decoding hop
         tensor = torch.frombuffer(bytearray(proto.buffer), dtype=dtype).view(tuple(proto.size))
         return tensor.requires_grad_(True) if proto.requires_grad and dtype.is_floating_point else tensor
     except Exception as e:  # corrupt buffer
