@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -22,9 +23,10 @@ from stamen.errors import (
     UnknownSessionError,
     WrongBlocksError,
 )
-from stamen.server.handler import InferenceStream, call_forward
+from stamen.server.handler import INFERENCE_PROTOCOL, InferenceStream, call_forward
 from stamen.types import ModelName, Span
-from stamen.wire.messages import CloseSession, Step, encode
+from stamen.wire.messages import CloseSession, Step, decode_inference_reply, encode
+from stamen.wire.stream import BYTEORDER, LENGTH_BYTES, MAX_FRAME_BYTES, MESSAGE_MARKER, open_stream
 from stamen.wire.tensors import encode_tensor
 
 pytestmark = pytest.mark.swarm
@@ -124,7 +126,38 @@ def test_unknown_and_closed_sessions(qwen):
     with pytest.raises(SessionClosedError):
         _step(stream, torch.randn(1, 1, HIDDEN))
     stream.closed = True
-    stream._outbox.put_nowait(None)  # end the stream without another close message
+    stream._stream.end()  # end the stream without another close message
+    _good_step_works(s, peer)
+
+
+BAD_FRAMES = {
+    "length past the limit": lambda: MESSAGE_MARKER + (MAX_FRAME_BYTES + 1).to_bytes(LENGTH_BYTES, BYTEORDER),
+    "unknown marker": lambda: b"\x07" + (3).to_bytes(LENGTH_BYTES, BYTEORDER) + b"abc",
+    "undecodable body": lambda: MESSAGE_MARKER + (4).to_bytes(LENGTH_BYTES, BYTEORDER) + b"\xff\xff\xff\xff",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_malformed_frame_gets_a_typed_error_and_ends_only_its_stream(qwen, case):
+    """A raw frame that breaks the lean stream's framing: the server answers invalid_request and
+    ends that stream (its framing is lost), without reading the claimed bytes; other sessions go on."""
+    s, peer = qwen
+    other = _open(s, peer)
+    _step(other, torch.randn(1, 1, HIDDEN))
+
+    async def send_raw() -> list:
+        stream = await open_stream(s.p2p, peer, INFERENCE_PROTOCOL)
+        stream.writer.write(BAD_FRAMES[case]())
+        replies = []
+        while (reply := await asyncio.wait_for(stream.recv(runtime_pb2.ExpertResponse), 20)) is not None:
+            replies.append(decode_inference_reply(reply.metadata))
+        stream.close()
+        return replies
+
+    replies = loop.run(send_raw())
+    assert [(r.kind, r.code) for r in replies] == [("error", "invalid_request")]
+    assert _step(other, torch.randn(1, 1, HIDDEN), position=1).shape == (1, 1, HIDDEN)
+    loop.run(other.close())
     _good_step_works(s, peer)
 
 

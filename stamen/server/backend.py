@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -65,13 +66,19 @@ class CacheBudget:
         return max(0, self.capacity - self.used) // self.num_blocks  # old spans' sessions may overdraw after a move
 
 
+class Replies(Protocol):
+    """Where a session's replies go (the handler writes them to the client's stream)."""
+
+    def put_nowait(self, response: Any) -> None: ...
+
+
 @dataclass
 class Session:
     id: str
     blocks: Span
     cache: KVCache
     reserved: int
-    replies: asyncio.Queue
+    replies: Replies
     """Replies for the client's stream that owns this session (pushed steps answer there too)."""
     last_step_id: int = -1
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -148,7 +155,7 @@ class SpanBackend:
         if not self.span.covers(blocks):
             raise WrongBlocksError(f"this server hosts blocks {self.span}, not {blocks}")
 
-    def open(self, msg: OpenSession, replies: asyncio.Queue, prompts: torch.Tensor | None = None) -> Session:
+    def open(self, msg: OpenSession, replies: Replies, prompts: torch.Tensor | None = None) -> Session:
         blocks = msg.blocks.span
         self.check_blocks(blocks)
         prompts = self.check_prompts(prompts, blocks, msg.max_length)

@@ -65,6 +65,7 @@ from stamen.wire.messages import (
     decode_train_request,
     encode,
 )
+from stamen.wire.stream import FrameStream, InvalidFrameError, StreamEnded, open_stream, serve
 from stamen.wire.tensors import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -78,6 +79,53 @@ logger = logging.getLogger(__name__)
 
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
+
+INFERENCE_PROTOCOL = "SpanHandler.inference"
+"""Client <-> server inference sessions: a lean stream (``wire/stream.py``) of ``Request``/``Response``."""
+PUSH_PROTOCOL = "SpanHandler.push"
+"""Server -> next server step outputs, a lean stream; only errors come back."""
+_MAX_WAITING_PUSHES = 64
+
+
+class _StreamReplies:
+    """Where a session's replies go: the client's stream, written at once; dropped once it closed."""
+
+    def __init__(self, stream: FrameStream):
+        self.stream = stream
+
+    def put_nowait(self, response: Response) -> None:
+        if not self.stream.closing:
+            trace.mark("s.reply_out")
+            self.stream.send(response)
+
+
+class _PushLink:
+    """The push stream to one next server; pushes made while it opens wait, in order (a few)."""
+
+    def __init__(self):
+        self.stream: FrameStream | None = None
+        self.waiting: list[Request] = []
+        self.closed = False
+
+    def send(self, request: Request) -> None:
+        if self.closed:
+            return
+        if self.stream is None:
+            if len(self.waiting) < _MAX_WAITING_PUSHES:
+                self.waiting.append(request)
+        elif not self.stream.closing:
+            trace.mark("s.push_out")
+            self.stream.send(request)
+
+    def opened(self, stream: FrameStream) -> None:
+        self.stream, waiting, self.waiting = stream, self.waiting, []
+        for request in waiting:
+            self.send(request)
+
+    def close(self) -> None:
+        self.closed, self.waiting = True, []
+        if self.stream is not None:
+            self.stream.close()
 
 
 def _error(e: Exception, step_id: int | None = None) -> Response:
@@ -98,7 +146,7 @@ class SpanHandler(ServicerBase):
         own ``compression`` overrides it; training replies are compressed only when asked)."""
         self._p2p: P2P | None = None
         self._pushes: set[asyncio.Task] = set()
-        self._push_queues: dict[str, asyncio.Queue] = {}
+        self._push_links: dict[str, _PushLink] = {}
         self.pushed_steps = 0
         self.push_messages = 0
         self.push_bytes = 0
@@ -106,6 +154,13 @@ class SpanHandler(ServicerBase):
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         self._p2p = p2p  # pushes go out through the same daemon
         await super().add_p2p_handlers(p2p, *args, **kwargs)
+        await serve(p2p, INFERENCE_PROTOCOL, self._serve_inference)
+        await serve(p2p, PUSH_PROTOCOL, self._serve_push)
+
+    async def remove_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
+        await super().remove_p2p_handlers(p2p, *args, **kwargs)
+        for protocol in (INFERENCE_PROTOCOL, PUSH_PROTOCOL):
+            await p2p.remove_binary_stream_handler(protocol)
 
     def _decode_inputs(self, protos: list[runtime_pb2.Tensor], has_mask: bool, has_positions: bool,
                        has_hypo_ids: bool = False):
@@ -140,47 +195,42 @@ class SpanHandler(ServicerBase):
         return Response(metadata=encode(reply))
 
     # --- inference: one stream per client connection, sessions with KV caches ---
+    # The decoding hot path: lean frames (``wire/stream.py``), read and answered in one coroutine.
 
-    async def rpc_inference(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        """Client messages are read by a task; replies (also those of steps that another server
-        pushed into this stream's sessions) leave through one queue."""
-        replies: asyncio.Queue[Response | None] = asyncio.Queue()
+    async def _serve_inference(self, stream: FrameStream) -> None:
+        """Client messages are handled in order; replies (also those of steps that another server
+        pushed into this stream's sessions) are written to the stream as soon as they exist."""
+        replies = _StreamReplies(stream)
         opened: set[str] = set()
-        reader = asyncio.create_task(self._read_inference(requests, replies, opened, context))
-        try:
-            while (reply := await replies.get()) is not None:
-                trace.mark("s.reply_out")
-                yield reply
-        finally:
-            reader.cancel()
-            for session_id in opened:
-                self.backend.close(session_id)
-
-    async def _read_inference(self, requests: AsyncIterator[Request], replies: asyncio.Queue,
-                              opened: set[str], context: P2PContext) -> None:
         try:
             while True:
-                try:
-                    request = await asyncio.wait_for(anext(requests), self.session_timeout)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    logger.info("closing idle sessions %s of %s", sorted(opened), context.remote_id)
-                    replies.put_nowait(_error(SessionClosedError(
-                        f"idle for {self.session_timeout:.0f} s: session closed")))
-                    return
                 step_id = None
                 try:
+                    try:
+                        async with asyncio.timeout(self.session_timeout):
+                            request = await stream.recv(Request)
+                    except TimeoutError:
+                        logger.info("closing idle sessions %s of %s", sorted(opened), stream.peer)
+                        replies.put_nowait(_error(SessionClosedError(
+                            f"idle for {self.session_timeout:.0f} s: session closed")))
+                        return
+                    if request is None:
+                        return
                     msg = decode_inference_request(request.metadata)
                     step_id = msg.step_id if isinstance(msg, Step) else None
                     trace.mark("s.recv", -1 if step_id is None else step_id)
                     reply = await self._inference_message(msg, request, replies, opened)
+                except InvalidFrameError as e:  # the framing is lost: answer and end the stream
+                    replies.put_nowait(_error(e))
+                    return
                 except Exception as e:  # a typed error (or a bug): reply and keep serving
                     reply = _error(e, step_id)
                 if reply is not None:
                     replies.put_nowait(reply)
         finally:
-            replies.put_nowait(None)
+            stream.end()
+            for session_id in opened:
+                self.backend.close(session_id)
 
     async def _inference_message(self, msg, request: Request, replies: asyncio.Queue,
                                  opened: set[str]) -> Response | None:
@@ -231,16 +281,16 @@ class SpanHandler(ServicerBase):
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
             return
-        queue = self._push_queues.get(peer_id)
-        if queue is None:
-            queue = self._push_queues[peer_id] = asyncio.Queue()
-            task = asyncio.create_task(self._push_stream(peer_id, queue))
+        link = self._push_links.get(peer_id)
+        if link is None:
+            link = self._push_links[peer_id] = _PushLink()
+            task = asyncio.create_task(self._run_push_link(peer_id, link))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
         request = Request(metadata=encode(msg), tensors=tensors)
         self.push_messages += 1
         self.push_bytes += request.ByteSize()
-        queue.put_nowait(request)
+        link.send(request)
 
     async def _push_local(self, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:
         """libp2p cannot dial itself: a push to this server runs the step here."""
@@ -251,33 +301,40 @@ class SpanHandler(ServicerBase):
         except Exception as e:
             logger.info("local push into session %s failed: %r", msg.session_id, e)
 
-    async def _push_stream(self, peer_id: str, queue: asyncio.Queue) -> None:
-        async def requests() -> AsyncIterator[Request]:
-            while (request := await queue.get()) is not None:
-                trace.mark("s.push_out")
-                yield request
-
+    async def _run_push_link(self, peer_id: str, link: _PushLink) -> None:
+        """Open the stream to the next server, send what was queued meanwhile, then log its error
+        replies until it ends."""
         try:
-            stub = SpanHandler.get_stub(self._p2p, PeerID.from_base58(peer_id))
-            async for response in await stub.rpc_push(requests()):
+            stream = await asyncio.wait_for(
+                open_stream(self._p2p, PeerID.from_base58(peer_id), PUSH_PROTOCOL), self.request_timeout)
+            link.opened(stream)
+            while (response := await stream.recv(Response)) is not None:
                 _raise_if_error(decode_push_reply(response.metadata))
         except Exception as e:
             logger.info("push stream to %s ended: %r", peer_id, e)
         finally:
-            if self._push_queues.get(peer_id) is queue:
-                del self._push_queues[peer_id]
+            link.close()
+            if self._push_links.get(peer_id) is link:
+                del self._push_links[peer_id]
 
-    async def rpc_push(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+    async def _serve_push(self, stream: FrameStream) -> None:
         """Steps pushed by a previous server; only errors are answered (they are logged there)."""
-        async for request in requests:
-            try:
-                msg = decode_step(request.metadata)
-                trace.mark("s.recv_push", msg.step_id)
-                await self._step(msg, list(request.tensors), pushed=True)
-            except (UnknownSessionError, SessionClosedError):
-                continue  # the client closed or moved its session: nothing to do
-            except Exception as e:
-                yield _error(e)
+        try:
+            while (request := await stream.recv(Request)) is not None:
+                try:
+                    msg = decode_step(request.metadata)
+                    trace.mark("s.recv_push", msg.step_id)
+                    await self._step(msg, list(request.tensors), pushed=True)
+                except (UnknownSessionError, SessionClosedError):
+                    continue  # the client closed or moved its session: nothing to do
+                except Exception as e:
+                    if not stream.closing:
+                        stream.send(_error(e))
+        except InvalidFrameError as e:
+            if not stream.closing:
+                stream.send(_error(e))
+        finally:
+            stream.end()
 
     # --- forward: stateless, tensors streamed in parts both ways ---
 
@@ -785,7 +842,7 @@ _CLOSE_GRACE_S = 30.0
 
 
 class InferenceStream:
-    """The client half of ``rpc_inference``: one open session on one server.
+    """The client half of ``_serve_inference``: one open session on one server.
 
     A reader task matches replies to steps by ``step_id`` (a step may be answered without the
     client's request when a previous server pushed its input), and other replies (open, close,
@@ -798,7 +855,7 @@ class InferenceStream:
         """How this client sends hidden states and asks for outputs (None: uncompressed / the server's default)."""
         self.counter = WireCounter()
         """Messages and bytes this stream sent and received."""
-        self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
+        self._stream: FrameStream | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._control: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
@@ -808,24 +865,25 @@ class InferenceStream:
         """Total compute time the server reported for this session's steps."""
         self._sent_mark, self._received_mark = f"c.out{blocks.start}", f"c.recv{blocks.start}"  # stamen/trace.py
 
-    async def _requests(self) -> AsyncIterator[Request]:
-        while (request := await self._outbox.get()) is not None:
-            trace.mark(self._sent_mark)
-            yield request
-
     def _send(self, request: Request) -> None:
+        """Write a request now; raises ``RemoteCallError`` (``StreamEnded``) if the stream is closed."""
+        if self._stream is None or self._stream.closing:
+            raise StreamEnded(f"the stream to {self.peer} is closed")
         self.counter.sent(request)
-        self._outbox.put_nowait(request)
+        trace.mark(self._sent_mark)
+        self._stream.send(request)
 
-    async def _read(self, replies: AsyncIterator[Response]) -> None:
+    async def _read(self, stream: FrameStream) -> None:
         failure: Exception = RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}")
         try:
-            async for response in replies:
+            while (response := await stream.recv(Response)) is not None:
                 trace.mark(self._received_mark)
                 self.counter.received(response)
                 self._dispatch(response)
         except Exception as e:
             failure = RemoteCallError(f"inference stream to {self.peer} failed: {e!r}")
+        finally:
+            stream.close()
         for future in [*self._pending.values(), self._control]:
             if future is not None and not future.done():
                 future.set_exception(failure)
@@ -872,12 +930,11 @@ class InferenceStream:
         """Open a session; deep ``prompts`` (n_blocks, P, H) and LoRA ``adapter`` apply to all its steps;
         ``compression``: how hidden states go and how outputs come back and are pushed on."""
         self = cls(peer, blocks, session_id, timeout, compression)
-        stub = SpanHandler.get_stub(p2p, peer)
         try:
-            replies = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
+            self._stream = await asyncio.wait_for(open_stream(p2p, peer, INFERENCE_PROTOCOL), timeout)
         except Exception as e:
             raise RemoteCallError(f"cannot open a stream to {peer}: {e!r}") from e
-        self._reader = asyncio.create_task(self._read(replies))
+        self._reader = asyncio.create_task(self._read(self._stream))
         _live_readers.add(self._reader)  # the loop keeps tasks only weakly: a dropped session's
         self._reader.add_done_callback(_live_readers.discard)  # reader would be collected (on any thread)
         msg = OpenSession(session_id=session_id, blocks=SpanRef.of(blocks), max_length=max_length,
@@ -887,7 +944,7 @@ class InferenceStream:
         try:
             await self.control(Request(metadata=encode(msg), tensors=tensors))
         except BaseException:
-            self._outbox.put_nowait(None)
+            self._stream.end()
             asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self._reader.cancel)
             raise
         return self
@@ -949,6 +1006,7 @@ class InferenceStream:
         except StamenError as e:
             logger.debug("closing session %s on %s: %s", self.session_id, self.peer, e)
         finally:
-            self._outbox.put_nowait(None)
+            if self._stream is not None:
+                self._stream.end()
             if self._reader is not None and not self._reader.done():  # a server that never ends the stream
                 asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self._reader.cancel)
