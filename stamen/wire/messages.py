@@ -301,6 +301,15 @@ class InfoReply(_Msg):
 _inference_request = TypeAdapter(InferenceRequest)
 _inference_reply = TypeAdapter(InferenceReply)
 _forward_reply = TypeAdapter(ForwardReply)
+_adapters: dict[type, TypeAdapter] = {}
+
+
+def _adapter(kind: type) -> TypeAdapter:
+    """One TypeAdapter per message type (building one per message cost 19 vs 5 us per decoded step)."""
+    adapter = _adapters.get(kind)
+    if adapter is None:
+        adapter = _adapters[kind] = TypeAdapter(kind)
+    return adapter
 
 
 def encode(msg: BaseModel) -> bytes:
@@ -321,7 +330,7 @@ def decode_inference_reply(raw: bytes) -> Opened | StepDone | Closed | ErrorRepl
 
 
 def decode_forward_request(raw: bytes) -> ForwardRequest:
-    return _parse(TypeAdapter(ForwardRequest), raw)
+    return _parse(_adapter(ForwardRequest), raw)
 
 
 def decode_forward_reply(raw: bytes) -> ForwardDone | ErrorReply:
@@ -329,43 +338,43 @@ def decode_forward_reply(raw: bytes) -> ForwardDone | ErrorReply:
 
 
 def decode_backward_request(raw: bytes) -> BackwardRequest:
-    return _parse(TypeAdapter(BackwardRequest), raw)
+    return _parse(_adapter(BackwardRequest), raw)
 
 
 def decode_backward_reply(raw: bytes) -> BackwardDone | ErrorReply:
-    return _parse(TypeAdapter(BackwardReply), raw)
+    return _parse(_adapter(BackwardReply), raw)
 
 
 def decode_train_request(raw: bytes) -> TrainRequest:
-    return _parse(TypeAdapter(TrainRequest), raw)
+    return _parse(_adapter(TrainRequest), raw)
 
 
 def decode_train_forward_reply(raw: bytes) -> TrainForwardDone | ErrorReply:
-    return _parse(TypeAdapter(TrainForwardReply), raw)
+    return _parse(_adapter(TrainForwardReply), raw)
 
 
 def decode_train_backward(raw: bytes) -> TrainBackward:
-    return _parse(TypeAdapter(TrainBackward), raw)
+    return _parse(_adapter(TrainBackward), raw)
 
 
 def decode_put_adapters(raw: bytes) -> PutAdapters:
-    return _parse(TypeAdapter(PutAdapters), raw)
+    return _parse(_adapter(PutAdapters), raw)
 
 
 def decode_put_adapters_reply(raw: bytes) -> AdaptersStored | ErrorReply:
-    return _parse(TypeAdapter(PutAdaptersReply), raw)
+    return _parse(_adapter(PutAdaptersReply), raw)
 
 
 def decode_step(raw: bytes) -> Step:
-    return _parse(TypeAdapter(Step), raw)
+    return _parse(_adapter(Step), raw)
 
 
 def decode_push_reply(raw: bytes) -> ErrorReply:
-    return _parse(TypeAdapter(ErrorReply), raw)
+    return _parse(_adapter(ErrorReply), raw)
 
 
 def decode_info_reply(raw: bytes) -> InfoReply:
-    return _parse(TypeAdapter(InfoReply), raw)
+    return _parse(_adapter(InfoReply), raw)
 
 
 def _parse(adapter: TypeAdapter, raw: bytes):
