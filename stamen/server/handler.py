@@ -91,7 +91,9 @@ for the push to reach the next server and its compute to start, so that the copy
 daemon and process waking up, decoding it) does not compete with the push for this machine's
 cores. The client needs the copy only to recover from a later failure. On the development machine
 (3 traced pairs of runs) the two server-to-server legs took 0.68-0.86 ms with the delay, 0.81-0.98
-without."""
+without. At most ``_REPLY_DELAY_SHARE`` of the step's own compute time: the client takes the
+copies in route order, so a copy held longer than the rest of the route takes would delay the token."""
+_REPLY_DELAY_SHARE = 0.25
 
 
 class _StreamReplies:
@@ -278,7 +280,8 @@ class SpanHandler(ServicerBase):
                          compute_ms=compute_ms)
         response = Response(metadata=encode(reply), tensors=[encoded])
         if msg.push_to:  # the next server has the output: the client's copy can wait a little
-            asyncio.get_running_loop().call_later(_REPLY_DELAY_S, session.replies.put_nowait, response)
+            delay = min(_REPLY_DELAY_S, _REPLY_DELAY_SHARE * compute_ms / 1000)
+            asyncio.get_running_loop().call_later(delay, session.replies.put_nowait, response)
         else:
             session.replies.put_nowait(response)
 
