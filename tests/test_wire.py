@@ -62,3 +62,37 @@ def test_streamed_parts_join_back():
 def test_error_codes_round_trip():
     err = request_error_from_code("server_full", "no room")
     assert isinstance(err, ServerFullError) and str(err) == "no room"
+
+
+def test_frame_stream_round_trip_and_a_peer_that_stops_reading(monkeypatch):
+    """Frames over a real socket pair: messages arrive in order and an end frame ends the stream;
+    a peer that leaves more than MAX_UNREAD_BYTES unread gets its stream closed on the next send."""
+    import asyncio
+    import socket
+
+    from hivemind.proto import runtime_pb2
+
+    from stamen.wire import stream as frames
+
+    monkeypatch.setattr(frames, "MAX_UNREAD_BYTES", 1 << 20)
+
+    async def main():
+        a, b = socket.socketpair()
+        ra, wa = await asyncio.open_unix_connection(sock=a)
+        rb, wb = await asyncio.open_unix_connection(sock=b)
+        left, right = frames.FrameStream(ra, wa, "left"), frames.FrameStream(rb, wb, "right")
+        sent = [runtime_pb2.ExpertRequest(uid=str(i), tensors=[encode_tensor(torch.randn(4))]) for i in range(3)]
+        for msg in sent:
+            left.send(msg)
+        left.end()
+        got = [await right.recv(runtime_pb2.ExpertRequest) for _ in range(3)]
+        assert got == sent and await right.recv(runtime_pb2.ExpertRequest) is None
+        big = runtime_pb2.ExpertRequest(uid="x" * (256 << 10))
+        with pytest.raises(frames.StreamEnded):
+            for _ in range(1000):  # right never reads again
+                right.send(big)
+        assert right.closing
+        left.close()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())

@@ -105,7 +105,10 @@ class _StreamReplies:
     def put_nowait(self, response: Response) -> None:
         if not self.stream.closing:
             trace.mark("s.reply_out")
-            self.stream.send(response)
+            try:
+                self.stream.send(response)
+            except StreamEnded as e:  # the client stopped reading; its reader sees the stream end
+                logger.info("%s", e)
 
 
 class _PushLink:
@@ -124,7 +127,10 @@ class _PushLink:
                 self.waiting.append(request)
         elif not self.stream.closing:
             trace.mark("s.push_out")
-            self.stream.send(request)
+            try:
+                self.stream.send(request)
+            except StreamEnded as e:  # the next server stopped reading: the client's copies cover
+                logger.info("push: %s", e)
 
     def opened(self, stream: FrameStream) -> None:
         self.stream, waiting, self.waiting = stream, self.waiting, []

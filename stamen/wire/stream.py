@@ -37,6 +37,9 @@ MESSAGE_MARKER, ERROR_MARKER = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER
 LENGTH_BYTES, BYTEORDER = P2P.HEADER_LEN, P2P.BYTEORDER
 MAX_FRAME_BYTES = 256 << 20
 """Largest frame accepted (the largest legitimate ones, prefill chunks and deep prompts, are a few MiB)."""
+MAX_UNREAD_BYTES = 64 << 20
+"""A stream whose peer leaves more than this unread is closed on the next send: a peer that stops
+reading cannot make the sender buffer without bound (sends never wait, see ``FrameStream``)."""
 _END = ERROR_MARKER + (0).to_bytes(LENGTH_BYTES, BYTEORDER)
 """End of stream: an empty error frame, as hivemind's stream RPCs end theirs."""
 
@@ -66,6 +69,9 @@ class FrameStream:
         """Write one message; returns its size. Raises ``StreamEnded`` if the stream is closed."""
         if self.writer.is_closing():
             raise StreamEnded(f"the stream to {self.peer} is closed")
+        if self.writer.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            self.writer.close()
+            raise StreamEnded(f"{self.peer} left over {MAX_UNREAD_BYTES >> 20} MiB unread: stream closed")
         body = message.SerializeToString()
         self.writer.write(b"".join((MESSAGE_MARKER, len(body).to_bytes(LENGTH_BYTES, BYTEORDER), body)))
         return len(body)
