@@ -134,7 +134,7 @@ class Attention(nn.Module):
             v_cache[:, :, offset : offset + T] = v
             k, v = k_cache[:, :, : offset + T], v_cache[:, :, : offset + T]  # (B, nkv, S, hd)
         groups = self.num_heads // self.num_kv_heads
-        if T == 1 and groups > 1 and (mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)):
+        if T == 1 and groups > 1:  # a mask here is (B, 1, 1, S): it broadcasts over the grouped queries
             # One query per sequence (decoding): the query heads that share a key/value head attend
             # as `groups` queries of that head, so the cache is read once per key/value head instead
             # of being expanded to every query head (`enable_gqa`). Same math; 16 heads over 4 at

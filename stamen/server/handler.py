@@ -96,6 +96,19 @@ copies in route order, so a copy held longer than the rest of the route takes wo
 _REPLY_DELAY_SHARE = 0.25
 
 
+def _send_quietly(stream: FrameStream, message, mark: str | None = None) -> None:
+    """Send unless the peer is gone or stopped reading: its reader then sees the stream end (a
+    lost reply or push is covered by the client's copies and retries)."""
+    if stream.closing:
+        return
+    if mark is not None:
+        trace.mark(mark)
+    try:
+        stream.send(message)
+    except StreamEnded as e:
+        logger.info("%s", e)
+
+
 class _StreamReplies:
     """Where a session's replies go: the client's stream, written at once; dropped once it closed."""
 
@@ -103,12 +116,7 @@ class _StreamReplies:
         self.stream = stream
 
     def put_nowait(self, response: Response) -> None:
-        if not self.stream.closing:
-            trace.mark("s.reply_out")
-            try:
-                self.stream.send(response)
-            except StreamEnded as e:  # the client stopped reading; its reader sees the stream end
-                logger.info("%s", e)
+        _send_quietly(self.stream, response, "s.reply_out")
 
 
 class _PushLink:
@@ -117,20 +125,12 @@ class _PushLink:
     def __init__(self):
         self.stream: FrameStream | None = None
         self.waiting: list[Request] = []
-        self.closed = False
 
     def send(self, request: Request) -> None:
-        if self.closed:
-            return
-        if self.stream is None:
-            if len(self.waiting) < _MAX_WAITING_PUSHES:
-                self.waiting.append(request)
-        elif not self.stream.closing:
-            trace.mark("s.push_out")
-            try:
-                self.stream.send(request)
-            except StreamEnded as e:  # the next server stopped reading: the client's copies cover
-                logger.info("push: %s", e)
+        if self.stream is not None:
+            _send_quietly(self.stream, request, "s.push_out")
+        elif len(self.waiting) < _MAX_WAITING_PUSHES:
+            self.waiting.append(request)
 
     def opened(self, stream: FrameStream) -> None:
         self.stream, waiting, self.waiting = stream, self.waiting, []
@@ -138,7 +138,6 @@ class _PushLink:
             self.send(request)
 
     def close(self) -> None:
-        self.closed, self.waiting = True, []
         if self.stream is not None:
             self.stream.close()
 
@@ -348,11 +347,9 @@ class SpanHandler(ServicerBase):
                 except (UnknownSessionError, SessionClosedError):
                     continue  # the client closed or moved its session: nothing to do
                 except Exception as e:
-                    if not stream.closing:
-                        stream.send(_error(e))
+                    _send_quietly(stream, _error(e))
         except InvalidFrameError as e:
-            if not stream.closing:
-                stream.send(_error(e))
+            _send_quietly(stream, _error(e))
         finally:
             stream.end()
 
@@ -887,11 +884,11 @@ class InferenceStream:
 
     def _send(self, request: Request) -> None:
         """Write a request now; raises ``RemoteCallError`` (``StreamEnded``) if the stream is closed."""
-        if self._stream is None or self._stream.closing:
-            raise StreamEnded(f"the stream to {self.peer} is closed")
-        self.counter.sent(request)
+        if self._stream is None:
+            raise StreamEnded(f"the stream to {self.peer} is not open")
         trace.mark(self._sent_mark)
         self._stream.send(request)
+        self.counter.sent(request)
 
     async def _read(self, stream: FrameStream) -> None:
         failure: Exception = RemoteCallError(f"{self.peer} closed the stream of session {self.session_id}")

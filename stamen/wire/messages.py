@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Literal
 
@@ -301,15 +302,8 @@ class InfoReply(_Msg):
 _inference_request = TypeAdapter(InferenceRequest)
 _inference_reply = TypeAdapter(InferenceReply)
 _forward_reply = TypeAdapter(ForwardReply)
-_adapters: dict[type, TypeAdapter] = {}
-
-
-def _adapter(kind: type) -> TypeAdapter:
-    """One TypeAdapter per message type (building one per message cost 19 vs 5 us per decoded step)."""
-    adapter = _adapters.get(kind)
-    if adapter is None:
-        adapter = _adapters[kind] = TypeAdapter(kind)
-    return adapter
+_adapter = functools.cache(TypeAdapter)
+"""One TypeAdapter per message type (building one per message cost 19 vs 5 us per decoded step)."""
 
 
 def encode(msg: BaseModel) -> bytes:

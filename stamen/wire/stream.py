@@ -40,8 +40,6 @@ MAX_FRAME_BYTES = 256 << 20
 MAX_UNREAD_BYTES = 64 << 20
 """A stream whose peer leaves more than this unread is closed on the next send: a peer that stops
 reading cannot make the sender buffer without bound (sends never wait, see ``FrameStream``)."""
-_END = ERROR_MARKER + (0).to_bytes(LENGTH_BYTES, BYTEORDER)
-"""End of stream: an empty error frame, as hivemind's stream RPCs end theirs."""
 
 
 class InvalidFrameError(InvalidRequestError):
@@ -65,27 +63,29 @@ class FrameStream:
     def closing(self) -> bool:
         return self.writer.is_closing()
 
-    def send(self, message: Message) -> int:
-        """Write one message; returns its size. Raises ``StreamEnded`` if the stream is closed."""
+    def send(self, message: Message) -> None:
+        """Write one message. Raises ``StreamEnded`` if the stream is closed (or is closed now
+        because the other side left over ``MAX_UNREAD_BYTES`` unread)."""
         if self.writer.is_closing():
             raise StreamEnded(f"the stream to {self.peer} is closed")
         if self.writer.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
             self.writer.close()
             raise StreamEnded(f"{self.peer} left over {MAX_UNREAD_BYTES >> 20} MiB unread: stream closed")
-        body = message.SerializeToString()
-        self.writer.write(b"".join((MESSAGE_MARKER, len(body).to_bytes(LENGTH_BYTES, BYTEORDER), body)))
-        return len(body)
+        self._write(MESSAGE_MARKER, message.SerializeToString())
 
     def send_error(self, text: str) -> None:
         """Fail the stream for the other side with a message (what hivemind's handlers send on a crash)."""
         if not self.writer.is_closing():
-            body = text.encode()
-            self.writer.write(b"".join((ERROR_MARKER, len(body).to_bytes(LENGTH_BYTES, BYTEORDER), body)))
+            self._write(ERROR_MARKER, text.encode())
 
     def end(self) -> None:
-        """Tell the other side that nothing more will be sent; keeps reading possible."""
+        """Tell the other side that nothing more will be sent (an empty error frame, as hivemind's
+        stream RPCs end theirs); keeps reading possible."""
         if not self.writer.is_closing():
-            self.writer.write(_END)
+            self._write(ERROR_MARKER, b"")
+
+    def _write(self, marker: bytes, body: bytes) -> None:
+        self.writer.write(b"".join((marker, len(body).to_bytes(LENGTH_BYTES, BYTEORDER), body)))
 
     def close(self) -> None:
         self.writer.close()
@@ -128,8 +128,6 @@ async def serve(p2p: P2P, protocol: str, handler: Callable[[FrameStream], Awaita
         stream = FrameStream(reader, writer, info.peer_id)
         try:
             await handler(stream)
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
             logger.warning("%s handler failed for %s: %r", protocol, info.peer_id, e, exc_info=True)
             stream.send_error(repr(e))
