@@ -183,3 +183,18 @@ def test_unsupported_models_get_typed_errors(tmp_path):
                                                                                 rope_theta=1e4)))
     with pytest.raises(CheckpointError):
         open_checkpoint(tmp_path)  # a directory without weights
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5])
+def test_the_chunked_transposed_head_equals_the_plain_product(chunks):
+    """The decoding head's column chunks (one per torch thread), last one padded: the same logits."""
+    from stamen.client.model import chunked_matmul, chunked_transpose
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(1003, 64), torch.randn(3, 64)
+    chunked = chunked_transpose(weight, chunks)
+    assert chunked.shape == (chunks, 64, -(-1003 // chunks)) and chunked.is_contiguous()
+    got = chunked_matmul(x, chunked, 1003)
+    assert got.shape == (3, 1003)
+    torch.testing.assert_close(got, x @ weight.t(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, x @ (weight * 1.01).t(), atol=1e-5, rtol=1e-5)

@@ -182,7 +182,8 @@ def test_beam_search_matches_transformers(clients, local_models):
 
 def test_a_transposed_decoding_head_gives_the_same_tokens_and_follows_the_weight(clients, local_models, monkeypatch):
     """The decoding head's transposed copy (on for large CPU heads, forced on here): the same greedy
-    tokens as transformers, logits equal to the plain head's, rebuilt when the weight changes."""
+    tokens as transformers, logits equal to the plain head's, rebuilt when the weight or the thread
+    count changes."""
     monkeypatch.setattr(client_model, "TRANSPOSED_HEAD_MIN_BYTES", 0)
     model, ref = clients("llama-gqa"), local_models["llama-gqa"]
     ids = _prompt(ref.config.vocab_size, seed=3)
@@ -191,13 +192,18 @@ def test_a_transposed_decoding_head_gives_the_same_tokens_and_follows_the_weight
                        expected)
     assert model._transposed_head is not None
     hidden = torch.randn(3, model.block_config.hidden_size)
-    original = model.lm_head.weight.detach().clone()
+    original, threads_before = model.lm_head.weight.detach().clone(), torch.get_num_threads()
     try:
         with torch.no_grad():
             assert torch.allclose(model.decode_logits(hidden), model.lm_head(hidden), atol=1e-5)
             model.lm_head.weight.mul_(2)
             assert torch.allclose(model.decode_logits(hidden), model.lm_head(hidden), atol=1e-5)
+            for threads in (1, 3):  # one column chunk per torch thread, rebuilt when the count changes
+                torch.set_num_threads(threads)
+                assert torch.allclose(model.decode_logits(hidden), model.lm_head(hidden), atol=1e-5)
+                assert model._transposed_head[1].shape[0] == threads
     finally:
+        torch.set_num_threads(threads_before)
         with torch.no_grad():
             model.lm_head.weight.copy_(original)
 
