@@ -198,3 +198,27 @@ def test_the_chunked_transposed_head_equals_the_plain_product(chunks):
     assert got.shape == (3, 1003)
     torch.testing.assert_close(got, x @ weight.t(), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, x @ (weight * 1.01).t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_split_decoding_products_equal_the_plain_linear(threads, rows):
+    """``project`` splits few-row products over input-major weights into one row block per thread
+    (here 2, or 3 that does not divide 64 and falls back to 2): the same output as ``nn.Linear``."""
+    from stamen.models.llama import input_major, project
+
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(1, rows, 64)
+    expected = linear(x)
+    with torch.no_grad():
+        linear.weight.data = input_major(linear.weight.data)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = project(linear, x)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, expected * 1.01, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ nh query heads, nkv key/value heads, hd head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -120,7 +121,7 @@ class Attention(nn.Module):
         lora: BlockLoRA | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v = project(self.qkv_proj, x).split(self.split_sizes, dim=-1)
         if lora is not None:  # per-target LoRA deltas on the slices of the fused projection
             q, k, v = (_add(t, lora.delta(name, x)) for t, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -145,7 +146,7 @@ class Attention(nn.Module):
             is_causal = mask is None and T > 1  # build_attention_mask returns None only when offset == 0 here
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
-        return _add(self.o_proj(out), lora and lora.delta("o_proj", out))  # (B, T, H)
+        return _add(project(self.o_proj, out), lora and lora.delta("o_proj", out))  # (B, T, H)
 
 
 class MLP(nn.Module):
@@ -157,11 +158,47 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, lora: BlockLoRA | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = project(self.gate_up_proj, x).split(self.intermediate_size, dim=-1)
         if lora is not None:
             gate, up = _add(gate, lora.delta("gate_proj", x)), _add(up, lora.delta("up_proj", x))
         h = F.silu(gate) * up
-        return _add(self.down_proj(h), lora and lora.delta("down_proj", h))
+        return _add(project(self.down_proj, h), lora and lora.delta("down_proj", h))
+
+
+SPLIT_ROWS = 8
+"""Products with at most this many rows (sequences × new tokens: decoding) may be split (``project``)."""
+MAX_SPLITS = 16
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; for a few rows on CPU with several torch threads, a split product.
+
+    MKL runs a matrix-vector product on one thread whatever torch's thread count, so a decoding
+    step would read every weight with one core. An input-major weight (see ``input_major``) is a
+    contiguous (in, out) matrix, so its row blocks are views: x · W = Σ_c x[:, c-th in-slice] · W[c-th
+    row block], one ``bmm`` over the blocks (one per thread) and a sum. No copy, the same math up to
+    float rounding (the order of the sums over the input dimension). 16 blocks of the 246M Llama on
+    2 threads, in-process: 30–40 vs 45 ms per step (docs/benchmarks.md, fifth session).
+    """
+    if type(linear) is not nn.Linear:
+        return linear(x)
+    weight = linear.weight
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    splits = _splits(in_features, torch.get_num_threads())
+    if (splits == 1 or rows > SPLIT_ROWS or rows == 0 or weight.device.type != "cpu"
+            or weight.stride() != (1, out_features)):
+        return linear(x)
+    blocks = weight.t().view(splits, in_features // splits, out_features)  # (splits, in/splits, out): views
+    parts = torch.bmm(x.reshape(rows, splits, in_features // splits).transpose(0, 1), blocks)  # (splits, rows, out)
+    out = parts.sum(0).view(*x.shape[:-1], out_features)
+    return out if linear.bias is None else out + linear.bias
+
+
+@functools.cache
+def _splits(in_features: int, threads: int) -> int:
+    """The most row blocks, at most one per thread (and ``MAX_SPLITS``), that divide ``in_features``."""
+    return max(c for c in range(1, min(threads, MAX_SPLITS) + 1) if in_features % c == 0)
 
 
 def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
