@@ -91,6 +91,9 @@ def _generate_with_fault(ft, ids, blocks: Span, sig: int, batch: int = 1, **sett
         fault = _FaultAtStep(swarm, servers, session, blocks, sig, int(torch.randint(3, NEW_TOKENS - 5, ())))
         out = model.generate(ids, logits_processor=LogitsProcessorList([fault]), **settings)
         assert fault.victim is not None and session.recoveries >= 1
+        # steps before the fault went down the push chain, their intermediate outputs held by the
+        # servers: the replay fetched them (or took them from the replacement's replay)
+        assert session.chained_steps >= 1
         return out, fault.victim
 
 

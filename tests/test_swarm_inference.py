@@ -148,6 +148,42 @@ def test_push_on_and_off_give_identical_tokens(swarm, model_dirs, clients):
         plain_model.shutdown()
 
 
+def test_chained_steps_hold_outputs_that_equal_the_hop_by_hop_inputs(swarm, model_dirs, clients):
+    """Decoding steps down the push chain wait for the last hop only: the other servers hold their
+    outputs (the next hops' inputs, which a replay needs) until asked. Fetched, they equal what a
+    client without push sends each hop, and the tokens are the same."""
+    from stamen.client import loop
+    from stamen.client.session import _Held
+
+    pushed_model = clients("llama-gqa")
+    plain_model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_dirs["llama-gqa"], initial_peers=swarm.initial_peers, use_push=False)
+    ids = _prompt(pushed_model.block_config.vocab_size, seed=11)
+    try:
+        histories, outputs = {}, {}
+        for name, model in (("chained", pushed_model), ("plain", plain_model)):
+            with model.inference_session(max_length=ids.shape[1] + 24) as session:
+                outputs[name] = model.generate(ids, max_new_tokens=24, eos_token_id=None)
+                assert len(session.route) >= 2
+                if name == "chained":
+                    assert session.chained_steps >= 1
+                    assert any(isinstance(e, _Held) for live in session._hops[1:] for e in live.history)
+                    loop.run(session.settle())
+                else:
+                    assert session.chained_steps == 0
+                histories[name] = {(h.hop.blocks.start, h.hop.blocks.end): list(h.history) for h in session._hops}
+        assert torch.equal(outputs["chained"], outputs["plain"])
+        common = histories["chained"].keys() & histories["plain"].keys()
+        assert len(common) >= 2  # the same hops (several servers of a span would route apart)
+        for blocks in common:
+            got, want = histories["chained"][blocks], histories["plain"][blocks]
+            assert len(got) == len(want) == 24  # the prompt's step and 23 decoding steps
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        plain_model.shutdown()
+
+
 def test_servers_announce_pings_to_the_next_servers_and_routes_use_them(swarm, clients):
     import time as _time
 

@@ -7,7 +7,8 @@ One process runs every contender on the same model and machine, interleaved run 
   ``servers`` processes, blocks split evenly);
 - **blocks**: our own blocks in this process with an in-place KV cache, the pure compute the
   swarm's servers do; timed alone and with the client's part (embeddings, final norm, LM head,
-  argmax) as a greedy loop of its own;
+  argmax) as a greedy loop of its own, just before and just after the swarm in each run (the mean
+  of the two counts);
 - **offload**: transformers + accelerate with every decoder layer offloaded to disk
   (``device_map`` "disk"): accelerate's hooks read each layer's weights from the safetensors file
   at every forward. With the file in the page cache ("warm") that is a memory copy; "cold" drops
@@ -290,12 +291,18 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int, clock: TokenClock, s
 
 
 def _swarm_generate(dmodel, prompt: torch.Tensor, new_tokens: int) -> tuple[TokenClock, list[float]]:
-    """Generate through the swarm; returns the clock and the servers' reported compute ms per decode step."""
+    """Generate through the swarm; returns the clock and the servers' reported compute ms per decode
+    step: their mean, once per step (servers of a push chain hold their replies and send a few at
+    once, so the replies in by a token's time do not tell that token's compute)."""
+    from stamen.client import loop
+
     with dmodel.inference_session(max_length=prompt.shape[1] + new_tokens, batch_size=prompt.shape[0]) as session:
         clock = TokenClock(on_put=lambda: sum(h.stream.server_compute_ms for h in session._hops))
         _generate(dmodel, prompt, new_tokens, clock, session=session)
-    compute = [b - a for a, b in zip(clock.extra[1:], clock.extra[2:], strict=False)]
-    return clock, compute
+        loop.run(session.settle())
+        total = sum(h.stream.server_compute_ms for h in session._hops)
+    steps = len(clock.extra) - 2  # the decoding steps after the first token (the prompt's step)
+    return clock, [(total - clock.extra[1]) / steps] * steps if steps > 0 else []
 
 
 @torch.inference_mode()
@@ -356,15 +363,20 @@ def run_decode(h: Harness) -> dict:
             clock = TokenClock()
             _generate(h.local, prompt, s.new_tokens, clock)
             record(prefix, "local", clock.ms_per_token(), clock.first_token_ms())
+            # the in-process blocks run just before and just after the swarm, and count as the mean
+            # of the two: on a shared machine whose speed drifts within seconds, the swarm / blocks
+            # ratio of a run then compares the swarm with the machine's speed around it
+            before = _blocks_generate(h, prompt, s.new_tokens)
             clock, compute = _swarm_generate(h.dmodel, prompt, s.new_tokens)
             record(prefix, "swarm", clock.ms_per_token(), clock.first_token_ms())
             server_compute[prefix].append(statistics.mean(compute))
+            after = _blocks_generate(h, prompt, s.new_tokens)
+            b = {k: (before[k] + after[k]) / 2 for k in before}
+            record(prefix, "blocks", b["blocks_ms"], b["ttft_ms"])
+            record(prefix, "blocks_head", b["blocks_head_ms"], b["ttft_ms"])
             if h.nopush is not None:
                 clock, _ = _swarm_generate(h.nopush, prompt, s.new_tokens)
                 record(prefix, "swarm_push_off", clock.ms_per_token(), clock.first_token_ms())
-            b = _blocks_generate(h, prompt, s.new_tokens)
-            record(prefix, "blocks", b["blocks_ms"], b["ttft_ms"])
-            record(prefix, "blocks_head", b["blocks_head_ms"], b["ttft_ms"])
             # offloading is slow: every run at the first prefix, only the first run at the others
             offload_now = prefix == s.prefixes[0] or run == 0
             if h.offload is not None and offload_now:

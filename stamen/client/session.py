@@ -55,12 +55,33 @@ class SessionTuning:
 
 
 @dataclass
+class _Held:
+    """A hop's input that the client has not fetched: the previous hop's output of a chained
+    decoding step, which that server holds (``Step.hold_reply``) until asked or until it holds a few."""
+
+    source: InferenceStream
+    """The previous hop's stream, whose reply to ``step_id`` is the input."""
+    step_id: int
+    num_elements: int
+    dtype: torch.dtype
+    keep: int | None = None
+    """Positions kept after a rollback (None: all)."""
+
+    async def fetch(self) -> torch.Tensor:
+        if not self.source.has_reply(self.step_id):
+            self.source.flush()
+        hidden = (await self.source.result(self.step_id, self.num_elements)).to(self.dtype)
+        return hidden if self.keep is None else hidden[:, : self.keep]
+
+
+@dataclass
 class _LiveHop:
     hop: Hop
     stream: InferenceStream
     wire_dtype: torch.dtype
-    history: list[torch.Tensor] = field(default_factory=list)
-    """Hidden states sent to this hop, one tensor per step, aligned with the session's steps."""
+    history: list[torch.Tensor | _Held] = field(default_factory=list)
+    """Hidden states sent to this hop, one per step, aligned with the session's steps (``_Held``:
+    still with the previous hop's server, fetched when a replay needs it)."""
     reply_s: float | None = None
     """Moving average of the seconds from having this hop's input to its reply (decoding steps)."""
     late_copies: int = 0
@@ -83,6 +104,9 @@ _DEFER_TOKENS = 8
 """Steps of at most this many tokens (decoding) may skip the client's copy of a pushed input."""
 _MIN_GRACE_S = 0.005
 _MAX_LATE_COPIES = 3
+_HOP_BY_HOP_STEPS = 32
+"""Decoding steps taken hop by hop after ``_MAX_LATE_COPIES`` late chains in a row, before the
+chain is tried again."""
 
 
 class InferenceSession:
@@ -109,6 +133,13 @@ class InferenceSession:
         """Positions sent through the chain over the session's life (rolled-back ones count again)."""
         self._retired = WireCounter()
         """Traffic of hops that were replaced."""
+        self._chain_s: float | None = None
+        """Moving average of a decoding step's seconds through the whole chain (None: not yet timed)."""
+        self._late_chains = 0
+        self._hop_by_hop = 0
+        """Decoding steps still to take hop by hop (after late chains)."""
+        self.chained_steps = 0
+        """Decoding steps that went down the push chain waiting for the last hop only (``_chain_step``)."""
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -229,6 +260,67 @@ class InferenceSession:
         for live in self._hops:  # register before sending: a pushed reply may come back first
             live.stream.expect(inputs.step_id)
         decoding = self.swarm.config.use_push and hidden.shape[0] * hidden.shape[1] <= _DEFER_TOKENS
+        if decoding and len(self._hops) > 1:
+            if self._chain_s is not None and self._hop_by_hop == 0:
+                out = await self._chain_step(hidden, inputs)
+                if out is not None:
+                    return out
+            self._hop_by_hop = max(0, self._hop_by_hop - 1)
+        start = time.perf_counter()
+        out = await self._hop_by_hop_step(hidden, inputs, decoding)
+        if decoding:
+            self._observe_chain(time.perf_counter() - start)
+        return out
+
+    def _observe_chain(self, seconds: float) -> None:
+        self._chain_s = seconds if self._chain_s is None else 0.8 * self._chain_s + 0.2 * seconds
+
+    async def _chain_step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor | None:
+        """A decoding step down the push chain, waiting for the last hop only: the other servers
+        hold their copies of the outputs (``Step.hold_reply``), which become the later hops'
+        history as ``_Held``. Returns None when the last hop did not answer within 1.5× the usual
+        chain time (or a send failed): every server is then asked for what it holds and the step
+        goes on hop by hop, where late or failed hops get the client's copies or are replaced."""
+        first, last = self._hops[0], self._hops[-1]
+        start = time.perf_counter()
+        grace = max(_MIN_GRACE_S * len(self._hops), 1.5 * self._chain_s + 0.002)
+        sent = hidden.to(first.wire_dtype)
+        out = None
+        try:
+            first.stream.send_step(inputs.step_id, sent, inputs.position, inputs.attention_mask,
+                                   inputs.position_ids, self._push_chain(1), inputs.hypo_ids, hold_reply=True)
+            if await last.stream.answered_within(inputs.step_id, grace):
+                out = await last.stream.result(inputs.step_id, hidden.numel())
+        except Exception as e:
+            logger.info("session %s: chained step %d failed (%s); going hop by hop", self.session_id[:8],
+                        inputs.step_id, e)
+        if out is None:
+            self._late_chains += 1
+            if self._late_chains >= _MAX_LATE_COPIES:
+                self._late_chains, self._hop_by_hop = 0, _HOP_BY_HOP_STEPS
+            for live in self._hops:
+                live.stream.flush()
+            return None
+        self._late_chains = 0
+        self.chained_steps += 1
+        self._observe_chain(time.perf_counter() - start)
+        first.history.append(sent)
+        for previous, live in zip(self._hops, self._hops[1:], strict=False):
+            live.history.append(_Held(previous.stream, inputs.step_id, hidden.numel(), live.wire_dtype))
+        return out
+
+    async def settle(self) -> None:
+        """Fetch every hop's history that servers still hold (a replay needs it; benchmarks count
+        the servers' compute from the replies)."""
+        for live in self._hops:
+            await self._fetch_history(live)
+
+    async def _fetch_history(self, live: _LiveHop) -> None:
+        for k, entry in enumerate(live.history):
+            if isinstance(entry, _Held):
+                live.history[k] = await entry.fetch()
+
+    async def _hop_by_hop_step(self, hidden: torch.Tensor, inputs: _StepInputs, decoding: bool) -> torch.Tensor:
         i = 0
         while i < len(self._hops):
             live = self._hops[i]
@@ -264,12 +356,13 @@ class InferenceSession:
         """Swap hop ``i`` for fresh servers covering exactly its blocks and replay its history into them.
         Returns the first new hop (the others follow it in ``self._hops``)."""
         failed = self._hops[i]
+        await self._fetch_history(failed)  # inputs the previous hop still holds
         asyncio.ensure_future(failed.stream.close())  # best effort; the server may be gone
         self._retired = self._retired + failed.stream.counter
         for attempt in range(self.swarm.config.max_retries + 1):
             new_hops = await self._open_route(failed.hop.blocks)
             try:
-                await self._replay(new_hops, failed.history)
+                outputs = await self._replay(new_hops, failed.history)
                 break
             except Exception as e:
                 await asyncio.gather(*(h.stream.close() for h in new_hops), return_exceptions=True)
@@ -279,14 +372,21 @@ class InferenceSession:
                     raise
                 await asyncio.sleep(backoff_delay(attempt))
         self._hops[i : i + 1] = new_hops
+        following = i + len(new_hops)
+        if following < len(self._hops):  # its inputs that the failed server held: the replay's outputs
+            history = self._hops[following].history
+            for k, entry in enumerate(history):
+                if isinstance(entry, _Held):
+                    history[k] = outputs[k] if entry.keep is None else outputs[k][:, : entry.keep]
         self.recoveries += 1
         logger.warning("session %s: replaced %s%s by %s, replayed %d positions", self.session_id[:8],
                        failed.hop.peer_id[-6:], failed.hop.blocks,
                        " + ".join(f"{h.hop.peer_id[-6:]}{h.hop.blocks}" for h in new_hops), self.position)
         return new_hops[0]
 
-    async def _replay(self, new_hops: list[_LiveHop], history: list[torch.Tensor]) -> None:
-        """Feed the failed hop's inputs through the new hops; each one's outputs are the next one's inputs."""
+    async def _replay(self, new_hops: list[_LiveHop], history: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Feed the failed hop's inputs through the new hops; each one's outputs are the next one's
+        inputs. Returns the last new hop's outputs, one per step."""
         for live in new_hops:
             outputs = []
             try:
@@ -301,6 +401,7 @@ class InferenceSession:
                     self.swarm.ban(live.hop.peer_id, f"failed during replay: {e}")
                 raise
             history = outputs
+        return history
 
     def rollback(self, position: int) -> None:
         """Forget positions from ``position`` on; the next step overwrites them."""
@@ -314,8 +415,13 @@ class InferenceSession:
             keep.append(inputs)
             num = wire_position - inputs.position  # tokens of this step to keep
             for live in self._hops:
-                if step_index < len(live.history) and live.history[step_index].shape[1] > num:
-                    live.history[step_index] = live.history[step_index][:, :num]
+                if step_index >= len(live.history):
+                    continue
+                entry = live.history[step_index]
+                if isinstance(entry, _Held):
+                    entry.keep = num if entry.keep is None else min(entry.keep, num)
+                elif entry.shape[1] > num:
+                    live.history[step_index] = entry[:, :num]
             if inputs.attention_mask is not None or inputs.position_ids is not None:
                 keep[-1] = _StepInputs(
                     inputs.step_id,

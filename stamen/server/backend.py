@@ -92,6 +92,8 @@ class Session:
     """Set when the server moved: the span the session was opened on, kept until it closes."""
     compression: str = "none"
     """How step outputs travel back and on (``stamen.wire.compression``): the client's choice or the server's."""
+    held: list = field(default_factory=list)
+    """Replies to steps pushed on with ``hold_reply``, not yet sent to the client (``FlushReplies``)."""
 
 
 class TrainGraph:

@@ -28,6 +28,7 @@ from stamen.server.backend import SpanBackend
 from stamen.types import Span
 from stamen.wire.compression import Compression
 from stamen.wire.messages import (
+    HELD_REPLIES_MAX,
     AdapterMeta,
     AdapterRef,
     AdaptersStored,
@@ -36,6 +37,7 @@ from stamen.wire.messages import (
     Closed,
     CloseSession,
     ErrorReply,
+    FlushReplies,
     ForwardDone,
     ForwardRequest,
     InfoReply,
@@ -107,6 +109,13 @@ def _send_quietly(stream: FrameStream, message, mark: str | None = None) -> None
         stream.send(message)
     except StreamEnded as e:
         logger.info("%s", e)
+
+
+def _send_held(session) -> None:
+    """Send the replies held for a session (``Step.hold_reply``), oldest first."""
+    held, session.held = session.held, []
+    for response in held:
+        session.replies.put_nowait(response)
 
 
 class _StreamReplies:
@@ -260,6 +269,9 @@ class SpanHandler(ServicerBase):
             trace.flush()  # a traced benchmark reads the servers' marks after its session
             opened.discard(msg.session_id)
             return Response(metadata=encode(Closed(session_id=msg.session_id)))
+        if isinstance(msg, FlushReplies):
+            _send_held(self.backend.get(msg.session_id))
+            return None
         await self._step(msg, list(request.tensors))
         return None  # the step's reply went to the session's queue
 
@@ -268,7 +280,10 @@ class SpanHandler(ServicerBase):
         session = self.backend.get(msg.session_id)
         async with session.lock:
             if msg.step_id <= session.last_step_id:
-                return  # already computed from the other copy (pushed or sent by the client)
+                # already computed from the other copy (pushed or sent by the client); a client that
+                # sends its copy did not get the reply in time: the held ones go out now
+                _send_held(session)
+                return
             hidden, mask, positions, hypo_ids = self._decode_inputs(
                 tensors, msg.has_attention_mask, msg.has_position_ids, msg.has_hypo_ids
             )
@@ -284,6 +299,12 @@ class SpanHandler(ServicerBase):
         reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
                          compute_ms=compute_ms)
         response = Response(metadata=encode(reply), tensors=[encoded])
+        if msg.push_to and msg.hold_reply:  # the client waits for the chain's last hop only
+            session.held.append(response)
+            if len(session.held) >= HELD_REPLIES_MAX:
+                _send_held(session)
+            return
+        _send_held(session)
         if msg.push_to:  # the next server has the output: the client's copy can wait a little
             delay = min(_REPLY_DELAY_S, _REPLY_DELAY_SHARE * compute_ms / 1000)
             asyncio.get_running_loop().call_later(delay, session.replies.put_nowait, response)
@@ -979,14 +1000,28 @@ class InferenceStream:
 
     def send_step(self, step_id: int, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None,
                   position_ids: torch.Tensor | None, push_to: list[PushTarget] | None = None,
-                  hypo_ids: torch.Tensor | None = None) -> None:
+                  hypo_ids: torch.Tensor | None = None, hold_reply: bool = False) -> None:
+        """``hold_reply``: servers of the push chain but the last may hold their replies (``Step``)."""
         self.expect(step_id)
         self._next_step_id = max(self._next_step_id, step_id + 1)
         msg = Step(session_id=self.session_id, step_id=step_id, position=position,
                    has_attention_mask=attention_mask is not None, has_position_ids=position_ids is not None,
-                   has_hypo_ids=hypo_ids is not None, push_to=push_to or [])
+                   has_hypo_ids=hypo_ids is not None, push_to=push_to or [], hold_reply=hold_reply and bool(push_to))
         tensors = [t for t in (hidden, attention_mask, position_ids, hypo_ids) if t is not None]
         self._send(Request(metadata=encode(msg), tensors=_encode_all(tensors, self.compression, 1)))
+
+    def flush(self) -> None:
+        """Ask the server for the replies it holds (``FlushReplies``); best effort: a closed
+        stream fails the steps still awaited anyway."""
+        try:
+            self._send(Request(metadata=encode(FlushReplies(session_id=self.session_id))))
+        except StamenError as e:
+            logger.debug("flushing session %s on %s: %s", self.session_id, self.peer, e)
+
+    def has_reply(self, step_id: int) -> bool:
+        """Whether the step's reply (or error) is in."""
+        future = self._pending.get(step_id)
+        return future is not None and future.done()
 
     async def answered_within(self, step_id: int, seconds: float) -> bool:
         """Whether the step's reply (or error) arrives within ``seconds``, without consuming it."""

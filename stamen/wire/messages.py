@@ -80,8 +80,14 @@ class Step(_Msg):
     current length rolls the cache back to it.
 
     ``step_id`` grows with every step of a session: a step whose id was already processed (the
-    client's copy of an input that a previous server already pushed) is ignored. ``push_to``
-    lists the following hops: the server sends its output to the first with the rest attached."""
+    client's copy of an input that a previous server already pushed) is ignored, except that it
+    makes the server send the replies it holds. ``push_to`` lists the following hops: the server
+    sends its output to the first with the rest attached.
+
+    ``hold_reply``: a server that pushes this step's output on may hold the client's copy of it
+    and send it later with others (see ``FlushReplies``): the client of a decoding chain waits
+    for the last hop only, and a copy sent at once would wake the client and the daemons while the
+    next hops compute."""
 
     kind: Literal["step"] = "step"
     session_id: str = Field(min_length=1, max_length=64)
@@ -92,6 +98,19 @@ class Step(_Msg):
     has_hypo_ids: bool = False
     """A (B,) tensor follows: reorder the cached sequences by it before this step (beam search)."""
     push_to: list[PushTarget] = Field(default_factory=list, max_length=256)
+    hold_reply: bool = False
+
+
+class FlushReplies(_Msg):
+    """Send every reply held for the session now (a server also sends them once it holds
+    ``HELD_REPLIES_MAX``, on a duplicate step, and with any reply it does not hold). No reply of its own."""
+
+    kind: Literal["flush"] = "flush"
+    session_id: str = Field(min_length=1, max_length=64)
+
+
+HELD_REPLIES_MAX = 16
+"""Replies a server holds per session before it sends them all (``Step.hold_reply``)."""
 
 
 class CloseSession(_Msg):
@@ -99,7 +118,7 @@ class CloseSession(_Msg):
     session_id: str = Field(min_length=1, max_length=64)
 
 
-InferenceRequest = Annotated[OpenSession | Step | CloseSession, Field(discriminator="kind")]
+InferenceRequest = Annotated[OpenSession | Step | FlushReplies | CloseSession, Field(discriminator="kind")]
 
 # --- inference stream: server -> client ---
 
@@ -315,7 +334,7 @@ def encode(msg: BaseModel) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
-def decode_inference_request(raw: bytes) -> OpenSession | Step | CloseSession:
+def decode_inference_request(raw: bytes) -> OpenSession | Step | FlushReplies | CloseSession:
     return _parse(_inference_request, raw)
 
 
