@@ -139,3 +139,19 @@ def test_decoding_and_long_work_keep_their_own_thread_counts(tiny):
         assert choose_decode_threads(model, torch.float32, "cpu", 1) == (1, {})
     finally:
         torch.set_num_threads(before)
+
+
+def test_speed_measurements_of_one_host_take_turns(tmp_path):
+    """Servers started together measured their decoding threads side by side, each slowing the
+    others' 2-thread steps: the measurement holds a host-wide lock that another holder waits for."""
+    import fcntl
+
+    from stamen.server.compute import host_measurement_lock
+
+    path = tmp_path / "measure.lock"
+    with host_measurement_lock(str(path)), open(path, "a") as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(path, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once the measurement is done
+        fcntl.flock(other, fcntl.LOCK_UN)

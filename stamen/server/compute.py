@@ -19,20 +19,27 @@ Long jobs are made of few, large parallel regions, for which the shorter spinnin
 Threads per computation: decoding steps and long work use different torch thread counts (torch's
 count is per thread: ``torch.set_num_threads`` on the loop's thread sets the decoding count, each
 long-work thread sets its own at its start). A decoding step is a chain of matrix-vector products
-that read every weight once: memory-bound, so past a few threads more of them add barriers, not
-speed. On the development machine (2 vCPUs) one thread steps 16 blocks of the 246M Llama as fast
-as two in-process; in a 3-server swarm, single-threaded steps took 0.94x and 0.99x the time of
-2-thread steps in two side-by-side runs (a 2-thread team waits at every barrier whenever another
-process, such as the previous hop's reply, a daemon or the client, holds the other core).
-``choose_decode_threads`` measures the count at start; prefills, forwards and backwards are
-compute-bound and keep every thread.
+that read every weight once. MKL runs each of them on one thread whatever torch's count, so the
+blocks split them over the threads themselves (``models/llama.py: project``); on the development
+machine (2 vCPUs) 4 blocks of the 246M Llama step in 6.4 ms on 2 threads and 9.2 on one, and a
+3-server swarm of 2-thread servers took 38.3 ms per token against 51.1 with 1-thread servers, side
+by side. Past a few threads, more add barriers, not speed; and a team waits at every barrier when
+another process holds one of its cores. ``choose_decode_threads`` measures the count at start, one
+server of a host at a time (``host_measurement_lock``): servers started together used to measure
+side by side, and then the 2-thread steps, competing with each other, took 17.6 ms instead of 6.4.
+Prefills, forwards and backwards are compute-bound and keep every thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -71,6 +78,19 @@ def thread_counts(limit: int) -> list[int]:
         counts.append(n)
         n *= 2
     return counts + [max(1, limit)]
+
+
+@contextlib.contextmanager
+def host_measurement_lock(path: str | None = None) -> Iterator[None]:
+    """Hold a lock shared by every server process of this host (an ``flock`` on a file in the
+    temporary directory), so that speed measurements do not run side by side."""
+    path = path or os.path.join(tempfile.gettempdir(), "stamen-measure.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def choose_decode_threads(model: SpanModel, dtype: torch.dtype, device: str | torch.device, limit: int,

@@ -18,7 +18,7 @@ from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
-from stamen.server.compute import choose_decode_threads
+from stamen.server.compute import choose_decode_threads, host_measurement_lock
 from stamen.server.config import ServerConfig, default_dht_prefix, parent_gone
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
@@ -174,7 +174,8 @@ class Server:
         if cfg.decode_threads is not None:
             torch.set_num_threads(min(cfg.decode_threads, self.threads))
             return
-        chosen, ms = choose_decode_threads(model, cfg.torch_dtype, cfg.device, self.threads)
+        with host_measurement_lock():
+            chosen, ms = choose_decode_threads(model, cfg.torch_dtype, cfg.device, self.threads)
         if ms:
             logger.info("%s decoding steps on %d of %d threads (ms per step through %d blocks: %s)", self.tag, chosen,
                         self.threads, min(model.span.length, 4),
