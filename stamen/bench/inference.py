@@ -526,19 +526,34 @@ def offload_bound(h: Harness | None = None, measured: dict | None = None) -> dic
 
 
 class _OpTimer:
-    """Forward pre/post hooks that sum wall time per module kind (CPU ops are synchronous)."""
+    """Forward pre/post hooks that sum wall time per module kind (CPU ops are synchronous); the
+    projections, which decoding steps may run through ``models.llama.project`` rather than the
+    module's forward, are timed by wrapping that function while the timer is on."""
 
     def __init__(self, span_model):
+        from stamen.models import llama
+
         self.totals: dict[str, float] = {}
         self._starts: dict[int, float] = {}
         self._handles = []
+        projections: dict[int, str] = {}
         for block in span_model.blocks:
             for name, module in (("block", block), ("input_norm", block.input_layernorm),
                                  ("post_norm", block.post_attention_layernorm), ("attention", block.self_attn),
-                                 ("qkv_proj", block.self_attn.qkv_proj), ("o_proj", block.self_attn.o_proj),
                                  ("mlp", block.mlp)):
                 self._handles.append(module.register_forward_pre_hook(self._pre))
                 self._handles.append(module.register_forward_hook(self._post(name)))
+            projections[id(block.self_attn.qkv_proj)] = projections[id(block.self_attn.o_proj)] = "attn_proj"
+        self._llama, self._project = llama, llama.project
+
+        def timed_project(linear, x):
+            start = time.perf_counter()
+            out = self._project(linear, x)
+            name = projections.get(id(linear), "other_proj")
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        llama.project = timed_project
 
     def _pre(self, module, args) -> None:
         self._starts[id(module)] = time.perf_counter()
@@ -551,6 +566,7 @@ class _OpTimer:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._llama.project = self._project
 
 
 @torch.inference_mode()
@@ -575,8 +591,8 @@ def block_op_times(h: Harness, prefix: int, steps: int) -> dict[str, float]:
     t = {k: 1000 * v / steps for k, v in timer.totals.items()}
     step_ms = 1000 * total / steps
     return {
-        "attention_projections": t["qkv_proj"] + t["o_proj"],
-        "attention_core": t["attention"] - t["qkv_proj"] - t["o_proj"],  # rope, cache write, SDPA, reshapes
+        "attention_projections": t["attn_proj"],
+        "attention_core": t["attention"] - t["attn_proj"],  # rope, cache write, SDPA, reshapes
         "mlp": t["mlp"],
         "norms": t["input_norm"] + t["post_norm"],
         "other": step_ms - t["attention"] - t["mlp"] - t["input_norm"] - t["post_norm"],  # residuals, rotary, masks
