@@ -206,6 +206,7 @@ def _session_logits(model, ids: torch.Tensor):
         after_prefill = session.hop_counters()
         outs = [hidden] + [session.step(model.embed_tokens(ids[:, i:i + 1])) for i in range(ids.shape[1] - 8,
                                                                                            ids.shape[1])]
+        session.settle()  # the replies that servers of the push chain still hold
         counters = session.hop_counters()
         logits = model.lm_head(model.norm(torch.cat(outs, dim=1)))
     return logits, after_prefill, counters
@@ -245,12 +246,15 @@ def test_byte_counters_show_the_reduction(b8_clients):
         # float32 sends 4 bytes per value; blockwise8 1 + 4/64 = 1.0625: 3.76x less payload
         assert f32.bytes_sent / b8c.bytes_sent > 3.5
         assert f32.bytes_received / b8c.bytes_received > 3.5
-    # decode steps: one reply per hop, at most 1.1 x hidden x 4 bytes + a fixed overhead each; the
-    # client sends every step to hop 0 (naming the next hop), and to hop 1 only the copies of pushes
-    # that did not answer in time (the first decoding step, before there is a reply time to go by)
+    # decode steps: one reply per hop, at most 1.1 x hidden x 4 bytes + a fixed overhead each (hop 0
+    # holds its replies of chained steps until the session settles); the client sends every step to
+    # hop 0 (naming the next hop), plus a small request for the held replies, and to hop 1 only the
+    # copies of pushes that did not answer in time (the first decoding step, before there is a reply
+    # time to go by) and requests for held replies after a late chain
     for i, (before, after) in enumerate(zip(pre_f32, end_f32, strict=True)):
         step = after - before
-        assert step.messages_received == 8 and (step.messages_sent == 8 if i == 0 else 1 <= step.messages_sent <= 8)
+        assert step.messages_received == 8 and (8 <= step.messages_sent <= 16 if i == 0 else
+                                                 1 <= step.messages_sent <= 16)
         assert step.bytes_received / 8 <= 1.1 * HIDDEN * 4 + 200
         assert step.bytes_sent / step.messages_sent <= 1.1 * HIDDEN * 4 + 400
     for before, after in zip(pre_b8, end_b8, strict=True):

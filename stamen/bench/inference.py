@@ -294,12 +294,10 @@ def _swarm_generate(dmodel, prompt: torch.Tensor, new_tokens: int) -> tuple[Toke
     """Generate through the swarm; returns the clock and the servers' reported compute ms per decode
     step: their mean, once per step (servers of a push chain hold their replies and send a few at
     once, so the replies in by a token's time do not tell that token's compute)."""
-    from stamen.client import loop
-
     with dmodel.inference_session(max_length=prompt.shape[1] + new_tokens, batch_size=prompt.shape[0]) as session:
         clock = TokenClock(on_put=lambda: sum(h.stream.server_compute_ms for h in session._hops))
         _generate(dmodel, prompt, new_tokens, clock, session=session)
-        loop.run(session.settle())
+        session.settle()
         total = sum(h.stream.server_compute_ms for h in session._hops)
     steps = len(clock.extra) - 2  # the decoding steps after the first token (the prompt's step)
     return clock, [(total - clock.extra[1]) / steps] * steps if steps > 0 else []

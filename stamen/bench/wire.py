@@ -68,6 +68,7 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int, forced: torch.Tensor |
             tokens.append(token)
             last = model.step_logits(session, torch.tensor([[token]]))
         elapsed = time.perf_counter() - start
+        session.settle()  # the replies that servers of the push chain still hold
         counters = [after - b for after, b in zip(session.hop_counters(), before, strict=True)]
         route = [str(h.blocks) for h in session.route]
     pushes = [a - b for a, b in zip(_push_totals(model), pushes_before, strict=True)]

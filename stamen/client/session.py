@@ -309,9 +309,13 @@ class InferenceSession:
             live.history.append(_Held(previous.stream, inputs.step_id, hidden.numel(), live.wire_dtype))
         return out
 
-    async def settle(self) -> None:
-        """Fetch every hop's history that servers still hold (a replay needs it; benchmarks count
-        the servers' compute from the replies)."""
+    def settle(self) -> None:
+        """Fetch every hop's history that servers still hold (``_Held``): afterwards every reply of
+        the session's steps is in (benchmarks count the servers' compute and bytes from them).
+        A replay fetches what it needs by itself."""
+        loop.run(self._settle())
+
+    async def _settle(self) -> None:
         for live in self._hops:
             await self._fetch_history(live)
 
