@@ -155,3 +155,5 @@ def test_speed_measurements_of_one_host_take_turns(tmp_path):
     with open(path, "a") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once the measurement is done
         fcntl.flock(other, fcntl.LOCK_UN)
+    with host_measurement_lock(str(tmp_path / "missing-dir" / "measure.lock")):
+        pass  # a lock file it cannot open (here: no such directory) does not stop the measurement
