@@ -123,6 +123,18 @@ def test_decoding_threads_are_the_fewest_within_the_tolerance():
     assert fewest_within({1: 20.0, 2: 12.0, 4: 10.0}, 0.10) == 4
 
 
+def test_a_second_measurement_keeps_the_faster_sample_per_count():
+    """Servers measure again once idle: a start-up sample skewed by processes that were starting
+    (2 threads at 7.0 ms) gives way to the undisturbed one, and the choice follows."""
+    from stamen.server.compute import fastest_of
+
+    startup, idle = {1: 3.2, 2: 7.0}, {1: 3.4, 2: 2.3}
+    assert fewest_within(startup, 0.10) == 1
+    assert fastest_of(startup, idle) == {1: 3.2, 2: 2.3}
+    assert fewest_within(fastest_of(startup, idle), 0.10) == 2
+    assert fastest_of({1: 3.0}, {}) == {1: 3.0}
+
+
 def test_decoding_and_long_work_keep_their_own_thread_counts(tiny):
     """The loop's thread steps with the measured count; a long-work thread sets its own and leaves
     the caller's alone (torch's thread count is per thread)."""

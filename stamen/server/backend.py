@@ -151,6 +151,11 @@ class SpanBackend:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def busy(self) -> bool:
+        """Whether a computation runs or waits (the compute lock is held)."""
+        return self._compute_lock.locked()
+
     # --- sessions ---
 
     def check_blocks(self, blocks: Span) -> None:

@@ -25,8 +25,12 @@ machine (2 vCPUs) 4 blocks of the 246M Llama step in 6.4 ms on 2 threads and 9.2
 3-server swarm of 2-thread servers took 38.3 ms per token against 51.1 with 1-thread servers, side
 by side. Past a few threads, more add barriers, not speed; and a team waits at every barrier when
 another process holds one of its cores. ``choose_decode_threads`` measures the count at start, one
-server of a host at a time (``host_measurement_lock``): servers started together used to measure
-side by side, and then the 2-thread steps, competing with each other, took 17.6 ms instead of 6.4.
+server of a host at a time (``host_measurement_lock``, held over the load too): servers started
+together used to measure side by side, and then the 2-thread steps, competing with each other,
+took 17.6 ms instead of 6.4. Other processes starting meanwhile (a client, daemons) still skew
+it at times (3 of 9 demo servers measured 2 threads at 3.5-7.3 ms against 2.1-2.9), so a server
+measures again once, when it is idle a while after going online, and keeps the faster sample of
+the two for each count (a disturbed sample is only ever slower).
 Prefills, forwards and backwards are compute-bound and keep every thread.
 """
 
@@ -81,26 +85,36 @@ def thread_counts(limit: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def host_measurement_lock(path: str | None = None) -> Iterator[None]:
+def host_measurement_lock(path: str | None = None, wait: bool = True) -> Iterator[bool]:
     """Hold a lock shared by every server process of this host (an ``flock`` on a file in the
-    temporary directory), so that speed measurements do not run side by side. Without access to
-    the file (another user's), measure unlocked."""
+    temporary directory), so that loads and speed measurements do not run side by side. Yields
+    whether the lock is held: False only with ``wait=False`` while another process holds it.
+    Without access to the file (another user's), yields True unlocked."""
     path = path or os.path.join(tempfile.gettempdir(), "stamen-measure.lock")
     try:
         f = open(path, "a")
     except OSError:
-        yield
+        yield True
         return
     with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+DECODE_THREADS_TOLERANCE = 0.10
+"""Fewer decoding threads win while within this fraction of the fastest count's time."""
+
+
 def choose_decode_threads(model: SpanModel, dtype: torch.dtype, device: str | torch.device, limit: int,
-                          tolerance: float = 0.10, rounds: int = 4, steps: int = 4) -> tuple[int, dict[int, float]]:
+                          tolerance: float = DECODE_THREADS_TOLERANCE, rounds: int = 4,
+                          steps: int = 4) -> tuple[int, dict[int, float]]:
     """The torch thread count for decoding steps on this thread: the fewest threads whose
     single-token step (through up to 4 blocks of ``model``) is within ``tolerance`` of the fastest
     count's. Rounds interleave the counts so that drift of a shared machine hits each alike.
@@ -133,6 +147,13 @@ def choose_decode_threads(model: SpanModel, dtype: torch.dtype, device: str | to
     chosen = fewest_within(ms, tolerance)
     torch.set_num_threads(chosen)
     return chosen, ms
+
+
+def fastest_of(*samples: dict[int, float]) -> dict[int, float]:
+    """Per thread count, the fastest of several measurements (``choose_decode_threads``'s ms): a
+    sample disturbed by other processes is only ever slower."""
+    counts = {n for ms in samples for n in ms}
+    return {n: min(ms[n] for ms in samples if n in ms) for n in sorted(counts)}
 
 
 def fewest_within(ms_by_count: dict[int, float], tolerance: float) -> int:

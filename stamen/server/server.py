@@ -18,7 +18,13 @@ from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.server.backend import SpanBackend
-from stamen.server.compute import choose_decode_threads, host_measurement_lock
+from stamen.server.compute import (
+    DECODE_THREADS_TOLERANCE,
+    choose_decode_threads,
+    fastest_of,
+    fewest_within,
+    host_measurement_lock,
+)
 from stamen.server.config import ServerConfig, default_dht_prefix, parent_gone
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
@@ -92,6 +98,8 @@ class Server:
         self._stop = asyncio.Event()
         self._drains: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._decode_ms: dict[int, float] = {}
+        """The fastest decoding step measured per thread count (``_set_decode_threads``)."""
 
     def run(self) -> None:
         """The event loop runs on the main thread and computes decoding steps inline (``server/compute.py``)."""
@@ -142,8 +150,11 @@ class Server:
                     " ".join(str(m) for m in dht.get_visible_maddrs()))
         self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
         try:
-            model = load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device, quant=cfg.quant)
-            self._set_decode_threads(model)
+            # servers of one host load and measure one at a time: a load (reading, copying, laying
+            # out weights) beside another server's measurement skewed it (server/compute.py)
+            with host_measurement_lock():
+                model = load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device, quant=cfg.quant)
+                self._set_decode_threads(model)
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True,
                                   long_threads=self.threads)
@@ -168,17 +179,21 @@ class Server:
             dht.shutdown()
         logger.info("%s stopped", self.tag)
 
-    def _set_decode_threads(self, model: SpanModel) -> None:
+    def _set_decode_threads(self, model: SpanModel, note: str = "") -> None:
         """Set the loop thread's torch thread count, the one decoding steps run with."""
         cfg = self.config
         if cfg.decode_threads is not None:
             torch.set_num_threads(min(cfg.decode_threads, self.threads))
             return
-        with host_measurement_lock():
-            chosen, ms = choose_decode_threads(model, cfg.torch_dtype, cfg.device, self.threads)
+        chosen, ms = choose_decode_threads(model, cfg.torch_dtype, cfg.device, self.threads)
+        if ms and self._decode_ms:  # a disturbed sample is only ever slower: keep the fastest of both
+            ms = fastest_of(ms, self._decode_ms)
+            chosen = fewest_within(ms, DECODE_THREADS_TOLERANCE)
+            torch.set_num_threads(chosen)
+        self._decode_ms = ms
         if ms:
-            logger.info("%s decoding steps on %d of %d threads (ms per step through %d blocks: %s)", self.tag, chosen,
-                        self.threads, min(model.span.length, 4),
+            logger.info("%s %sdecoding steps on %d of %d threads (ms per step through %d blocks: %s)", self.tag, note,
+                        chosen, self.threads, min(model.span.length, 4),
                         ", ".join(f"{n} threads {t:.2f}" for n, t in ms.items()))
 
     @property
@@ -205,11 +220,28 @@ class Server:
 
     async def _announce_loop(self, s: _Serving) -> None:
         """Announce online every ttl/3 until asked to stop."""
+        rechecked = False
         while not self._stop.is_set():
             pings = await self._ping_next_servers(s.dht, s.p2p, s.peer_id, self.span, s.block_config.num_blocks)
             self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left, pings)
             if await self._stopped_within(self.config.record_ttl / 3):
                 return
+            rechecked = rechecked or self._recheck_decode_threads(s.backend)
+
+    def _recheck_decode_threads(self, backend: SpanBackend) -> bool:
+        """Measure the decoding threads again while idle (no session, no computation, no other
+        server of the host loading or measuring): the start-up measurement may have run beside
+        processes that were starting. Returns whether it measured. Runs inline: ~0.2-1 s."""
+        if self.config.decode_threads is not None or backend.sessions or backend.busy:
+            return self.config.decode_threads is not None
+        with host_measurement_lock(wait=False) as held:
+            if not held:
+                return False
+            before = torch.get_num_threads()
+            self._set_decode_threads(backend.model, "measured again while idle: ")
+        if torch.get_num_threads() != before:
+            logger.info("%s decoding threads changed from %d to %d", self.tag, before, torch.get_num_threads())
+        return True
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
