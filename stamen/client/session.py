@@ -378,10 +378,10 @@ class InferenceSession:
         self._hops[i : i + 1] = new_hops
         following = i + len(new_hops)
         if following < len(self._hops):  # its inputs that the failed server held: the replay's outputs
-            history = self._hops[following].history
+            history, dtype = self._hops[following].history, self._hops[following].wire_dtype
             for k, entry in enumerate(history):
                 if isinstance(entry, _Held):
-                    history[k] = outputs[k] if entry.keep is None else outputs[k][:, : entry.keep]
+                    history[k] = outputs[k].to(dtype) if entry.keep is None else outputs[k][:, : entry.keep].to(dtype)
         self.recoveries += 1
         logger.warning("session %s: replaced %s%s by %s, replayed %d positions", self.session_id[:8],
                        failed.hop.peer_id[-6:], failed.hop.blocks,
