@@ -231,9 +231,12 @@ class Server:
     def _recheck_decode_threads(self, backend: SpanBackend) -> bool:
         """Measure the decoding threads again while idle (no session, no computation, no other
         server of the host loading or measuring): the start-up measurement may have run beside
-        processes that were starting. Returns whether it measured. Runs inline: ~0.2-1 s."""
-        if self.config.decode_threads is not None or backend.sessions or backend.busy:
-            return self.config.decode_threads is not None
+        processes that were starting. Returns whether it is done (measured, or nothing to
+        measure). Runs inline: ~0.2-1 s."""
+        if self.config.decode_threads is not None:
+            return True  # set by the operator
+        if backend.sessions or backend.busy:
+            return False
         with host_measurement_lock(wait=False) as held:
             if not held:
                 return False
