@@ -70,8 +70,12 @@ class _Held:
     async def fetch(self) -> torch.Tensor:
         if not self.source.has_reply(self.step_id):
             self.source.flush()
-        hidden = (await self.source.result(self.step_id, self.num_elements)).to(self.dtype)
-        return hidden if self.keep is None else hidden[:, : self.keep]
+        return self.settled(await self.source.result(self.step_id, self.num_elements))
+
+    def settled(self, output: torch.Tensor) -> torch.Tensor:
+        """The history entry that the previous hop's ``output`` of this step makes."""
+        output = output.to(self.dtype)
+        return output if self.keep is None else output[:, : self.keep]
 
 
 @dataclass
@@ -378,10 +382,10 @@ class InferenceSession:
         self._hops[i : i + 1] = new_hops
         following = i + len(new_hops)
         if following < len(self._hops):  # its inputs that the failed server held: the replay's outputs
-            history, dtype = self._hops[following].history, self._hops[following].wire_dtype
+            history = self._hops[following].history
             for k, entry in enumerate(history):
                 if isinstance(entry, _Held):
-                    history[k] = outputs[k].to(dtype) if entry.keep is None else outputs[k][:, : entry.keep].to(dtype)
+                    history[k] = entry.settled(outputs[k])
         self.recoveries += 1
         logger.warning("session %s: replaced %s%s by %s, replayed %d positions", self.session_id[:8],
                        failed.hop.peer_id[-6:], failed.hop.blocks,

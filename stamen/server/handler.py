@@ -113,6 +113,8 @@ def _send_quietly(stream: FrameStream, message, mark: str | None = None) -> None
 
 def _send_held(session) -> None:
     """Send the replies held for a session (``Step.hold_reply``), oldest first."""
+    if not session.held:  # most calls, on every step's path
+        return
     held, session.held = session.held, []
     for response in held:
         session.replies.put_nowait(response)
