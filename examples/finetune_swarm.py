@@ -24,10 +24,9 @@ from transformers import AutoTokenizer
 from stamen import AutoDistributedModelForCausalLM
 from stamen.client.tuning import LoraSettings
 from stamen.models.lora import LORA_TARGETS
-from stamen.server.config import default_dht_prefix
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
-from stamen.types import Span
+from stamen.types import Span, default_dht_prefix
 
 DATA = Path(__file__).parent / "data" / "swarm_notes.txt"
 

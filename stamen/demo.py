@@ -30,7 +30,7 @@ def main() -> None:
     from stamen.client.model import AutoDistributedModelForCausalLM
     from stamen.models import BlockConfig, load_config
     from stamen.models.convert import default_model_dir
-    from stamen.server.config import default_dht_prefix
+    from stamen.types import default_dht_prefix
 
     model_dir = default_model_dir()
     num_blocks = BlockConfig.from_hf(load_config(str(model_dir))).num_blocks

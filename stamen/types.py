@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NewType
 
 PeerIDStr = NewType("PeerIDStr", str)
@@ -47,3 +49,20 @@ class Span:
         except ValueError as e:
             raise ValueError(f"expected blocks as START:END, got {text!r}") from e
         return cls(start, end)
+
+
+def missing_blocks(num_blocks: int, spans: Iterable[Span]) -> list[int]:
+    """The blocks of ``[0, num_blocks)`` that no span covers."""
+    covered = [False] * num_blocks
+    for span in spans:
+        for b in range(span.start, min(span.end, num_blocks)):
+            covered[b] = True
+    return [b for b, c in enumerate(covered) if not c]
+
+
+def default_dht_prefix(model: str) -> ModelName:
+    """A model's swarm name: the hub id or directory name, with characters the DHT key can hold."""
+    name = model.rstrip("/")
+    if Path(name).is_dir():
+        name = Path(name).resolve().name
+    return ModelName("".join(c if c.isalnum() or c in "-_" else "-" for c in name))

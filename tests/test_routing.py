@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stamen.client.routing import Candidate, Hop, find_route, missing_blocks
+from stamen.client.routing import Candidate, Hop, find_route
 from stamen.server.placement import choose_span
-from stamen.types import PeerIDStr, Span
+from stamen.types import PeerIDStr, Span, missing_blocks
 
 
 def c(name: str, start: int, end: int, throughput: float = 100.0, cache: int = 1 << 30) -> Candidate:

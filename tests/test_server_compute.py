@@ -10,11 +10,10 @@ import torch
 
 from stamen import AutoDistributedModelForCausalLM
 from stamen.client import loop
-from stamen.server.config import default_dht_prefix
 from stamen.server.handler import ping
 from stamen.testing.models import save_random_llama
 from stamen.testing.swarm import LocalSwarm
-from stamen.types import Span
+from stamen.types import Span, default_dht_prefix
 
 pytestmark = pytest.mark.swarm
 

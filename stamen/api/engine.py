@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from transformers.generation import StoppingCriteriaList
 
-from stamen.client.routing import missing_blocks
 from stamen.client.session import InferenceSession
 from stamen.errors import InvalidRequestError, SwarmNotReadyError
+from stamen.types import missing_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ def run_api_bench(new_tokens: int, runs: int, concurrency: list[int], json_only:
     from stamen.client.model import AutoDistributedModelForCausalLM
     from stamen.models import BlockConfig, load_config
     from stamen.models.convert import default_model_dir
-    from stamen.server.config import default_dht_prefix
+    from stamen.types import default_dht_prefix
 
     def say(msg: str) -> None:
         if not json_only:

@@ -150,7 +150,7 @@ class Harness:
         from transformers import AutoModelForCausalLM
 
         from stamen.client.model import AutoDistributedModelForCausalLM
-        from stamen.server.config import default_dht_prefix
+        from stamen.types import default_dht_prefix
 
         s = self.settings
         try:

@@ -357,7 +357,7 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
     from transformers import AutoConfig
 
     from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.server.config import default_dht_prefix
+    from stamen.types import default_dht_prefix
 
     def say(msg: str) -> None:
         if not json_only:

@@ -76,8 +76,8 @@ def _sgd(params: list[torch.Tensor], lr: float = 1e-4) -> None:
 def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: int, runs: int, rank: int,
                     pre_seq_len: int, sub_batch_tokens: int, json_only: bool, server_threads: int | None = None,
                     skip_memory: bool = False, stateless: bool = True) -> dict:
-    from stamen.server.config import default_dht_prefix
     from stamen.testing.finetune import local_model
+    from stamen.types import default_dht_prefix
 
     def say(msg: str) -> None:
         if not json_only:

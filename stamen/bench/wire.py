@@ -117,7 +117,7 @@ def _run_dtype(model_dir: str, dtype: str, num_servers: int, new_tokens: int, pr
     logits, tokens and perplexity) also a yardstick row: this dtype without compression against float32."""
     from stamen.client.model import AutoDistributedModelForCausalLM
     from stamen.models import BlockConfig, load_config
-    from stamen.server.config import default_dht_prefix
+    from stamen.types import default_dht_prefix
 
     config = BlockConfig.from_hf(load_config(model_dir))
     rows = []

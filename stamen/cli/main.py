@@ -179,8 +179,8 @@ def convert(
     """Write a Hugging Face model directory (safetensors, config, tokenizer, chat template) from GGUF."""
     setup_logging("WARNING")
     from stamen.errors import CheckpointError
+    from stamen.models.config import DTYPES
     from stamen.models.convert import convert_gguf
-    from stamen.server.config import DTYPES
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"dtype must be one of {sorted(DTYPES)}")
@@ -229,7 +229,7 @@ def api(
     from stamen.api.app import create_app
     from stamen.api.engine import Engine
     from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.server.config import default_dht_prefix
+    from stamen.types import default_dht_prefix
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix,
@@ -257,7 +257,7 @@ def health(
     from stamen.dht.health import format_health, swarm_health
     from stamen.dht.records import fetch_servers
     from stamen.models import BlockConfig, load_config
-    from stamen.server.config import default_dht_prefix
+    from stamen.types import default_dht_prefix
 
     num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
     name = dht_prefix or default_dht_prefix(model)

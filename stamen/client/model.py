@@ -21,8 +21,7 @@ from stamen.client.swarm import Swarm
 from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning, TuningMode
 from stamen.models import BlockConfig, load_client_parts, load_config, open_checkpoint
 from stamen.models.llama import RMSNorm
-from stamen.server.config import default_dht_prefix
-from stamen.types import ModelName, PeerIDStr, Span
+from stamen.types import ModelName, PeerIDStr, Span, default_dht_prefix
 
 logger = logging.getLogger(__name__)
 

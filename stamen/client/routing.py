@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stamen.types import PeerIDStr, Span
@@ -32,14 +32,6 @@ class Hop:
 
     peer_id: PeerIDStr
     blocks: Span
-
-
-def missing_blocks(num_blocks: int, spans: Iterable[Span]) -> list[int]:
-    covered = [False] * num_blocks
-    for span in spans:
-        for b in range(span.start, min(span.end, num_blocks)):
-            covered[b] = True
-    return [b for b, c in enumerate(covered) if not c]
 
 
 def find_route(

@@ -24,7 +24,7 @@ from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
-from stamen.server.config import DTYPES
+from stamen.models.config import DTYPES
 from stamen.server.handler import InferenceStream, WireCounter
 from stamen.types import PeerIDStr, Span
 from stamen.wire.messages import AdapterRef, PushTarget

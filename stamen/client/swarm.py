@@ -12,11 +12,11 @@ from hivemind.p2p import P2P, PeerID
 
 from stamen.client import loop
 from stamen.client.config import ClientConfig
-from stamen.client.routing import Candidate, Hop, find_route, missing_blocks, sample_route
+from stamen.client.routing import Candidate, Hop, find_route, sample_route
 from stamen.dht.records import RemoteServer, ServerState, fetch_servers
 from stamen.errors import SwarmNotReadyError
 from stamen.server.handler import ping
-from stamen.types import ModelName, PeerIDStr, Span
+from stamen.types import ModelName, PeerIDStr, Span, missing_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from stamen.client.routing import missing_blocks
 from stamen.dht.records import ServerRecord, ServerState
+from stamen.types import missing_blocks
 
 
 class ServerRow(BaseModel):

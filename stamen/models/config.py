@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from stamen.errors import UnsupportedModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Compute dtypes by the names configs, records and the command line use."""
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

@@ -9,12 +9,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stamen.models.config import DTYPES
 from stamen.server.placement import PlacementSettings
 from stamen.server.throughput import DEFAULT_CACHE
 from stamen.types import Span
 from stamen.wire.compression import Compression
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ServerConfig(BaseModel):
@@ -115,14 +114,6 @@ class ServerConfig(BaseModel):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-
-def default_dht_prefix(model: str) -> str:
-    """A model's swarm name: the hub id or directory name, with characters the DHT key can hold."""
-    name = model.rstrip("/")
-    if Path(name).is_dir():
-        name = Path(name).resolve().name
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
 def parent_gone() -> bool:

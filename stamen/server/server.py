@@ -25,7 +25,7 @@ from stamen.server.compute import (
     fewest_within,
     host_measurement_lock,
 )
-from stamen.server.config import ServerConfig, default_dht_prefix, parent_gone
+from stamen.server.config import ServerConfig, parent_gone
 from stamen.server.handler import SpanHandler, ping
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
@@ -38,7 +38,7 @@ from stamen.server.throughput import (
     measure_compute,
     network_steps_per_second,
 )
-from stamen.types import ModelName, PeerIDStr, Span
+from stamen.types import ModelName, PeerIDStr, Span, default_dht_prefix
 from stamen.version import __version__
 
 logger = logging.getLogger(__name__)
