@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from stamen.cli.main import setup_logging
+from stamen.cli.logs import setup_logging
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
 

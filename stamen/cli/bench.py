@@ -1,0 +1,217 @@
+"""``stamen bench``: benchmarks, side by side with local baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stamen.cli.logs import setup_logging
+
+bench_app = typer.Typer(help="Benchmarks, side by side with local baselines.", no_args_is_help=True)
+
+
+def _bench_settings(model: str | None, preset: str, servers: int, prefix: list[int] | None, new_tokens: int | None,
+                    runs: int | None, offload: bool, quick: bool):
+    from stamen.bench.inference import BenchSettings
+
+    settings = BenchSettings.quick(model, preset if preset != "246m" else "small") if quick else \
+        BenchSettings(model=model, preset=preset)
+    settings.servers, settings.offload = servers, offload
+    if prefix:
+        settings.prefixes = list(prefix)
+    if new_tokens is not None:
+        settings.new_tokens = new_tokens
+    if runs is not None:
+        settings.runs = settings.forward_runs = runs
+    return settings
+
+
+BenchModelOpt = Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")]
+BenchPresetOpt = Annotated[str, typer.Option(help="Preset of the random model: 246m (default), small, tiny.")]
+BenchServersOpt = Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")]
+BenchPrefixOpt = Annotated[list[int] | None, typer.Option(help="Prompt lengths to decode after (default 128 2048).")]
+BenchTokensOpt = Annotated[int | None, typer.Option(help="Tokens generated per run (default 32).")]
+BenchRunsOpt = Annotated[int | None, typer.Option(help="Interleaved runs per contender (default 3; medians).")]
+BenchOffloadOpt = Annotated[bool, typer.Option(help="Time transformers + accelerate with layers offloaded to disk.")]
+BenchQuickOpt = Annotated[bool, typer.Option(help="A smoke run: small model, short prompts, one run.")]
+BenchJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
+
+
+@bench_app.command("inference")
+def bench_inference(
+    model: BenchModelOpt = None,
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    prefix: BenchPrefixOpt = None,
+    new_tokens: BenchTokensOpt = None,
+    runs: BenchRunsOpt = None,
+    offload: BenchOffloadOpt = True,
+    push_off: Annotated[bool, typer.Option(help="Also time a client with server-to-server push off.")] = False,
+    forward: Annotated[bool, typer.Option(help="Also run the forward benchmark.")] = False,
+    breakdown: Annotated[bool, typer.Option(help="Per-token breakdown of a swarm decode step.")] = True,
+    quick: BenchQuickOpt = False,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Decoding (steps/s, ms/token, time to first token at each prefix): swarm vs local transformers,
+    our blocks in-process and offloading, side by side in one run; the offloading bound; a breakdown."""
+    setup_logging("WARNING")
+    from stamen.bench.inference import run_inference_bench
+
+    settings = _bench_settings(model, preset, servers, prefix, new_tokens, runs, offload, quick)
+    settings.push_off = push_off
+    run_inference_bench(settings, json_only=json_out, forward=forward, breakdown=breakdown)
+
+
+@bench_app.command("forward")
+def bench_forward(
+    model: BenchModelOpt = None,
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    runs: BenchRunsOpt = None,
+    offload: BenchOffloadOpt = True,
+    quick: BenchQuickOpt = False,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Forward tokens/s (no cache, the rpc_forward path) at batch 1 × 128 and 64 × 16: swarm vs local vs offload."""
+    setup_logging("WARNING")
+    from stamen.bench.inference import run_forward_bench
+
+    settings = _bench_settings(model, preset, servers, None, None, runs, offload, quick)
+    settings.cpu_offload = False
+    run_forward_bench(settings, json_only=json_out)
+
+
+@bench_app.command("suite")
+def bench_suite(
+    out: Annotated[Path, typer.Option(help="Directory for suite.json and suite.md.")] = Path("bench-results"),
+    model: BenchModelOpt = None,
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    prefix: BenchPrefixOpt = None,
+    new_tokens: BenchTokensOpt = None,
+    runs: BenchRunsOpt = None,
+    offload: BenchOffloadOpt = True,
+    train: Annotated[bool, typer.Option(help="Also run `stamen bench train` (its own swarm; minutes).")] = False,
+    quick: BenchQuickOpt = False,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Inference + forward (+ training with --train) side by side with local runs and offloading; writes
+    OUT/suite.json and OUT/suite.md."""
+    setup_logging("WARNING")
+    from stamen.bench.inference import run_suite
+
+    settings = _bench_settings(model, preset, servers, prefix, new_tokens, runs, offload, quick)
+    run_suite(settings, out, train=train, json_only=json_out)
+
+
+@bench_app.command("train")
+def bench_train(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: a random 246M Llama).")] = None,
+    servers: Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")] = 3,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    runs: Annotated[int, typer.Option(help="Steps per contender (median reported).")] = 3,
+    rank: Annotated[int, typer.Option(help="LoRA rank (all 7 target modules).")] = 8,
+    pre_seq_len: Annotated[int, typer.Option(help="Deep prompt length.")] = 16,
+    sub_batch_tokens: Annotated[int, typer.Option(help="Tokens per parallel sub-batch.")] = 512,
+    server_threads: Annotated[int | None, typer.Option(help="torch threads per server (default: torch's).")] = None,
+    skip_memory: Annotated[bool, typer.Option(help="Skip the client memory probes.")] = False,
+    stateless: Annotated[bool, typer.Option(help="Also time a client with train_streams=False (servers "
+                                                 "recompute forwards in backward).")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Training tokens/s (forward + backward) through the swarm vs locally, deep_ptune and LoRA; client memory."""
+    setup_logging("WARNING")
+    from stamen.bench.train import run_train_bench
+
+    run_train_bench(model=model, num_servers=servers, batch=batch, seq_len=seq_len, runs=runs, rank=rank,
+                    pre_seq_len=pre_seq_len, sub_batch_tokens=sub_batch_tokens, json_only=json_out,
+                    server_threads=server_threads, skip_memory=skip_memory, stateless=stateless)
+
+
+@bench_app.command("api")
+def bench_api(
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 64,
+    runs: Annotated[int, typer.Option(help="Alternating runs per path (median reported).")] = 5,
+    concurrency: Annotated[list[int], typer.Option(help="Concurrent stream counts to measure.")] = [1, 4, 8],  # noqa: B006
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """The OpenAI-compatible API vs the Python client on the same swarm of the default real model."""
+    setup_logging("WARNING")
+    from stamen.bench.api import run_api_bench
+
+    run_api_bench(new_tokens=new_tokens, runs=runs, concurrency=concurrency, json_only=json_out)
+
+
+@bench_app.command("network")
+def bench_network(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset of the random model: 246m (default), small, tiny.")] = "246m",
+    servers: Annotated[int, typer.Option(help="Servers to split the blocks over.")] = 3,
+    bandwidth: Annotated[list[str] | None, typer.Option(help="tc rates per host link (default 1gbit 100mbit).")] = None,
+    rtt_ms: Annotated[list[float] | None, typer.Option(help="Round trips injected per link (default 0 100).")] = None,
+    prefix: Annotated[int, typer.Option(help="Prompt length before decoding.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 16,
+    runs: Annotated[int, typer.Option(help="Runs per cell (medians).")] = 3,
+    forward_batch: Annotated[list[int] | None, typer.Option(help="Forward batch sizes (default 1 16).")] = None,
+    push_off: Annotated[bool, typer.Option(help="Also time generation with server-to-server push off.")] = True,
+    loopback: Annotated[bool, typer.Option(help="Skip namespaces: round trips on 127.0.0.1 only.")] = False,
+    quick: Annotated[bool, typer.Option(help="A smoke run: small model, short prompt, one run per cell.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Directory for network.json and network.md.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Inference and forward through the swarm under bandwidth limits (tc tbf between network namespaces;
+    needs root) and round trips (emulated at the transport by relays), with the analytic model's prediction."""
+    setup_logging("WARNING")
+    from stamen.bench.network import NetworkSettings, run_network_bench
+
+    settings = NetworkSettings.quick(model) if quick else NetworkSettings(
+        model=model, preset=preset, prefix=prefix, new_tokens=new_tokens, runs=runs)
+    settings.servers, settings.push_off, settings.loopback = servers, push_off and not quick, loopback
+    if bandwidth:
+        settings.bandwidths = list(bandwidth)
+    if rtt_ms:
+        settings.rtts_ms = list(rtt_ms)
+    if forward_batch:
+        settings.forward_batches = list(forward_batch)
+    run_network_bench(settings, json_only=json_out, out=out)
+
+
+@bench_app.command("quant")
+def bench_quant(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: SmolLM2-135M-Instruct, converted "
+                                                   "once).")] = None,
+    text: Annotated[Path | None, typer.Option(help="Text to measure perplexity on (default: "
+                                                   "examples/data/swarm_notes.txt).")] = None,
+    random_246m: Annotated[bool, typer.Option(help="Also time one block of the random 246M Llama shape.")] = True,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (medians reported).")] = 5,
+    steps: Annotated[int, typer.Option(help="Decoding steps timed per round.")] = 10,
+    json_path: Annotated[Path | None, typer.Option("--json-path", help="Also write the JSON here.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Quantized server weights (none, int8, nf4): bytes and speed per block, perplexity cost on a real model."""
+    setup_logging("WARNING")
+    from stamen.bench.quant import run_quant_bench
+
+    run_quant_bench(model=model, text=text, random_246m=random_246m, rounds=rounds, steps=steps,
+                    json_path=json_path, json_only=json_out, threads=threads)
+
+
+@bench_app.command("wire")
+def bench_wire(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: the converted SmolLM2-135M).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Use a random Llama of this preset instead (e.g. 246m).")] = None,
+    servers: Annotated[int, typer.Option(help="Loopback servers to split the blocks over.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Decoding steps measured.")] = 64,
+    dtype: Annotated[list[str], typer.Option(help="Server dtypes to measure.")] = ["float32", "bfloat16"],  # noqa: B006
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Bytes per token per hop on the wire, and the accuracy cost of blockwise8 activation compression."""
+    setup_logging("WARNING")
+    from stamen.bench.wire import run_wire_bench
+
+    run_wire_bench(model=model, preset=preset, num_servers=servers, new_tokens=new_tokens, dtypes=dtype,
+                   json_only=json_out)
