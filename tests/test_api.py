@@ -195,7 +195,7 @@ def probe(smol_swarm):
 
 def _server_free_cache(probe) -> dict[str, int]:
     from stamen.client import loop
-    from stamen.server.handler import call_info
+    from stamen.rpc.calls import call_info
 
     return {s.peer_id: loop.run(call_info(probe.p2p, probe.peer(s.peer_id), 10)).cache_tokens_left
             for s in probe.servers(refresh=True)}

@@ -45,7 +45,7 @@ def probe(swarm):
 def _busy_middle_server(swarm, probe):
     """The live [10:20) server holding a session (less free cache than an idle one)."""
     from stamen.client import loop
-    from stamen.server.handler import call_info
+    from stamen.rpc.calls import call_info
 
     records = {s.peer_id: s for s in probe.servers(refresh=True)}
     for server in swarm.servers:

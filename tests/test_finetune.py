@@ -22,7 +22,9 @@ from stamen.client import loop
 from stamen.client.tuning import LoraSettings
 from stamen.dht.records import fetch_servers
 from stamen.errors import InvalidRequestError, UnknownAdapterError, WrongBlocksError
-from stamen.server.handler import TrainStream, call_backward, call_info
+from stamen.rpc.calls import call_backward, call_info
+from stamen.rpc.inputs import SpanInputs
+from stamen.rpc.train import TrainStream
 from stamen.testing.finetune import causal_lm_loss, local_logits, local_model, peft_lora_params
 from stamen.testing.models import save_random_llama
 from stamen.testing.swarm import LocalSwarm
@@ -221,7 +223,7 @@ def test_bad_train_backward_gets_typed_errors_and_the_server_keeps_serving(tune)
 
     def train(grad):
         async def run():
-            stream, out = await TrainStream.open(p2p, peer, Span(0, 2), x, None, None, 20)
+            stream, out = await TrainStream.open(p2p, peer, Span(0, 2), SpanInputs(x), timeout=20)
             assert out.shape == x.shape
             return await stream.backward(grad)
         return loop.run(run())
@@ -233,13 +235,13 @@ def test_bad_train_backward_gets_typed_errors_and_the_server_keeps_serving(tune)
     with pytest.raises(InvalidRequestError, match="NaN"):
         train(torch.full((2, 5, 64), float("nan")))
     grad = torch.randn(2, 5, 64)
-    grad_in, grad_prompts, lora_grads = train(grad)
-    expected, _, _ = loop.run(call_backward(p2p, peer, Span(0, 2), x, grad, None, None, 20))
-    torch.testing.assert_close(grad_in, expected, rtol=RTOL, atol=ATOL)
-    assert grad_prompts is None and lora_grads == []
+    grads = train(grad)
+    expected = loop.run(call_backward(p2p, peer, Span(0, 2), SpanInputs(x), grad, timeout=20))
+    torch.testing.assert_close(grads.inputs, expected.inputs, rtol=RTOL, atol=ATOL)
+    assert grads.prompts is None and grads.adapters == []
 
     async def open_and_close():
-        stream, _ = await TrainStream.open(p2p, peer, Span(0, 2), x, None, None, 20)
+        stream, _ = await TrainStream.open(p2p, peer, Span(0, 2), SpanInputs(x), timeout=20)
         stream.close()
     loop.run(open_and_close())
     assert _wait_released(model, {"A": peers["A"]})["A"][2] == 0
@@ -326,7 +328,8 @@ def test_bad_gradients_get_typed_errors_and_the_server_keeps_serving(tune):
 
     def backward(blocks=Span(0, 2), hidden=x, grad=None, mask=None, prompts=None, adapter=None):
         grad = torch.randn_like(hidden) if grad is None else grad
-        return loop.run(call_backward(p2p, peer, blocks, hidden, grad, mask, None, 20, prompts, adapter))
+        inputs = SpanInputs(hidden, attention_mask=mask, prompts=prompts, adapter=adapter)
+        return loop.run(call_backward(p2p, peer, blocks, inputs, grad, timeout=20))
 
     with pytest.raises(InvalidRequestError, match="grad_outputs must have the shape"):
         backward(grad=torch.randn(2, 4, 64))
@@ -342,8 +345,8 @@ def test_bad_gradients_get_typed_errors_and_the_server_keeps_serving(tune):
         backward(adapter=AdapterRef(hashes=["ab" * 20, "cd" * 20]))
     with pytest.raises(WrongBlocksError):
         backward(blocks=Span(0, 3))
-    grad_in, grad_prompts, lora_grads = backward(prompts=torch.randn(2, 2, 64))
-    assert grad_in.shape == x.shape and grad_prompts.shape == (2, 2, 64) and lora_grads == []
+    grads = backward(prompts=torch.randn(2, 2, 64))
+    assert grads.inputs.shape == x.shape and grads.prompts.shape == (2, 2, 64) and grads.adapters == []
 
 
 def test_server_killed_during_backward(tune):

@@ -10,6 +10,7 @@ from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning, lorafa_
 from stamen.errors import InvalidRequestError, UnknownAdapterError
 from stamen.models import BlockConfig, load_client_parts, load_config, load_span, open_checkpoint
 from stamen.models.lora import adapter_hash
+from stamen.rpc.inputs import SpanInputs
 from stamen.server.adapters import AdapterCache
 from stamen.server.backend import SpanBackend
 from stamen.testing.finetune import causal_lm_loss, local_logits, local_model, peft_lora_params
@@ -105,9 +106,10 @@ def test_server_backward_matches_peft_autograd(tiny, fa):
     out = out.detach().requires_grad_()
     rms = out[:, 2:] * torch.rsqrt(out[:, 2:].pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
     causal_lm_loss((parts.norm * rms) @ parts.lm_head.T, labels).backward()
-    adapters = backend.get_adapters(AdapterRef(hashes=[lora.block_hash(i) for i in range(3)]), Span(0, 3))
-    grad_x, grad_deep, grad_lora = backend._backward(Span(0, 3), x, out.grad, full_mask, None,
-                                                     prompts.deep_prompts.detach(), adapters, not fa)
+    inputs = SpanInputs(x, attention_mask=full_mask, prompts=prompts.deep_prompts.detach(),
+                        adapter=AdapterRef(hashes=[lora.block_hash(i) for i in range(3)]))
+    grads = backend._backward(backend.checked(Span(0, 3), inputs), out.grad, not fa)
+    grad_x, grad_deep, grad_lora = grads.inputs, grads.prompts, grads.adapters
 
     torch.testing.assert_close(grad_x[:, 2:], embeds.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad_x[:, :2].sum(0), local_prompts.prompt_embeddings.grad, rtol=1e-4, atol=1e-6)

@@ -10,7 +10,7 @@ import torch
 
 from stamen import AutoDistributedModelForCausalLM
 from stamen.client import loop
-from stamen.server.handler import ping
+from stamen.rpc.calls import ping
 from stamen.testing.models import save_random_llama
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span, default_dht_prefix

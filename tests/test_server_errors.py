@@ -23,10 +23,13 @@ from stamen.errors import (
     UnknownSessionError,
     WrongBlocksError,
 )
-from stamen.server.handler import INFERENCE_PROTOCOL, InferenceStream, call_forward
+from stamen.rpc import protocol
+from stamen.rpc.calls import call_forward
+from stamen.rpc.inference import InferenceStream
+from stamen.rpc.inputs import SpanInputs
 from stamen.types import ModelName, Span
 from stamen.wire.messages import CloseSession, Step, decode_inference_reply, encode
-from stamen.wire.stream import BYTEORDER, LENGTH_BYTES, MAX_FRAME_BYTES, MESSAGE_MARKER, open_stream
+from stamen.wire.stream import BYTEORDER, LENGTH_BYTES, MAX_FRAME_BYTES, MESSAGE_MARKER
 from stamen.wire.tensors import encode_tensor
 
 pytestmark = pytest.mark.swarm
@@ -45,7 +48,8 @@ def qwen(swarm):
 
 
 def _open(s: Swarm, peer, blocks=Span(0, 3), max_length=16, batch_size=1) -> InferenceStream:
-    return loop.run(InferenceStream.open(s.p2p, peer, blocks, uuid.uuid4().hex, max_length, batch_size, 20))
+    return loop.run(InferenceStream.open(s.p2p, peer, blocks, uuid.uuid4().hex, max_length=max_length,
+                                         batch_size=batch_size, timeout=20))
 
 
 def _step(stream: InferenceStream, hidden, position=0, session_id=None):
@@ -96,7 +100,7 @@ def test_bad_step_gets_typed_error_and_server_keeps_serving(qwen, case):
 def test_oversized_request_is_refused(qwen):
     s, peer = qwen
     with pytest.raises(InvalidRequestError, match="exceed"):  # past the default --max-step-tokens 8192
-        loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 8193, HIDDEN), None, None, 20))
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), SpanInputs(torch.randn(1, 8193, HIDDEN)), timeout=20))
     _good_step_works(s, peer)
 
 
@@ -146,7 +150,7 @@ def test_malformed_frame_gets_a_typed_error_and_ends_only_its_stream(qwen, case)
     _step(other, torch.randn(1, 1, HIDDEN))
 
     async def send_raw() -> list:
-        stream = await open_stream(s.p2p, peer, INFERENCE_PROTOCOL)
+        stream = await protocol.open_lean(s.p2p, peer, protocol.INFERENCE)
         stream.writer.write(BAD_FRAMES[case]())
         replies = []
         while (reply := await asyncio.wait_for(stream.recv(runtime_pb2.ExpertResponse), 20)) is not None:
@@ -176,7 +180,7 @@ def test_blocks_the_server_does_not_host(qwen):
     with pytest.raises(WrongBlocksError):
         _open(s, peer, blocks=Span(2, 4))
     with pytest.raises(WrongBlocksError):
-        loop.run(call_forward(s.p2p, peer, Span(3, 4), torch.randn(1, 2, HIDDEN), None, None, 20))
+        loop.run(call_forward(s.p2p, peer, Span(3, 4), SpanInputs(torch.randn(1, 2, HIDDEN)), timeout=20))
     _good_step_works(s, peer)
 
 
@@ -204,11 +208,12 @@ def test_idle_session_is_freed(qwen):
 def test_forward_rejects_bad_input(qwen):
     s, peer = qwen
     with pytest.raises(InvalidRequestError):
-        loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 2, HIDDEN + 3), None, None, 20))
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), SpanInputs(torch.randn(1, 2, HIDDEN + 3)), timeout=20))
     with pytest.raises(InvalidRequestError):
         mask = torch.ones(1, 5, dtype=torch.int64)
-        loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(1, 2, HIDDEN), mask, None, 20))
-    out = loop.run(call_forward(s.p2p, peer, Span(0, 3), torch.randn(2, 5, HIDDEN), None, None, 20))
+        inputs = SpanInputs(torch.randn(1, 2, HIDDEN), attention_mask=mask)
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), inputs, timeout=20))
+    out = loop.run(call_forward(s.p2p, peer, Span(0, 3), SpanInputs(torch.randn(2, 5, HIDDEN)), timeout=20))
     assert out.shape == (2, 5, HIDDEN)
 
 
@@ -217,10 +222,10 @@ def test_a_cut_stream_reply_is_a_retryable_network_fault():
 
     from stamen.client.retry import is_retryable
     from stamen.errors import RemoteCallError
-    from stamen.server.handler import _check_complete
+    from stamen.rpc.replies import check_complete
 
     peer = PeerID(b"x" * 34)
-    _check_complete(peer, "forward", 3, 3)
+    check_complete(peer, "forward", 3, 3)
     with pytest.raises(RemoteCallError, match="after 5 of 8 messages") as info:
-        _check_complete(peer, "forward", 5, 8)
+        check_complete(peer, "forward", 5, 8)
     assert is_retryable(info.value)

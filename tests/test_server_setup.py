@@ -12,6 +12,7 @@ from stamen.dht.health import format_health, swarm_health
 from stamen.dht.records import ServerRecord, ServerState
 from stamen.errors import WrongBlocksError
 from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+from stamen.rpc.inputs import SpanInputs
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import choose_decode_threads, fewest_within, in_fresh_thread, thread_counts
 from stamen.server.memory import block_bytes, parse_bytes, plan_blocks
@@ -79,10 +80,10 @@ def test_a_moving_backend_keeps_old_sessions_and_serves_the_new_span(tiny):
         hidden = torch.randn(1, 3, 64)
         session = backend.open(OpenSession(session_id="s", blocks=SpanRef.of(Span(0, 2)), max_length=8,
                                            batch_size=1), asyncio.Queue())
-        first = await backend.step(session, Step(session_id="s", step_id=0, position=0), hidden[:, :2], None, None)
+        first = await backend.step(session, Step(session_id="s", step_id=0, position=0), SpanInputs(hidden[:, :2]))
         backend.swap_model(new)
         assert backend.span == Span(1, 3) and backend.sessions_on_old_spans() == ["s"]
-        second = await backend.step(session, Step(session_id="s", step_id=1, position=2), hidden[:, 2:], None, None)
+        second = await backend.step(session, Step(session_id="s", step_id=1, position=2), SpanInputs(hidden[:, 2:]))
         with torch.inference_mode():
             expected = reference(hidden)
         torch.testing.assert_close(torch.cat([first, second], dim=1), expected)

@@ -124,7 +124,7 @@ def test_eos_stops_generation(clients):
 
 def test_push_on_and_off_give_identical_tokens(swarm, model_dirs, clients):
     from stamen.client import loop
-    from stamen.server.handler import call_info
+    from stamen.rpc.calls import call_info
 
     pushed_model = clients("llama-gqa")
     assert pushed_model.swarm.config.use_push

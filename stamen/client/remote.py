@@ -31,7 +31,9 @@ from stamen.client.swarm import Swarm
 from stamen.client.tuning import ClientLoRA
 from stamen.errors import ServerFullError, UnknownAdapterError
 from stamen.models.lora import BlockLoRA
-from stamen.server.handler import TrainStream, call_backward, call_forward, call_put_adapters
+from stamen.rpc.calls import call_backward, call_forward, call_put_adapters
+from stamen.rpc.inputs import SpanGrads, SpanInputs
+from stamen.rpc.train import TrainStream
 from stamen.types import PeerIDStr, Span
 from stamen.wire.messages import AdapterMeta, AdapterRef
 
@@ -133,7 +135,8 @@ class _Grads:
     lora: list[list[torch.Tensor | None]]
     """Per block: the LoRA gradients in wire order (per target: A if trained, then B)."""
 
-    def add(self, blocks: Span, grad_prompts: torch.Tensor | None, lora_grads: list[torch.Tensor]) -> None:
+    def add(self, blocks: Span, received: SpanGrads) -> None:
+        grad_prompts, lora_grads = received.prompts, received.adapters
         if self.prompts is not None and grad_prompts is not None:
             self.prompts[blocks.start : blocks.end] += grad_prompts.to(self.prompts.dtype)
         if lora_grads:
@@ -215,10 +218,20 @@ class _ChainRun:
         per = math.ceil(batch / n)  # even sub-batches
         return [slice(i, min(batch, i + per)) for i in range(0, batch, per)]
 
-    def _aux(self, rows: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        mask = None if self.attention_mask is None else self.attention_mask[rows]
-        positions = None if self.position_ids is None else self.position_ids[rows]
-        return mask, positions
+    def _inputs(self, blocks: Span, x: torch.Tensor, rows: slice) -> SpanInputs:
+        """What a hop over ``blocks`` carries for the sub-batch ``rows`` with hidden states ``x``."""
+        return SpanInputs(
+            x,
+            attention_mask=None if self.attention_mask is None else self.attention_mask[rows],
+            position_ids=None if self.position_ids is None else self.position_ids[rows],
+            prompts=self.tuning.prompts_for(blocks),
+            adapter=self.tuning.adapter_for(blocks),
+        )
+
+    @property
+    def _train_lora_a(self) -> bool:
+        lora = self.tuning.lora
+        return lora.train_a if lora is not None else True
 
     # --- forward ---
 
@@ -265,24 +278,22 @@ class _ChainRun:
 
     async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: _Budget,
                            train: bool) -> tuple[torch.Tensor, TrainStream | None]:
-        mask, positions = self._aux(rows)
-        lora = self.tuning.lora
+        inputs = self._inputs(hop.blocks, x, rows)
         peer, timeout = self.swarm.peer(hop.peer_id), self.swarm.config.request_timeout
         while True:
             await self.remote.uploader.ensure(hop.peer_id, self.tuning.adapters_for(hop.blocks))
             try:
                 if train:
                     try:
-                        stream, out = await TrainStream.open(
-                            self.swarm.p2p, peer, hop.blocks, x, mask, positions, timeout,
-                            self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks),
-                            lora.train_a if lora is not None else True, self._compression)
+                        stream, out = await TrainStream.open(self.swarm.p2p, peer, hop.blocks, inputs, timeout=timeout,
+                                                             train_lora_a=self._train_lora_a,
+                                                             compression=self._compression)
                         return out, stream
                     except ServerFullError:  # the server holds all the graphs it may: stateless for this hop
                         train = False
-                return await call_forward(
-                    self.swarm.p2p, peer, hop.blocks, x, mask, positions, timeout,
-                    self.tuning.prompts_for(hop.blocks), self.tuning.adapter_for(hop.blocks), self._compression), None
+                out = await call_forward(self.swarm.p2p, peer, hop.blocks, inputs, timeout=timeout,
+                                         compression=self._compression)
+                return out, None
             except UnknownAdapterError as e:  # evicted or restarted: upload again
                 budget.spend(e)
                 self.remote.uploader.forget(hop.peer_id)
@@ -317,9 +328,9 @@ class _ChainRun:
         hop, x, stream = step.hop, step.input, step.stream
         if stream is not None and not stream.used:  # the server kept this hop's graph
             try:
-                grad_in, grad_prompts, lora_grads = await stream.backward(grad)
-                grads.add(hop.blocks, grad_prompts, lora_grads)
-                return grad_in.to(grad.dtype)
+                received = await stream.backward(grad)
+                grads.add(hop.blocks, received)
+                return received.inputs.to(grad.dtype)
             except Exception as e:
                 if not is_retryable(e):
                     raise
@@ -328,16 +339,14 @@ class _ChainRun:
                 budget.spend(e)
                 logger.info("kept graph for blocks %s on %s lost (%s): stateless backward", hop.blocks,
                             hop.peer_id, e)
-        mask, positions = self._aux(rows)
-        lora = self.tuning.lora
+        inputs = self._inputs(hop.blocks, x, rows)
         while True:
             try:
                 await self.remote.uploader.ensure(hop.peer_id, self.tuning.adapters_for(hop.blocks))
-                grad_in, grad_prompts, lora_grads = await call_backward(
-                    self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, x, grad, mask, positions,
-                    self.swarm.config.request_timeout, self.tuning.prompts_for(hop.blocks),
-                    self.tuning.adapter_for(hop.blocks), lora.train_a if lora is not None else True,
-                    self._compression)
+                received = await call_backward(
+                    self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, inputs, grad,
+                    timeout=self.swarm.config.request_timeout, train_lora_a=self._train_lora_a,
+                    compression=self._compression)
             except UnknownAdapterError as e:
                 budget.spend(e)
                 self.remote.uploader.forget(hop.peer_id)
@@ -346,8 +355,8 @@ class _ChainRun:
                 if not is_retryable(e):
                     raise
                 return await self._reroute_backward(hop, x, grad, rows, grads, budget, e)
-            grads.add(hop.blocks, grad_prompts, lora_grads)
-            return grad_in.to(grad.dtype)
+            grads.add(hop.blocks, received)
+            return received.inputs.to(grad.dtype)
 
     async def _reroute_backward(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, rows: slice, grads: _Grads,
                                 budget: _Budget, error: Exception) -> torch.Tensor:

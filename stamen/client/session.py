@@ -25,7 +25,8 @@ from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
 from stamen.errors import SessionLengthError
 from stamen.models.config import DTYPES
-from stamen.server.handler import InferenceStream, WireCounter
+from stamen.rpc.inference import InferenceStream, WireCounter
+from stamen.rpc.inputs import SpanInputs
 from stamen.types import PeerIDStr, Span
 from stamen.wire.messages import AdapterRef, PushTarget
 from stamen.wire.tensors import STREAM_PART_BYTES
@@ -42,6 +43,10 @@ class _StepInputs:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     hypo_ids: torch.Tensor | None = None
+
+    def span_inputs(self, hidden: torch.Tensor) -> SpanInputs:
+        """What a hop receives for this step with ``hidden`` as its hidden states."""
+        return SpanInputs(hidden, self.attention_mask, self.position_ids, self.hypo_ids)
 
 
 @dataclass
@@ -188,8 +193,9 @@ class InferenceSession:
         prompts, adapter = await self.tuning.prepare(hop.peer_id, hop.blocks) if self.tuning else (None, None)
         stream = await InferenceStream.open(
             self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, uuid.uuid4().hex,
-            self.max_length + self.prefix_length, self.batch_size, self.swarm.config.request_timeout,
-            prompts, adapter, self.swarm.config.compression,
+            max_length=self.max_length + self.prefix_length, batch_size=self.batch_size,
+            timeout=self.swarm.config.request_timeout, prompts=prompts, adapter=adapter,
+            compression=self.swarm.config.compression,
         )
         return _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
 
@@ -291,8 +297,8 @@ class InferenceSession:
         sent = hidden.to(first.wire_dtype)
         out = None
         try:
-            first.stream.send_step(inputs.step_id, sent, inputs.position, inputs.attention_mask,
-                                   inputs.position_ids, self._push_chain(1), inputs.hypo_ids, hold_reply=True)
+            first.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(sent), self._push_chain(1),
+                                   hold_reply=True)
             if await last.stream.answered_within(inputs.step_id, grace):
                 out = await last.stream.result(inputs.step_id, hidden.numel())
         except Exception as e:
@@ -339,8 +345,8 @@ class InferenceSession:
                     grace = live.copy_grace if decoding and i > 0 and attempt == 0 else None
                     late = grace is not None and not await live.stream.answered_within(inputs.step_id, grace)
                     if grace is None or late:
-                        live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
-                                              inputs.position_ids, self._push_chain(i + 1), inputs.hypo_ids)
+                        live.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(hidden),
+                                              self._push_chain(i + 1))
                     out = await live.stream.result(inputs.step_id, hidden.numel())
                     if decoding and i > 0 and attempt == 0:
                         live.observe(time.perf_counter() - start, late)
@@ -401,8 +407,7 @@ class InferenceSession:
                 for inputs, hidden in zip(self._steps, history, strict=True):
                     hidden = hidden.to(live.wire_dtype)
                     live.history.append(hidden)
-                    live.stream.send_step(inputs.step_id, hidden, inputs.position, inputs.attention_mask,
-                                          inputs.position_ids, hypo_ids=inputs.hypo_ids)
+                    live.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(hidden))
                     outputs.append(await live.stream.result(inputs.step_id, hidden.numel()))
             except Exception as e:
                 if is_retryable(e):

@@ -15,7 +15,7 @@ from stamen.client.config import ClientConfig
 from stamen.client.routing import Candidate, Hop, find_route, sample_route
 from stamen.dht.records import RemoteServer, ServerState, fetch_servers
 from stamen.errors import SwarmNotReadyError
-from stamen.server.handler import ping
+from stamen.rpc.calls import ping
 from stamen.types import ModelName, PeerIDStr, Span, missing_blocks
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,11 @@ Handlers validate requests into typed messages and call these methods; this modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +28,7 @@ from stamen.errors import (
 )
 from stamen.models.lora import BlockLoRA
 from stamen.models.span import KVCache, SpanModel
+from stamen.rpc.inputs import SpanGrads, SpanInputs, TensorLimits
 from stamen.server.adapters import AdapterCache
 from stamen.server.compute import in_fresh_thread
 from stamen.types import Span
@@ -96,25 +99,35 @@ class Session:
     """Replies to steps pushed on with ``hold_reply``, not yet sent to the client (``FlushReplies``)."""
 
 
+@dataclass
+class _Checked:
+    """A span call's inputs, validated, on the compute device, with the adapters resolved."""
+
+    blocks: Span
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    prompts: torch.Tensor | None
+    adapters: list[BlockLoRA] | None
+
+
 class TrainGraph:
     """A span's output with the autograd graph back to the leaves whose gradients are wanted."""
 
     def __init__(self, out: torch.Tensor, wanted: list[torch.Tensor], has_prompts: bool):
         self.out, self.wanted, self.has_prompts = out, wanted, has_prompts
-        self.released = False
 
     def output(self) -> torch.Tensor:
         return self.out.detach()
 
-    def grads(self, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    def grads(self, grad_outputs: torch.Tensor) -> SpanGrads:
         """Input gradient, prompt gradient (if any) and LoRA gradients; frees the graph."""
         out, wanted = self.out, self.wanted
         self.drop()
         with torch.enable_grad():
             grads = torch.autograd.grad(out, wanted, grad_outputs, allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=True)]
-        grad_prompts = grads[1] if self.has_prompts else None
-        return grads[0], grad_prompts, grads[1 + self.has_prompts:]
+        return SpanGrads(grads[0], grads[1] if self.has_prompts else None, grads[1 + self.has_prompts:])
 
     def drop(self) -> None:
         self.out, self.wanted = None, []  # type: ignore[assignment]
@@ -257,18 +270,41 @@ class SpanBackend:
             raise InvalidRequestError(f"{name} must have shape {tuple(hidden.shape[:2])}, got {tuple(tensor.shape)}")
         return tensor if tensor is None else tensor.to(hidden.device)
 
-    # --- compute (on the worker thread) ---
+    def checked(self, blocks: Span, inputs: SpanInputs) -> _Checked:
+        """A forward's, backward's or training call's inputs, validated and on the compute device."""
+        self.check_blocks(blocks)
+        hidden = self.check_hidden(inputs.hidden)
+        return _Checked(blocks, hidden, self.check_aux(inputs.attention_mask, hidden, "attention_mask"),
+                        self.check_aux(inputs.position_ids, hidden, "position_ids"),
+                        self.check_prompts(inputs.prompts, blocks, hidden.shape[1]),
+                        self.get_adapters(inputs.adapter, blocks))
 
-    async def step(self, session: Session, msg: Step, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position_ids: torch.Tensor | None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def check_grad(self, grad_outputs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if tuple(grad_outputs.shape) != shape:
+            raise InvalidRequestError(
+                f"grad_outputs must have the shape of the outputs {shape}, got {tuple(grad_outputs.shape)}")
+        if not torch.isfinite(grad_outputs).all():
+            raise InvalidRequestError("grad_outputs contain NaN or infinity")
+        return grad_outputs.to(self.device, self.dtype)
+
+    def tensor_limits(self) -> TensorLimits:
+        """What a request's tensors may hold: one step's tokens per hidden state, gradient, mask or
+        ids, and that per block of the span for deep prompts."""
+        elements = self.max_step_tokens * self.hidden_size
+        return TensorLimits(elements, elements * self.span.length)
+
+    # --- compute ---
+
+    async def step(self, session: Session, msg: Step, inputs: SpanInputs) -> torch.Tensor:
         cache = session.cache
-        hidden = self.check_hidden(hidden, cache.batch_size)
+        hidden = self.check_hidden(inputs.hidden, cache.batch_size)
+        hypo_ids = inputs.hypo_ids
         if hypo_ids is not None:
             if tuple(hypo_ids.shape) != (cache.batch_size,) or not bool(
                     ((hypo_ids >= 0) & (hypo_ids < cache.batch_size)).all()):
                 raise InvalidRequestError(f"hypo_ids must be {cache.batch_size} indices in [0, {cache.batch_size})")
-        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
-        position_ids = self.check_aux(position_ids, hidden, "position_ids")
+        attention_mask = self.check_aux(inputs.attention_mask, hidden, "attention_mask")
+        position_ids = self.check_aux(inputs.position_ids, hidden, "position_ids")
         if msg.position > cache.length:
             raise SessionLengthError(f"step at position {msg.position}, but the server holds {cache.length} positions")
         if msg.position + hidden.shape[1] > cache.max_length:
@@ -294,105 +330,67 @@ class SpanBackend:
         trace.mark("s.c1")
         return out
 
-    async def forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                      position_ids: torch.Tensor | None, prompts: torch.Tensor | None = None,
-                      adapter: AdapterRef | None = None) -> torch.Tensor:
-        self.check_blocks(blocks)
-        hidden = self.check_hidden(hidden)
-        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
-        position_ids = self.check_aux(position_ids, hidden, "position_ids")
-        prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
-        adapters = self.get_adapters(adapter, blocks)
-        return await self.run_long(self._forward, blocks, hidden, attention_mask, position_ids, prompts, adapters)
+    async def forward(self, blocks: Span, inputs: SpanInputs) -> torch.Tensor:
+        return await self.run_long(self._forward, self.checked(blocks, inputs))
 
-    def _forward(self, blocks: Span, hidden, attention_mask, position_ids, prompts=None, adapters=None) -> torch.Tensor:
+    def _forward(self, x: _Checked) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(hidden, attention_mask, position_ids, blocks, prompts, adapters)
+            return self.model(x.hidden, x.attention_mask, x.position_ids, x.blocks, x.prompts, x.adapters)
 
-    async def backward(self, blocks: Span, hidden: torch.Tensor, grad_outputs: torch.Tensor,
-                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                       prompts: torch.Tensor | None, adapter: AdapterRef | None,
-                       train_lora_a: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    async def backward(self, blocks: Span, inputs: SpanInputs, grad_outputs: torch.Tensor,
+                       train_lora_a: bool) -> SpanGrads:
         """Gradients of the span's inputs, deep prompts and LoRA weights (per block, per target: A if
         ``train_lora_a``, then B), recomputing the span's activations; nothing is kept afterwards."""
-        self.check_blocks(blocks)
-        hidden = self.check_hidden(hidden)
-        if tuple(grad_outputs.shape) != tuple(hidden.shape):
-            raise InvalidRequestError(
-                f"grad_outputs must have the shape of the inputs {tuple(hidden.shape)}, got {tuple(grad_outputs.shape)}"
-            )
-        if not torch.isfinite(grad_outputs).all():
-            raise InvalidRequestError("grad_outputs contain NaN or infinity")
-        grad_outputs = grad_outputs.to(self.device, self.dtype)
-        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
-        position_ids = self.check_aux(position_ids, hidden, "position_ids")
-        prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
-        adapters = self.get_adapters(adapter, blocks)
-        return await self.run_long(self._backward, blocks, hidden, grad_outputs, attention_mask, position_ids, prompts,
-                               adapters, train_lora_a)
+        x = self.checked(blocks, inputs)
+        grad_outputs = self.check_grad(grad_outputs, tuple(x.hidden.shape))
+        return await self.run_long(self._backward, x, grad_outputs, train_lora_a)
 
-    def _backward(self, blocks: Span, hidden, grad_outputs, attention_mask, position_ids, prompts, adapters,
-                  train_lora_a: bool):
-        graph = self._graph(blocks, hidden, attention_mask, position_ids, prompts, adapters, train_lora_a)
+    def _backward(self, x: _Checked, grad_outputs: torch.Tensor, train_lora_a: bool) -> SpanGrads:
+        graph = self._graph(x, train_lora_a)
         self.recomputed_backwards += 1
         return graph.grads(grad_outputs)
 
-    def _graph(self, blocks: Span, hidden, attention_mask, position_ids, prompts, adapters,
-               train_lora_a: bool) -> TrainGraph:
+    def _graph(self, x: _Checked, train_lora_a: bool) -> TrainGraph:
         """The span run with autograd: weights frozen, fresh leaves for the inputs, deep prompts and LoRA."""
         with torch.enable_grad():
-            hidden = hidden.detach().requires_grad_()
+            hidden = x.hidden.detach().requires_grad_()
             wanted = [hidden]
+            prompts = x.prompts
             if prompts is not None:
                 prompts = prompts.detach().requires_grad_()
                 wanted.append(prompts)
             leaf_adapters = []
-            for adapter in adapters or []:
+            for adapter in x.adapters or []:
                 leaf_adapter, leaves = adapter.leaves(train_lora_a)
                 leaf_adapters.append(leaf_adapter)
                 wanted.extend(leaves)
-            out = self.model(hidden, attention_mask, position_ids, blocks, prompts, leaf_adapters or None)
+            out = self.model(hidden, x.attention_mask, x.position_ids, x.blocks, prompts, leaf_adapters or None)
         return TrainGraph(out, wanted, prompts is not None)
 
     # --- training graphs kept within one rpc_train call ---
 
-    async def train_forward(self, blocks: Span, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                            position_ids: torch.Tensor | None, prompts: torch.Tensor | None,
-                            adapter: AdapterRef | None, train_lora_a: bool) -> TrainGraph:
-        """Run the span with autograd and return its graph, holding one of ``max_train_graphs`` slots
-        (``ServerFullError`` when none is free); the caller must ``release_graph`` it."""
-        self.check_blocks(blocks)
-        hidden = self.check_hidden(hidden)
-        attention_mask = self.check_aux(attention_mask, hidden, "attention_mask")
-        position_ids = self.check_aux(position_ids, hidden, "position_ids")
-        prompts = self.check_prompts(prompts, blocks, hidden.shape[1])
-        adapters = self.get_adapters(adapter, blocks)
+    @contextlib.asynccontextmanager
+    async def train_graph(self, blocks: Span, inputs: SpanInputs, train_lora_a: bool,
+                          timeout: float) -> AsyncIterator[TrainGraph]:
+        """The span run with autograd (within ``timeout`` seconds), its graph held until the block
+        ends: one of ``max_train_graphs`` slots (``ServerFullError`` when none is free)."""
+        x = self.checked(blocks, inputs)
         if self.train_graphs_held >= self.max_train_graphs:
             raise ServerFullError(f"server full: {self.train_graphs_held} of {self.max_train_graphs} training "
                                   f"graphs held; use stateless forward and backward")
         self.train_graphs_held += 1
+        graph = None
         try:
-            return await self.run_long(self._graph, blocks, hidden, attention_mask, position_ids, prompts, adapters,
-                                   train_lora_a)
-        except BaseException:
-            self.train_graphs_held -= 1
-            raise
-
-    def release_graph(self, graph: TrainGraph) -> None:
-        if not graph.released:
-            graph.released = True
-            graph.drop()
+            graph = await asyncio.wait_for(self.run_long(self._graph, x, train_lora_a), timeout)
+            yield graph
+        finally:
+            if graph is not None:
+                graph.drop()
             self.train_graphs_held -= 1
 
-    async def train_backward(self, graph: TrainGraph, grad_outputs: torch.Tensor):
+    async def train_backward(self, graph: TrainGraph, grad_outputs: torch.Tensor) -> SpanGrads:
         """``backward``'s gradients from a kept graph (no recomputation); the graph is consumed."""
-        shape = tuple(graph.out.shape)
-        if tuple(grad_outputs.shape) != shape:
-            raise InvalidRequestError(
-                f"grad_outputs must have the shape of the outputs {shape}, got {tuple(grad_outputs.shape)}")
-        if not torch.isfinite(grad_outputs).all():
-            raise InvalidRequestError("grad_outputs contain NaN or infinity")
-        grad_outputs = grad_outputs.to(self.device, self.dtype)
+        grad_outputs = self.check_grad(grad_outputs, tuple(graph.out.shape))
         result = await self.run_long(graph.grads, grad_outputs)
         self.kept_backwards += 1
         return result

@@ -17,6 +17,7 @@ from stamen.dht.records import ServerRecord, ServerState, announce, fetch_server
 from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
+from stamen.rpc.calls import ping
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import (
     DECODE_THREADS_TOLERANCE,
@@ -26,7 +27,7 @@ from stamen.server.compute import (
     host_measurement_lock,
 )
 from stamen.server.config import ServerConfig, parent_gone
-from stamen.server.handler import SpanHandler, ping
+from stamen.server.handler import SpanHandler
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
 from stamen.server.throughput import (

@@ -1,0 +1,124 @@
+"""Client halves of the one-shot RPCs: info (and ping), forward, backward, adapter upload."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from stamen.errors import RemoteCallError, StamenError
+from stamen.rpc import protocol
+from stamen.rpc.inputs import SpanGrads, SpanInputs
+from stamen.rpc.parts import encode_all, in_parts
+from stamen.rpc.protocol import Request
+from stamen.rpc.replies import check_complete, raise_if_error
+from stamen.types import Span
+from stamen.wire.compression import Compression
+from stamen.wire.messages import (
+    AdapterMeta,
+    BackwardRequest,
+    ForwardRequest,
+    InfoReply,
+    InfoRequest,
+    PutAdapters,
+    SpanRef,
+    decode_backward_reply,
+    decode_forward_reply,
+    decode_info_reply,
+    decode_put_adapters_reply,
+    encode,
+)
+from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor, join_tensor_parts
+
+GRADIENT_ELEMENTS_FLOOR = 1 << 26
+"""A gradient reply may always carry this many elements per tensor (LoRA gradients of a small input)."""
+
+
+async def call_info(p2p: P2P, peer: PeerID, timeout: float) -> InfoReply:
+    try:
+        response = await asyncio.wait_for(
+            protocol.call_unary(p2p, peer, protocol.INFO, Request(metadata=encode(InfoRequest()))), timeout)
+    except Exception as e:
+        raise RemoteCallError(f"info call to {peer} failed: {e!r}") from e
+    return decode_info_reply(response.metadata)
+
+
+async def ping(p2p: P2P, peer: PeerID, timeout: float) -> float | None:
+    """Round-trip seconds of an info call, or None if the server did not answer."""
+    start = time.perf_counter()
+    try:
+        await call_info(p2p, peer, timeout)
+    except Exception:
+        return None
+    return time.perf_counter() - start
+
+
+async def _requests(messages: list[Request]) -> AsyncIterator[Request]:
+    for message in messages:
+        yield message
+
+
+async def _call(p2p: P2P, peer: PeerID, rpc: protocol.Rpc, messages: list[Request], decode_reply,
+                timeout: float, what: str):
+    """Send a multi-part request over a stream RPC; the typed reply and its joined tensors. A
+    counted reply that arrives in fewer messages than it announced is a network fault."""
+
+    async def call():
+        reply, parts, received = None, [], 0
+        async for response in await protocol.call_stream(p2p, peer, rpc, _requests(messages)):
+            received += 1
+            if response.metadata:
+                reply = decode_reply(response.metadata)
+                raise_if_error(reply)
+            parts.extend(response.tensors)
+        if reply is None:
+            raise RemoteCallError(f"{what} call to {peer} ended without a reply")
+        check_complete(peer, what, received, getattr(reply, "parts", received))
+        return reply, join_tensor_parts(parts)
+
+    try:
+        return await asyncio.wait_for(call(), timeout)
+    except StamenError:
+        raise
+    except Exception as e:
+        raise RemoteCallError(f"{what} call to {peer} failed: {e!r}") from e
+
+
+async def call_forward(p2p: P2P, peer: PeerID, blocks: Span, inputs: SpanInputs, *, timeout: float,
+                       compression: Compression | None = None) -> torch.Tensor:
+    """The span's outputs; ``compression``: how the hidden states go and how the outputs come back
+    (None: hidden uncompressed, outputs as the server's default)."""
+    msg = ForwardRequest(blocks=SpanRef.of(blocks), compression=compression, **inputs.fields(ForwardRequest))
+    what = f"forward over blocks {blocks}"
+    reply, protos = await _call(p2p, peer, protocol.FORWARD, in_parts(Request, msg, inputs.pack(compression)),
+                                decode_forward_reply, timeout, what)
+    if len(protos) != 1:
+        raise RemoteCallError(f"forward reply from {peer} carried {len(protos)} tensors")
+    return decode_tensor(protos[0], "output", FLOAT_DTYPES, inputs.hidden.numel(), compressed_ok=True)
+
+
+async def call_backward(p2p: P2P, peer: PeerID, blocks: Span, inputs: SpanInputs, grad_outputs: torch.Tensor, *,
+                        timeout: float, train_lora_a: bool = True,
+                        compression: Compression | None = None) -> SpanGrads:
+    """Gradients of the span's inputs, of its deep prompts (if sent) and of its LoRA weights
+    (A only if ``train_lora_a``). ``compression`` applies to hidden, grad_outputs and grad_inputs."""
+    msg = BackwardRequest(blocks=SpanRef.of(blocks), train_lora_a=train_lora_a, compression=compression,
+                          **inputs.fields(BackwardRequest))
+    messages = in_parts(Request, msg, inputs.pack(compression, grad_outputs))
+    reply, protos = await _call(p2p, peer, protocol.BACKWARD, messages, decode_backward_reply, timeout,
+                                f"backward over blocks {blocks}")
+    prompts = inputs.prompts
+    limit = max(inputs.hidden.numel(), 0 if prompts is None else prompts.numel(), GRADIENT_ELEMENTS_FLOOR)
+    return SpanGrads.unpack(reply, protos, limit, peer)
+
+
+async def call_put_adapters(p2p: P2P, peer: PeerID, metas: list[AdapterMeta], tensors: list[torch.Tensor],
+                            timeout: float) -> list[str]:
+    """Upload block adapters (A and B of every target, in order) into the server's cache."""
+    messages = in_parts(Request, PutAdapters(adapters=metas), encode_all(tensors, None, 0))
+    reply, _ = await _call(p2p, peer, protocol.PUT_ADAPTERS, messages, decode_put_adapters_reply, timeout,
+                           "adapter upload")
+    return reply.hashes
