@@ -205,7 +205,7 @@ def test_the_chunked_transposed_head_equals_the_plain_product(chunks):
 def test_split_decoding_products_equal_the_plain_linear(threads, rows):
     """``project`` splits few-row products over input-major weights into one row block per thread
     (here 2, or 3 that does not divide 64 and falls back to 2): the same output as ``nn.Linear``."""
-    from stamen.models.llama import input_major, project
+    from stamen.models.kernels import input_major, project
 
     torch.manual_seed(1)
     linear = torch.nn.Linear(64, 48, bias=True)

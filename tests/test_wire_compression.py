@@ -47,7 +47,7 @@ def test_round_trip_error_is_within_half_a_step_per_block(dtype, shape):
     assert back.shape == x.shape and back.dtype == dtype
     err = (back.float() - x.float()).reshape(-1).abs()
     # the codec's bound, plus rounding the result to the original dtype: half an ulp, relative, or
-    # half the subnormal spacing near zero (float16's is 2^-24: a random draw once landed there)
+    # half the subnormal spacing near zero (float16's is 2^-24, within reach of random draws)
     ulp = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
     subnormal = {torch.float32: 2**-149, torch.bfloat16: 2**-133, torch.float16: 2**-24}[dtype]
     assert bool((err <= _block_bound(x) + x.float().reshape(-1).abs() * ulp * 1.01 + subnormal / 2).all())

@@ -15,7 +15,8 @@ from transformers import AutoConfig
 
 from stamen.errors import CheckpointError
 from stamen.models.config import BlockConfig
-from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict, input_major, prefers_input_major
+from stamen.models.kernels import input_major, prefers_input_major
+from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict
 from stamen.models.quant import PROJECTIONS, QuantMethod, quantize_block_
 from stamen.models.span import SpanModel
 from stamen.types import Span

@@ -1,13 +1,14 @@
 """Llama-family decoder blocks (Llama 2/3, Mistral, Qwen2), written for a span server.
 
-Pure math: no networking. Checked against transformers in tests/test_models.py.
+Pure math: no networking. Checked against transformers in tests/test_models.py. How the products
+and the attention are run on CPU (weight layout, split products, grouped decoding attention) is
+``kernels.py``'s choice.
 Shapes: B batch, T new tokens, S keys so far (cache length after this step), H hidden,
-nh query heads, nkv key/value heads, hd head dim.
+nh query heads, nkv key/value heads, hd head dim, I intermediate size.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stamen.models.config import BlockConfig, RopeConfig
+from stamen.models.kernels import attend, project  # the bench's op timer wraps `llama.project`
 from stamen.models.lora import BlockLoRA
 
 
@@ -100,6 +102,10 @@ def build_attention_mask(
     return allowed
 
 
+def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return x if delta is None else x + delta
+
+
 class Attention(nn.Module):
     def __init__(self, config: BlockConfig):
         super().__init__()
@@ -121,7 +127,7 @@ class Attention(nn.Module):
         lora: BlockLoRA | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = project(self.qkv_proj, x).split(self.split_sizes, dim=-1)
+        q, k, v = project(self.qkv_proj, x).split(self.split_sizes, dim=-1)  # (B, T, nh·hd), 2 × (B, T, nkv·hd)
         if lora is not None:  # per-target LoRA deltas on the slices of the fused projection
             q, k, v = (_add(t, lora.delta(name, x)) for t, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -134,17 +140,7 @@ class Attention(nn.Module):
             k_cache[:, :, offset : offset + T] = k
             v_cache[:, :, offset : offset + T] = v
             k, v = k_cache[:, :, : offset + T], v_cache[:, :, : offset + T]  # (B, nkv, S, hd)
-        groups = self.num_heads // self.num_kv_heads
-        if T == 1 and groups > 1:  # a mask here is (B, 1, 1, S): it broadcasts over the grouped queries
-            # One query per sequence (decoding): the query heads that share a key/value head attend
-            # as `groups` queries of that head, so the cache is read once per key/value head instead
-            # of being expanded to every query head (`enable_gqa`). Same math; 16 heads over 4 at
-            # 2048 cached positions, one thread: 211 vs 474 us per call.
-            out = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, groups, self.head_dim), k, v,
-                                                 attn_mask=mask).reshape(B, self.num_heads, 1, self.head_dim)
-        else:
-            is_causal = mask is None and T > 1  # build_attention_mask returns None only when offset == 0 here
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        out = attend(q, k, v, mask)  # (B, nh, T, hd)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
         return _add(project(self.o_proj, out), lora and lora.delta("o_proj", out))  # (B, T, H)
 
@@ -158,51 +154,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, lora: BlockLoRA | None = None) -> torch.Tensor:
-        gate, up = project(self.gate_up_proj, x).split(self.intermediate_size, dim=-1)
+        gate, up = project(self.gate_up_proj, x).split(self.intermediate_size, dim=-1)  # 2 × (B, T, I)
         if lora is not None:
             gate, up = _add(gate, lora.delta("gate_proj", x)), _add(up, lora.delta("up_proj", x))
-        h = F.silu(gate) * up
-        return _add(project(self.down_proj, h), lora and lora.delta("down_proj", h))
-
-
-SPLIT_ROWS = 8
-"""Products with at most this many rows (sequences × new tokens: decoding) may be split (``project``)."""
-MAX_SPLITS = 16
-
-
-def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; for a few rows on CPU with several torch threads, a split product.
-
-    MKL runs a matrix-vector product on one thread whatever torch's thread count, so a decoding
-    step would read every weight with one core. An input-major weight (see ``input_major``) is a
-    contiguous (in, out) matrix, so its row blocks are views: x · W = Σ_c x[:, c-th in-slice] · W[c-th
-    row block], one ``bmm`` over the blocks (one per thread) and a sum. No copy, the same math up to
-    float rounding (the order of the sums over the input dimension). 16 blocks of the 246M Llama on
-    2 threads, in-process: 30–40 vs 45 ms per step (docs/benchmarks.md, fifth session).
-    """
-    if type(linear) is not nn.Linear:
-        return linear(x)
-    weight = linear.weight
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    splits = _splits(in_features, torch.get_num_threads())
-    if (splits == 1 or rows > SPLIT_ROWS or rows == 0 or weight.device.type != "cpu"
-            or weight.stride() != (1, out_features)):
-        return linear(x)
-    blocks = weight.t().view(splits, in_features // splits, out_features)  # (splits, in/splits, out): views
-    parts = torch.bmm(x.reshape(rows, splits, in_features // splits).transpose(0, 1), blocks)  # (splits, rows, out)
-    out = parts.sum(0).view(*x.shape[:-1], out_features)
-    return out if linear.bias is None else out + linear.bias
-
-
-@functools.cache
-def _splits(in_features: int, threads: int) -> int:
-    """The most row blocks, at most one per thread (and ``MAX_SPLITS``), that divide ``in_features``."""
-    return max(c for c in range(1, min(threads, MAX_SPLITS) + 1) if in_features % c == 0)
-
-
-def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    return x if delta is None else x + delta
+        h = F.silu(gate) * up  # SwiGLU, (B, T, I)
+        return _add(project(self.down_proj, h), lora and lora.delta("down_proj", h))  # (B, T, H)
 
 
 class LlamaBlock(nn.Module):
@@ -258,23 +214,6 @@ def hf_block_state_dict(hf_tensors: dict[str, torch.Tensor], prefix: str) -> dic
         state["mlp.gate_up_proj.bias"] = torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")], dim=0)
         state["mlp.down_proj.bias"] = take("mlp.down_proj.bias")
     return state
-
-
-def prefers_input_major(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether projection weights are kept input-major (column-major ``(out, in)``) on this device.
-
-    A one-token step multiplies a vector by every weight of the span once, so decoding streams the
-    weights from memory. On CPU, float32 MKL streams a weight stored input-major (the matrix-vector
-    product then runs as rows of axpy) faster than the row-major layout: 16 blocks of the 246M
-    Llama stepped in 48.6 instead of 55.7 ms; batched products (prefill, forward, backward) run as
-    fast either way. bfloat16 and float16 GEMV are 1.4x and 13x slower input-major, and CUDA
-    gains nothing, so those keep the checkpoint's row-major layout."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32
-
-
-def input_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same ``(out, in)`` matrix stored input-major (strides ``(1, out)``); a no-op if it is."""
-    return weight if weight.stride() == (1, weight.shape[0]) else weight.t().contiguous().t()
 
 
 BLOCK_TENSOR_SUFFIXES = (

@@ -16,10 +16,10 @@ Compute: the weights are dequantized on the fly (never stored in float). On a CP
 bfloat16 matmuls (AVX512-BF16/AMX, where oneDNN runs bf16 GEMMs several times faster than fp32),
 the quantized matmuls take bfloat16 inputs with float32 accumulation whatever the server's dtype:
 int8 values are exact in bfloat16 and the extra rounding of the activations is small next to the
-weights' own quantization error (measured: 0.84 % vs 0.78 % relative output error for int8).
-Decoding-size inputs (≤ ``INT8_GEMV_ROWS`` rows) use ``torch._weight_int8pack_mm``, which reads the
-int8 weight directly (2.5× faster than an fp32 matmul for one token here); larger inputs convert
-the int8 codes to bfloat16, run one GEMM and scale its output rows (NF4: dequantize, then one GEMM).
+weights' own quantization error. Decoding-size inputs (≤ ``INT8_GEMV_ROWS`` rows) use
+``torch._weight_int8pack_mm``, which reads the int8 weight directly: a decoding step streams every
+weight once, and int8 codes are a quarter of float32's bytes. Larger inputs convert the int8 codes
+to bfloat16, run one GEMM and scale its output rows (NF4: dequantize, then one GEMM).
 Elsewhere (no native bfloat16, CUDA) the same is done in the input's dtype.
 
 Backward (training through quantized blocks) is defined for the inputs only: the weights are

@@ -3,34 +3,30 @@ thread; longer work (prefills, forwards, backwards, loading a new span) on a sho
 its own; one computation at a time either way (the backend's compute lock).
 
 Why inline: a decoding step handed from the loop to another thread and back costs two thread
-wake-ups (~0.2 ms a step on the development machine, per server of the route).
+wake-ups per step and server of the route.
 
 Why not everything inline: while the loop computes it answers nothing, and clients ban a server
-that misses a ping (2 s); a 512-token prefill chunk of the 246M Llama takes ~2.5 s on 2 cores.
+that misses a ping (2 s); a 512-token prefill chunk takes seconds on a few CPU cores.
 
 Why a fresh thread for long work, not a pool: PyTorch's CPU build uses libgomp, which counts the
 threads of every live OpenMP team in the process; once they outnumber the CPUs, libgomp makes idle
 workers sleep after ~100 spins, so each of the hundreds of small parallel regions of a decoding
-step pays a futex wake-up (on a Xeon development machine 16 blocks of the 246M Llama took 32.5 ms
-per step with one team and 41-43 ms as soon as a second thread had run a parallel region). A
-thread that exits takes its team with it, so between long jobs the loop's team is the only one.
+step pays a futex wake-up. A thread that exits takes its team with it, so between long jobs the
+loop's team is the only one.
 Long jobs are made of few, large parallel regions, for which the shorter spinning costs nothing.
 
 Threads per computation: decoding steps and long work use different torch thread counts (torch's
 count is per thread: ``torch.set_num_threads`` on the loop's thread sets the decoding count, each
 long-work thread sets its own at its start). A decoding step is a chain of matrix-vector products
 that read every weight once. MKL runs each of them on one thread whatever torch's count, so the
-blocks split them over the threads themselves (``models/llama.py: project``); on the development
-machine (2 vCPUs) 4 blocks of the 246M Llama step in 6.4 ms on 2 threads and 9.2 on one, and a
-3-server swarm of 2-thread servers took 38.3 ms per token against 51.1 with 1-thread servers, side
-by side. Past a few threads, more add barriers, not speed; and a team waits at every barrier when
-another process holds one of its cores. ``choose_decode_threads`` measures the count at start, one
-server of a host at a time (``host_measurement_lock``, held over the load too): servers started
-together used to measure side by side, and then the 2-thread steps, competing with each other,
-took 17.6 ms instead of 6.4. Other processes starting meanwhile (a client, daemons) still skew
-it at times (3 of 9 demo servers measured 2 threads at 3.5-7.3 ms against 2.1-2.9), so a server
-measures again once, when it is idle a while after going online, and keeps the faster sample of
-the two for each count (a disturbed sample is only ever slower).
+blocks split them over the threads themselves (``models/kernels.py: project``), and a second
+thread speeds up a step. Past a few threads, more add barriers, not speed; and a team waits at
+every barrier when another process holds one of its cores. ``choose_decode_threads`` measures the
+count at start, one server of a host at a time (``host_measurement_lock``, held over the load
+too): servers measuring side by side compete for the same cores, so their multi-thread steps look
+slower than they are. Other processes starting meanwhile (a client, daemons) can still skew a
+measurement, so a server measures again once, when it is idle a while after going online, and
+keeps the faster sample of the two for each count (a disturbed sample is only ever slower).
 Prefills, forwards and backwards are compute-bound and keep every thread.
 """
 

@@ -8,8 +8,8 @@ The square root spends the codes where values are dense: LLM hidden states carry
 outlier channels (SmolLM2: ~2·10⁴ next to a median of ~3), and a linear code would flatten every
 other value of an outlier's block to a few levels. A value x is off by at most
 ``a / 254 * (2 * sqrt(|x| / a) + 1 / 254)``: a/127 near the absmax, far less for small values
-(a linear code's bound is a/254 for all). Measured on SmolLM2-135M (``stamen bench wire``) this
-cuts the logit error about 3× against a linear code of the same size.
+(a linear code's bound is a/254 for all). So the square root cuts the logit error against a
+linear code of the same size (``stamen bench wire``; docs/benchmarks.md).
 
 On the wire it is a hivemind ``runtime_pb2.Tensor`` with ``compression = BLOCKWISE_8BIT``,
 ``dtype`` = the original dtype (what the receiver gets back), ``size`` = the original shape and

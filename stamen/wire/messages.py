@@ -322,7 +322,7 @@ _inference_request = TypeAdapter(InferenceRequest)
 _inference_reply = TypeAdapter(InferenceReply)
 _forward_reply = TypeAdapter(ForwardReply)
 _adapter = functools.cache(TypeAdapter)
-"""One TypeAdapter per message type (building one per message cost 19 vs 5 us per decoded step)."""
+"""One TypeAdapter per message type, built once: building one costs more than the validation it does."""
 
 
 def encode(msg: BaseModel) -> bytes:
