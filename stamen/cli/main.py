@@ -14,7 +14,12 @@ import typer
 
 from stamen.cli.bench import bench_app
 from stamen.cli.logs import setup_logging
+from stamen.cli.options import CliField, config_options
 from stamen.cli.streamer import TimedTextStreamer
+from stamen.client.config import ClientConfig
+from stamen.server.config import ServerConfig
+from stamen.server.memory import parse_bytes
+from stamen.sim.simulate import SimConfig
 
 app = typer.Typer(help="Stamen: run large language models over a swarm of peers.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -48,83 +53,37 @@ def dht(
     node.shutdown()
 
 
+SERVER_FIELDS = {"model": CliField(argument=True), "max_memory": CliField(parser=parse_bytes, metavar="SIZE")}
+"""``stamen server`` options that differ from the derived ones: MODEL is positional, --max-memory reads 6GiB."""
+
+
 @app.command()
-def server(
-    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
-    initial_peers: PeersOpt = [],  # noqa: B006
-    blocks: Annotated[str | None, typer.Option(help="Span to host, START:END (half-open).")] = None,
-    num_blocks: Annotated[int | None, typer.Option(help="Host N blocks where the swarm needs them "
-                                                        "(default: as many as fit the memory).")] = None,
-    max_memory: Annotated[str | None, typer.Option(help="Memory for weights and cache, e.g. 6GiB "
-                                                        "(default: what the device has free).")] = None,
-    rebalance: Annotated[bool, typer.Option(help="Move to where the swarm is weakest (not with --blocks).")] = True,
-    balance_period: Annotated[float, typer.Option(help="Mean seconds between rebalancing checks.")] = 120.0,
-    balance_quality: Annotated[float, typer.Option(help="Move only while the bottleneck is below this "
-                                                         "fraction of the mean block throughput.")] = 0.9,
-    move_jitter: Annotated[float, typer.Option(help="Most seconds to wait and look again before moving.")] = 10.0,
-    move_grace: Annotated[float, typer.Option(help="Seconds old-span sessions may run on after a move.")] = 120.0,
-    throughput_cache: Annotated[Path | None, typer.Option(help="Compute measurement cache (JSON).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    compression: Annotated[str, typer.Option(help="How activations this server sends travel unless a client "
-                                                  "asks otherwise: none or blockwise8 (8-bit, lossy).")] = "none",
-    quant: Annotated[str, typer.Option(help="Quantize the blocks' weights: none, int8 (1 byte per weight) or nf4 "
-                                            "(4-bit NormalFloat, ~0.56 bytes per weight).")] = "none",
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    max_cache_tokens: Annotated[int, typer.Option(help="KV cache budget in tokens (batch × length).")] = 8192,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 0,
-    announce_maddrs: Annotated[list[str], typer.Option(help="Multiaddrs to announce instead of the listening "
-                                                             "ones (NAT, a relay in front).")] = [],  # noqa: B006
-    identity: Annotated[Path | None, typer.Option(help="Private key file for a stable peer id.")] = None,
-    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
-    throughput: Annotated[float | None, typer.Option(help="Override measured steps/s per block.")] = None,
-    max_step_tokens: Annotated[int, typer.Option(help="Most tokens (batch × length) in one request.")] = 8192,
-    session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is freed.")] = 300.0,
-    record_ttl: Annotated[float, typer.Option(help="Seconds a DHT record lives.")] = 60.0,
-    max_train_graphs: Annotated[int, typer.Option(help="Training graphs kept between a forward and its "
-                                                       "backward at once (0: always recompute).")] = 8,
-    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads of prefills, forwards and "
-                                                           "backwards.")] = None,
-    decode_threads: Annotated[int | None, typer.Option(help="torch threads of decoding steps (default: measured "
-                                                            "at start).")] = None,
-    public_name: Annotated[str | None, typer.Option(help="A name shown by health tools.")] = None,
-) -> None:
+@config_options(ServerConfig, "config", SERVER_FIELDS)
+def server(config: ServerConfig) -> None:
     """Serve a span of a model's blocks to the swarm."""
     setup_logging()
-    from pydantic import ValidationError
-
-    from stamen.server.config import ServerConfig
-    from stamen.server.memory import parse_bytes
-    from stamen.server.placement import PlacementSettings
     from stamen.server.server import Server
-    from stamen.types import Span
 
-    try:
-        placement = dict(max_memory=parse_bytes(max_memory) if max_memory else None, rebalance=rebalance,
-                         balance_period=balance_period, move_jitter=move_jitter, move_grace=move_grace,
-                         placement=PlacementSettings(balance_quality=balance_quality),
-                         **({"throughput_cache": throughput_cache} if throughput_cache else {}))
-        config = ServerConfig(
-            **placement,
-            model=model, initial_peers=initial_peers,
-            blocks=Span.parse(blocks) if blocks else None,
-            num_blocks=num_blocks, dtype=dtype, quant=quant, device=device, max_cache_tokens=max_cache_tokens,
-            host=host,
-            port=port, announce_maddrs=announce_maddrs, identity=identity, dht_prefix=dht_prefix, throughput=throughput,
-            max_step_tokens=max_step_tokens, session_timeout=session_timeout, record_ttl=record_ttl,
-            max_train_graphs=max_train_graphs, compression=compression,
-            torch_threads=torch_threads, decode_threads=decode_threads,
-            public_name=public_name,
-        )
-    except (ValidationError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
     Server(config).run()
 
 
+CLIENT_FIELDS = ("initial_peers", "dht_prefix")
+"""The client settings of commands that only find the swarm (the rest keep ``ClientConfig``'s defaults)."""
+INFERENCE_FIELDS = tuple(n for n in ClientConfig.model_fields
+                         if n not in ("sub_batch_tokens", "train_streams", "train_compression"))
+"""The client settings of commands that run inference sessions (no training)."""
+
+
+def _client_kwargs(config: ClientConfig) -> dict:
+    """``from_pretrained`` keyword arguments (after the model and initial peers) for ``config``."""
+    return config.model_dump(exclude={"initial_peers"})
+
+
 @app.command()
+@config_options(ClientConfig, "client", include=INFERENCE_FIELDS)
 def generate(
     model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
-    initial_peers: PeersOpt,
+    client: ClientConfig,
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "Hello",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
     do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
@@ -133,7 +92,6 @@ def generate(
     top_p: Annotated[float, typer.Option()] = 1.0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
-    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     no_eos: Annotated[bool, typer.Option("--no-eos", help="Ignore the end-of-sequence token.")] = False,
 ) -> None:
@@ -147,7 +105,7 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
+    dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, client.initial_peers, **_client_kwargs(client))
     if chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
@@ -186,34 +144,34 @@ def convert(
 
 
 @app.command()
+@config_options(ClientConfig, "client", include=CLIENT_FIELDS)
 def chat(
     model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
-    initial_peers: PeersOpt,
+    client: ClientConfig,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation's session can hold.")] = 2048,
     temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
-    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
 ) -> None:
     """Chat in the terminal: one inference session across turns, streamed answers; Ctrl-C stops an answer."""
     setup_logging("WARNING")
     from stamen.cli.chat import run_chat
 
-    run_chat(model, initial_peers, max_new_tokens=max_new_tokens, max_length=max_length, temperature=temperature,
-             top_p=top_p, seed=seed, system=system, dht_prefix=dht_prefix)
+    run_chat(model, client.initial_peers, max_new_tokens=max_new_tokens, max_length=max_length,
+             temperature=temperature, top_p=top_p, seed=seed, system=system, dht_prefix=client.dht_prefix)
 
 
 @app.command()
+@config_options(ClientConfig, "client", include=INFERENCE_FIELDS)
 def api(
     model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
-    initial_peers: PeersOpt,
+    client: ClientConfig,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     model_id: Annotated[str | None, typer.Option(help="The model name clients send (default: the swarm's).")] = None,
     default_max_tokens: Annotated[int, typer.Option(help="New tokens when a request sets no limit.")] = 256,
-    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (chat completions, completions, models) over the swarm."""
@@ -227,9 +185,9 @@ def api(
     from stamen.types import default_dht_prefix
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix,
-                                                             wait_for_servers=False)
-    engine = Engine(dmodel, tokenizer, model_id or dht_prefix or default_dht_prefix(model),
+    dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, client.initial_peers, wait_for_servers=False,
+                                                             **_client_kwargs(client))
+    engine = Engine(dmodel, tokenizer, model_id or client.dht_prefix or default_dht_prefix(model),
                     default_max_tokens=default_max_tokens)
     logging.getLogger(__name__).info("serving %s at http://%s:%d/v1", engine.model_id, host, port)
     try:
@@ -239,10 +197,10 @@ def api(
 
 
 @app.command()
+@config_options(ClientConfig, "client", include=CLIENT_FIELDS)
 def health(
     model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
-    initial_peers: PeersOpt,
-    dht_prefix: Annotated[str | None, typer.Option(help="The model's name in the swarm.")] = None,
+    client: ClientConfig,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print the swarm: servers with span, state, throughput, free cache, version; per-block coverage."""
@@ -255,8 +213,8 @@ def health(
     from stamen.types import default_dht_prefix
 
     num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
-    name = dht_prefix or default_dht_prefix(model)
-    node = DHT(initial_peers=initial_peers, start=True, client_mode=True)
+    name = client.dht_prefix or default_dht_prefix(model)
+    node = DHT(initial_peers=client.initial_peers, start=True, client_mode=True)
     try:
         report = swarm_health(name, num_blocks, fetch_servers(node, name, num_blocks))
     finally:
@@ -264,38 +222,23 @@ def health(
     print(report.model_dump_json(indent=2) if json_out else format_health(report))
 
 
+SIM_FIELDS = {"num_servers": CliField(name="servers"), "num_blocks": CliField(name="blocks"),
+              "churn_per_hour": CliField(name="churn"), "min_memory_blocks": CliField(name="min_memory"),
+              "max_memory_blocks": CliField(name="max_memory")}
+"""``stamen simulate`` options named shorter than their ``SimConfig`` fields."""
+
+
 @app.command()
+@config_options(SimConfig, "config", SIM_FIELDS)
 def simulate(
-    servers: Annotated[int, typer.Option(help="Virtual servers present at once.")] = 500,
-    blocks: Annotated[int, typer.Option(help="Blocks of the model.")] = 80,
-    hours: Annotated[float, typer.Option(help="Simulated hours.")] = 24.0,
-    warmup_hours: Annotated[float, typer.Option(help="Hours left out of the means.")] = 2.0,
-    churn: Annotated[float, typer.Option(help="Fraction of servers replaced per hour.")] = 0.2,
-    min_throughput: Annotated[float, typer.Option(help="Slowest server (log-uniform range).")] = 1.0,
-    max_throughput: Annotated[float, typer.Option(help="Fastest server.")] = 10.0,
-    min_memory: Annotated[int, typer.Option(help="Fewest blocks a server can hold.")] = 4,
-    max_memory: Annotated[int, typer.Option(help="Most blocks a server can hold.")] = 40,
-    balance_period: Annotated[float, typer.Option(help="Mean seconds between rebalancing checks.")] = 120.0,
-    balance_quality: Annotated[float, typer.Option(help="Move only below this bottleneck / mean.")] = 0.9,
-    exodus_hour: Annotated[float | None, typer.Option(help="Hour at which a quarter of the model loses its "
-                                                           "servers at once, unreplaced.")] = None,
-    no_rebalance: Annotated[bool, typer.Option("--no-rebalance", help="Servers only choose when joining.")] = False,
+    config: SimConfig,
     baseline: Annotated[bool, typer.Option(help="Also run the same swarm without rebalancing.")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
     png: Annotated[Path | None, typer.Option(help="Write the plot here.")] = Path("simulate.png"),
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary here.")] = Path("simulate.json"),
 ) -> None:
     """Simulate a swarm of virtual servers placing themselves with the real placement code."""
-    from stamen.server.placement import PlacementSettings
     from stamen.sim.report import run_and_report
-    from stamen.sim.simulate import SimConfig
 
-    config = SimConfig(
-        num_servers=servers, num_blocks=blocks, hours=hours, warmup_hours=warmup_hours, churn_per_hour=churn,
-        min_throughput=min_throughput, max_throughput=max_throughput, min_memory_blocks=min_memory,
-        max_memory_blocks=max_memory, balance_period=balance_period, exodus_hour=exodus_hour,
-        rebalance=not no_rebalance, placement=PlacementSettings(balance_quality=balance_quality), seed=seed,
-    )
     run_and_report(config, baseline, png, json_path)
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from stamen.wire.compression import Compression
 
 
 class ClientConfig(BaseModel):
+    """How a client joins and uses the swarm; the client commands (``stamen generate``, ``api``,
+    ``chat``, ``health``) take their swarm options from these fields, the docstrings being their help."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     initial_peers: list[str]
     """Multiaddrs of DHT peers to join."""
     dht_prefix: str | None = None

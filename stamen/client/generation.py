@@ -32,6 +32,11 @@ class GenerationMixin:
     """Mixed into the distributed model: needs ``step_logits``, ``inference_session``,
     ``active_session`` and ``generation_config``."""
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: transformers' ``pipeline("text-generation", model=...)`` and others check it."""
+        return True
+
     @torch.no_grad()
     def generate(
         self,

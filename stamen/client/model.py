@@ -108,9 +108,36 @@ class DistributedModelBase(nn.Module):
     def _load_head(self, parts, checkpoint) -> None:
         pass
 
+    # --- what transformers users expect of a model ---
+
+    main_input_name = "input_ids"
+    """The argument that carries the model's input (as transformers' ``PreTrainedModel`` says)."""
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the client parts (embeddings, norm, head) are, and so where inputs go; the blocks are
+        on the servers."""
+        return self.embed_tokens.weight.device
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embeddings (loaded from the checkpoint, on the client)."""
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head; None for a model without one (as in transformers)."""
+        return None
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether ``generate`` works (what transformers' pipelines ask): only causal LMs."""
+        return False
 
     # --- what the client trains ---
 
@@ -225,6 +252,10 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
 
     def __init__(self, hf_config, block_config: BlockConfig, swarm: Swarm, generation_config=None):
         super().__init__(hf_config, block_config, swarm)
+        if generation_config is None:
+            from transformers import GenerationConfig
+
+            generation_config = GenerationConfig.from_model_config(hf_config)
         self.generation_config = generation_config
         self.lm_head = nn.Linear(block_config.hidden_size, block_config.vocab_size, bias=False)
         self._transposed_head: tuple[tuple, torch.Tensor] | None = None
@@ -234,6 +265,13 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
     @classmethod
     def _init_kwargs(cls, model: str, hf_config, head_kwargs: dict) -> dict:
         return dict(generation_config=_load_generation_config(model, hf_config))
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head (the input embeddings' weight itself when the checkpoint ties them)."""
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
 
     def _load_head(self, parts, checkpoint) -> None:
         if self.block_config.tie_word_embeddings:

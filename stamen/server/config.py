@@ -17,19 +17,23 @@ from stamen.wire.compression import Compression
 
 
 class ServerConfig(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    """Everything a server is told; ``stamen server`` takes its options from these fields
+    (``stamen/cli/options.py``): the attribute docstrings are their help."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, use_attribute_docstrings=True)
 
     model: str
     """A Hugging Face model directory or hub id."""
     initial_peers: list[str] = Field(default_factory=list)
     """Multiaddrs of DHT peers to join (empty: start a new swarm)."""
     blocks: Span | None = None
-    """The span to host; exclusive with ``num_blocks``."""
+    """The span to host, START:END (half-open); exclusive with ``num_blocks``."""
     num_blocks: int | None = Field(default=None, gt=0)
     """Host this many blocks, placed where the swarm lacks them (neither this nor ``blocks``: as
     many as fit the memory)."""
     max_memory: int | None = Field(default=None, gt=0)
-    """Bytes the server may use for weights and KV cache (default: the device's free memory)."""
+    """Bytes the server may use for weights and KV cache, on the command line a size like 6GiB
+    (default: the device's free memory)."""
     memory_margin: float = Field(default=0.1, ge=0, lt=1)
     """Fraction of the memory left unused when deciding how many blocks fit."""
     dht_prefix: str | None = None
