@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 
 from stamen.errors import RemoteCallError, StamenError
 from stamen.rpc import protocol
@@ -26,12 +29,15 @@ from stamen.wire.messages import (
     PutAdapters,
     SpanRef,
     decode_backward_reply,
+    decode_bandwidth_reply,
     decode_forward_reply,
     decode_info_reply,
     decode_put_adapters_reply,
     encode,
 )
 from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor, join_tensor_parts
+
+logger = logging.getLogger(__name__)
 
 GRADIENT_ELEMENTS_FLOOR = 1 << 26
 """A gradient reply may always carry this many elements per tensor (LoRA gradients of a small input)."""
@@ -122,3 +128,33 @@ async def call_put_adapters(p2p: P2P, peer: PeerID, metas: list[AdapterMeta], te
     reply, _ = await _call(p2p, peer, protocol.PUT_ADAPTERS, messages, decode_put_adapters_reply, timeout,
                            "adapter upload")
     return reply.hashes
+
+
+BANDWIDTH_PART_BYTES = 1 << 20
+"""Bytes per message of a bandwidth probe (hivemind caps one message at 4 MiB)."""
+
+
+async def call_bandwidth(p2p: P2P, peer: PeerID, num_bytes: int) -> float:
+    """Stream ``num_bytes`` random bytes to ``peer``; bytes per second until it counted them."""
+    part = runtime_pb2.Tensor(buffer=os.urandom(min(num_bytes, BANDWIDTH_PART_BYTES)))
+    start = time.perf_counter()
+    reply = await protocol.call_unary(p2p, peer, protocol.BANDWIDTH,
+                                      _requests([Request(tensors=[part])] * max(1, num_bytes // BANDWIDTH_PART_BYTES)))
+    elapsed = time.perf_counter() - start
+    return decode_bandwidth_reply(reply.metadata).received / max(elapsed, 1e-6)
+
+
+async def measure_bandwidth(p2p: P2P, peers: list[PeerID], num_bytes: int = 4 << 20,
+                            timeout: float = 5.0) -> float | None:
+    """Bytes per second this server sends to peers of the swarm (the best of ``peers``), or None if
+    none answered. A small probe first opens the connection, so the timed one measures throughput."""
+    best = None
+    for peer in peers:
+        try:
+            await asyncio.wait_for(call_bandwidth(p2p, peer, 1024), timeout)
+            rate = await asyncio.wait_for(call_bandwidth(p2p, peer, num_bytes), timeout)
+        except Exception as e:
+            logger.info("bandwidth probe to %s failed: %r", peer, e)
+            continue
+        best = rate if best is None else max(best, rate)
+    return best

@@ -70,10 +70,10 @@ INFERENCE = Rpc("SpanHandler.inference", Transport.LEAN,
 """Client <-> server inference sessions with KV caches, one stream per client connection."""
 PUSH = Rpc("SpanHandler.push", Transport.LEAN, (m.Step,), (m.ErrorReply,))
 """Server -> next server step outputs; only errors come back."""
-BANDWIDTH = Rpc("BandwidthServicer.rpc_bandwidth", Transport.STREAM_IN, (), ())
-"""Bytes streamed to a server to measure the link (no metadata); the reply comes when all arrived."""
+BANDWIDTH = Rpc("SpanHandler.rpc_bandwidth", Transport.STREAM_IN, (), (m.BandwidthDone,))
+"""Random bytes streamed to a server to measure the link (no metadata); the reply counts them."""
 
-SPAN_SERVICE = (INFO, FORWARD, BACKWARD, TRAIN, PUT_ADAPTERS, INFERENCE, PUSH)
+SPAN_SERVICE = (INFO, FORWARD, BACKWARD, TRAIN, PUT_ADAPTERS, INFERENCE, PUSH, BANDWIDTH)
 """What every span server registers."""
 
 Handler = Callable[..., Awaitable[Response] | AsyncIterator[Response]]

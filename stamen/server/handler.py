@@ -21,6 +21,7 @@ from stamen.server.inference import InferenceEngine
 from stamen.wire.compression import Compression
 from stamen.wire.messages import (
     AdaptersStored,
+    BandwidthDone,
     ForwardDone,
     InfoReply,
     SpanRef,
@@ -51,7 +52,7 @@ class SpanHandler:
         return {protocol.INFO: self.rpc_info, protocol.FORWARD: self.rpc_forward,
                 protocol.BACKWARD: self.rpc_backward, protocol.TRAIN: self.rpc_train,
                 protocol.PUT_ADAPTERS: self.rpc_put_adapters, protocol.INFERENCE: self.engine.serve_inference,
-                protocol.PUSH: self.engine.serve_push}
+                protocol.PUSH: self.engine.serve_push, protocol.BANDWIDTH: self.rpc_bandwidth}
 
     async def add_p2p_handlers(self, p2p: P2P) -> None:
         self.engine.p2p = p2p  # pushes go out through the same daemon
@@ -167,3 +168,11 @@ class SpanHandler:
             yield error_response(e)
             return
         yield Response(metadata=encode(AdaptersStored(hashes=stored)))
+
+    # --- bandwidth: a joining server streams bytes here to measure its link ---
+
+    async def rpc_bandwidth(self, requests: AsyncIterator[Request], context: P2PContext) -> Response:
+        received = 0
+        async for request in requests:
+            received += sum(len(t.buffer) for t in request.tensors)
+        return Response(metadata=encode(BandwidthDone(received=received)))

@@ -17,7 +17,7 @@ from stamen.dht.records import ServerRecord, ServerState, announce, fetch_server
 from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
-from stamen.rpc.calls import ping
+from stamen.rpc.calls import measure_bandwidth, ping
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import (
     DECODE_THREADS_TOLERANCE,
@@ -31,11 +31,9 @@ from stamen.server.handler import SpanHandler
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
 from stamen.server.throughput import (
-    BandwidthServicer,
     cache_key,
     cached_compute,
     cached_only,
-    measure_bandwidth,
     measure_compute,
     network_steps_per_second,
 )
@@ -163,7 +161,6 @@ class Server:
                                   cfg.compression)
             p2p = await dht.replicate_p2p()
             await handler.add_p2p_handlers(p2p)
-            await BandwidthServicer().add_p2p_handlers(p2p)
             speed = await self._measure(dht, p2p, peer_id, model, block_config)
             serving = _Serving(dht, p2p, peer_id, checkpoint, block_config, backend, speed)
             logger.info("%s online: %.1f steps/s per block, cache budget %d tokens", self.tag, speed.throughput,

@@ -1,23 +1,16 @@
-"""How fast a server is: compute measured once per device, model and dtype (and cached), network
-bandwidth measured against peers of the swarm at every start.
-
-Both sides of the bandwidth RPC live here: ``BandwidthServicer.rpc_bandwidth`` (every server
-registers it) next to ``measure_bandwidth`` (a joining server calls it on servers already online).
-"""
+"""How fast a server is: compute measured once per device, model and dtype (and cached); the
+network bandwidth is measured against peers of the swarm at every start (``rpc.calls.measure_bandwidth``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import platform
 import time
 from pathlib import Path
-from typing import AsyncIterator  # noqa: UP035 (hivemind recognises stream RPCs by typing.AsyncIterator hints)
 
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel
 
@@ -31,8 +24,6 @@ Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stamen" / "throughput.json"
-BANDWIDTH_PART_BYTES = 1 << 20
-"""Bytes per message of a bandwidth probe (hivemind caps one message at 4 MiB)."""
 
 
 class ComputeThroughput(BaseModel):
@@ -138,46 +129,3 @@ def cached_compute(path: Path, key: str, measure) -> tuple[ComputeThroughput, bo
 def network_steps_per_second(bandwidth: float, hidden_size: int, dtype: torch.dtype) -> float:
     """Tokens per second the network carries: each token's hidden state comes in and goes out once."""
     return bandwidth / (2 * hidden_size * torch.finfo(dtype).bits // 8)
-
-
-# --- bandwidth: a stream of bytes to a peer, answered with the byte count ---
-
-
-class BandwidthServicer(ServicerBase):
-    async def rpc_bandwidth(self, requests: AsyncIterator[Request], context: P2PContext) -> Response:
-        received = 0
-        async for request in requests:
-            received += sum(len(t.buffer) for t in request.tensors)
-        return Response(metadata=json.dumps({"received": received}).encode())
-
-
-async def _probe(p2p: P2P, peer: PeerID, num_bytes: int) -> float:
-    part = runtime_pb2.Tensor(buffer=os.urandom(min(num_bytes, BANDWIDTH_PART_BYTES)))
-    parts = max(1, num_bytes // BANDWIDTH_PART_BYTES)
-
-    async def requests() -> AsyncIterator[Request]:
-        for _ in range(parts):
-            yield Request(tensors=[part])
-
-    stub = BandwidthServicer.get_stub(p2p, peer)
-    start = time.perf_counter()
-    reply = await stub.rpc_bandwidth(requests())
-    elapsed = time.perf_counter() - start
-    received = json.loads(reply.metadata)["received"]
-    return received / max(elapsed, 1e-6)
-
-
-async def measure_bandwidth(p2p: P2P, peers: list[PeerID], num_bytes: int = 4 << 20,
-                            timeout: float = 5.0) -> float | None:
-    """Bytes per second this server sends to peers of the swarm (the best of ``peers``), or None if
-    none answered. A small probe first opens the connection, so the timed one measures throughput."""
-    best = None
-    for peer in peers:
-        try:
-            await asyncio.wait_for(_probe(p2p, peer, 1024), timeout)
-            rate = await asyncio.wait_for(_probe(p2p, peer, num_bytes), timeout)
-        except Exception as e:
-            logger.info("bandwidth probe to %s failed: %r", peer, e)
-            continue
-        best = rate if best is None else max(best, rate)
-    return best

@@ -318,6 +318,16 @@ class InfoReply(_Msg):
     """Serialized bytes (protobuf size) of those pushes."""
 
 
+# --- bandwidth probe ---
+
+
+class BandwidthDone(_Msg):
+    """The reply to a bandwidth probe: how many payload bytes arrived."""
+
+    kind: Literal["bandwidth_done"] = "bandwidth_done"
+    received: int = Field(ge=0)
+
+
 _inference_request = TypeAdapter(InferenceRequest)
 _inference_reply = TypeAdapter(InferenceReply)
 _forward_reply = TypeAdapter(ForwardReply)
@@ -384,6 +394,10 @@ def decode_step(raw: bytes) -> Step:
 
 def decode_push_reply(raw: bytes) -> ErrorReply:
     return _parse(_adapter(ErrorReply), raw)
+
+
+def decode_bandwidth_reply(raw: bytes) -> BandwidthDone:
+    return _parse(_adapter(BandwidthDone), raw)
 
 
 def decode_info_reply(raw: bytes) -> InfoReply:
