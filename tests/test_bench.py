@@ -4,12 +4,14 @@ writes JSON and Markdown with the expected keys. Numbers are not checked: benchm
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from stamen.bench.inference import LLAMA2_70B, block_params, offload_bound
+from stamen.bench.breakdown import LLAMA2_70B, block_params, offload_bound
+from stamen.bench.harness import BenchSettings, Harness
 
 
 def test_offload_bound_of_a_70b_shape():
@@ -54,10 +56,6 @@ def test_bench_suite_quick(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_failed_run_keeps_the_swarms_logs_and_removes_its_other_files():
     """A benchmark run that fails keeps the servers' logs for diagnosis and removes the rest."""
-    import shutil
-
-    from stamen.bench.inference import BenchSettings, Harness
-
     settings = BenchSettings.quick(preset="tiny")
     settings.offload = settings.cpu_offload = False
     harness = Harness(settings, say=lambda message: None)

@@ -143,7 +143,7 @@ def test_tbf_limits_a_transfer_between_namespaces_and_teardown_removes_them():
 
 @needs_netns
 def test_a_server_in_one_namespace_serves_a_client_in_another(tmp_path):
-    from stamen.bench.network import _NetSwarm
+    from stamen.bench.network_swarm import NetSwarm
     from stamen.client.model import AutoDistributedModelForCausalLM
     from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
     from stamen.testing.models import PRESETS, save_random_llama
@@ -155,7 +155,7 @@ def test_a_server_in_one_namespace_serves_a_client_in_another(tmp_path):
     hidden = torch.randn(2, 16, config.hidden_size, generator=torch.Generator().manual_seed(0))
     with Topology(["client", "s0"]) as topo:
         topo.set_rate("100mbit")
-        with _NetSwarm(tmp_path / "logs", topo) as swarm:
+        with NetSwarm(tmp_path / "logs", topo) as swarm:
             swarm.start_bootstrap()
             swarm.add_relayed_server(model, Span(0, config.num_blocks), 0)
             assert swarm.initial_peers[0].startswith("/ip4/10.77.0.1/")

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-from stamen.bench.inference import TokenClock
+from stamen.bench.timing import TokenClock, say_to
+from stamen.client.model import AutoDistributedModelForCausalLM
+from stamen.models import BlockConfig, load_config
+from stamen.models.convert import default_model_dir
 from stamen.testing.swarm import LocalSwarm
-from stamen.types import Span
+from stamen.types import Span, default_dht_prefix
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 
@@ -76,17 +79,9 @@ def _concurrent(client, model_id: str, streams: int, new_tokens: int) -> float:
 
 
 def run_api_bench(new_tokens: int, runs: int, concurrency: list[int], json_only: bool) -> dict:
-    import openai
-    from transformers import AutoTokenizer
+    import openai  # a dev dependency: only this bench needs it
 
-    from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.models import BlockConfig, load_config
-    from stamen.models.convert import default_model_dir
-    from stamen.types import default_dht_prefix
-
-    def say(msg: str) -> None:
-        if not json_only:
-            print(msg, file=sys.stderr, flush=True)
+    say = say_to(json_only)
 
     model_dir = str(default_model_dir())
     model_id = default_dht_prefix(model_dir)

@@ -47,9 +47,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM
 
-from stamen.testing.models import PRESETS
+from stamen.bench.gpu_report import table
+from stamen.bench.gpu_step import (
+    StaticDecodeStep,
+    capture_graph,
+    error_stats,
+    kernel_profile,
+    sync,
+    time_ms,
+    worst_errors,
+)
+from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+from stamen.testing.models import PRESETS, save_random_llama
+from stamen.types import Span
 
 MODELS: dict[str, dict[str, Any]] = {
     "llama-246m": dict(PRESETS["246m"], max_position_embeddings=4096),
@@ -59,135 +72,6 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 TINY: dict[str, dict[str, Any]] = {"tiny": dict(PRESETS["tiny"], vocab_size=512, max_position_embeddings=256)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> dict[str, float]:
-    """Median (and p10/p90) wall ms of ``fn`` with a device synchronize around every call, plus the mean
-    ms per call of ``reps`` back-to-back calls with one synchronize at the end ("pipelined")."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - start))
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    pipelined = 1000 * (time.perf_counter() - start) / reps
-    times.sort()
-    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(9 * len(times)) // 10], "pipelined_ms": pipelined}
-
-
-def _kernel_profile(fn: Callable[[], Any]) -> dict[str, float] | str:
-    """GPU kernels one call of ``fn`` launches: how many, and their summed device time (µs)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return {"count": len(kernels), "device_us": sum(e.device_time_total for e in kernels)}
-    except Exception as e:  # the profiler is a nice-to-have here
-        return repr(e)
-
-
-def _errors(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    diff = ours.double() - ref.double()
-    return {"max_abs": diff.abs().max().item(), "rel": (diff.norm() / ref.double().norm()).item(),
-            "ref_max_abs": ref.double().abs().max().item()}
-
-
-def _worst(errors: list[dict[str, float]]) -> dict[str, float]:
-    return {k: max(e[k] for e in errors) for k in errors[0]}
-
-
-def _capture(fn: Callable[[], torch.Tensor], before: Callable[[], None] = lambda: None,
-             ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Warm ``fn`` up on a side stream, then capture it as one CUDA graph; returns the graph and its
-    static output. ``before`` runs ahead of every warm-up call and of the capture."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            before()
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    before()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-# --------------------------------------------------------------------------------- graph-friendly decode step
-
-
-class StaticDecodeStep:
-    """One single-token decode step of a whole span with no Python-side position: capturable once, valid at
-    every position ``< bucket``.
-
-    The position lives in the device tensor ``pos`` (shape (1,), int64; all sequences of the batch at the same
-    position, as in a server's session). New keys/values go in with ``index_copy_`` at ``pos``; attention reads
-    a fixed ``bucket`` of cache positions and masks ``key_index > pos``. Grouped-query attention folds the
-    query heads of a group into the query-length axis, so SDPA needs neither ``enable_gqa`` nor a copy of k/v.
-    The math is :class:`~stamen.models.llama.LlamaBlock`'s (same modules and weights); sliding windows, LoRA
-    and deep prompts are left out of this prototype.
-    """
-
-    def __init__(self, span: Any, cache: Any, bucket: int):
-        from stamen.models.llama import rotate_half
-
-        if span.config.sliding_windows:
-            raise ValueError("StaticDecodeStep does not implement sliding windows")
-        if bucket > cache.max_length:
-            raise ValueError(f"bucket {bucket} exceeds the cache's {cache.max_length} positions")
-        self.span, self.cache, self.bucket = span, cache, bucket
-        self._rotate_half = rotate_half
-        device, dtype = cache.tensor.device, cache.tensor.dtype
-        self.hidden = torch.zeros(cache.batch_size, 1, span.config.hidden_size, device=device, dtype=dtype)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self._key_index = torch.arange(bucket, device=device)
-
-    def __call__(self) -> torch.Tensor:
-        """Run the step on ``self.hidden`` at position ``self.pos``; returns (B, 1, H)."""
-        cfg = self.span.config
-        B, dtype = self.hidden.shape[0], self.hidden.dtype
-        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        group = nh // nkv
-        cos, sin = self.span.rotary(self.pos.view(1, 1).expand(B, 1), dtype)  # (B, 1, 1, hd)
-        mask = (self._key_index <= self.pos)[None, None, None, :]  # (1, 1, 1, bucket)
-        x = self.hidden
-        for i, block in enumerate(self.span.blocks):
-            attn = block.self_attn
-            k_cache, v_cache = self.cache.block(i)  # (B, nkv, max_len, hd)
-            q, k, v = attn.qkv_proj(block.input_layernorm(x)).split(attn.split_sizes, dim=-1)
-            q = q.view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
-            k = k.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
-            v = v.view(B, 1, nkv, hd).transpose(1, 2)
-            q = q * cos + self._rotate_half(q) * sin
-            k = k * cos + self._rotate_half(k) * sin
-            k_cache.index_copy_(2, self.pos, k)
-            v_cache.index_copy_(2, self.pos, v)
-            q = q.reshape(B, nkv, group, hd)  # the group's query heads as rows of one kv head
-            out = F.scaled_dot_product_attention(q, k_cache[:, :, : self.bucket], v_cache[:, :, : self.bucket],
-                                                 attn_mask=mask)  # (B, nkv, group, hd)
-            x = x + attn.o_proj(out.reshape(B, 1, nh * hd))
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        return x
 
 
 # ------------------------------------------------------------------------------------------------ the bench
@@ -208,18 +92,11 @@ class _NormInput:
 
 
 def _make_model(name: str, overrides: dict[str, Any], workdir: Path) -> Path:
-    from stamen.testing.models import save_random_llama
-
     return save_random_llama(workdir / name, overrides, seed=0, with_tokenizer=False)
 
 
 def _load(model_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     """Our span over every block, and transformers' model, both on ``device`` in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
-    from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
-    from stamen.types import Span
-
     config = BlockConfig.from_hf(load_config(model_dir))
     span = load_span(open_checkpoint(model_dir), config, Span(0, config.num_blocks), dtype, device, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -231,8 +108,6 @@ def parity(span: Any, hf: Any, hf_ref: Any | None, device: torch.device, prompt:
     """Prompt then ``steps`` single-token steps through our KV cache vs transformers recomputing the sequence.
 
     ``hf_ref`` (fp32 transformers, optional) is a higher-precision reference for a bf16 run."""
-    from stamen.models import KVCache
-
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, hf.config.vocab_size, (batch, prompt + steps), generator=gen).to(device)
     dtype = next(span.parameters()).dtype
@@ -247,12 +122,12 @@ def parity(span: Any, hf: Any, hf_ref: Any | None, device: torch.device, prompt:
         for name, model, probe in refs:
             m_embeds = model.model.embed_tokens(ids)
             model.model(inputs_embeds=m_embeds[:, :prompt], use_cache=False)
-            errs = {"prefill": _errors(ours[0], probe.value)}
+            errs = {"prefill": error_stats(ours[0], probe.value)}
             decode = []
             for j, t in enumerate(range(prompt, prompt + steps)):
                 model.model(inputs_embeds=m_embeds[:, : t + 1], use_cache=False)
-                decode.append(_errors(ours[1 + j][:, -1], probe.value[:, -1]))
-            errs["decode_worst"] = _worst(decode)
+                decode.append(error_stats(ours[1 + j][:, -1], probe.value[:, -1]))
+            errs["decode_worst"] = worst_errors(decode)
             result[f"vs_{name}"] = errs
             probe.close()
         # control: transformers' own KV-cached decode vs its own recompute (GEMMs of other shapes round differently)
@@ -267,7 +142,7 @@ def parity(span: Any, hf: Any, hf_ref: Any | None, device: torch.device, prompt:
             hf.model(inputs_embeds=embeds[:, : t + 1], use_cache=False)
             recomputed.append(probe.value[:, -1])
         probe.close()
-        result["transformers_cached_vs_recompute"] = _worst([_errors(c, r) for c, r in zip(cached, recomputed,
+        result["transformers_cached_vs_recompute"] = worst_errors([error_stats(c, r) for c, r in zip(cached, recomputed,
                                                                                            strict=True)])
         if hf_ref is not None:  # how far transformers' own bf16 is from its fp32: the scale of bf16 error
             probe = _NormInput(hf_ref)
@@ -276,7 +151,7 @@ def parity(span: Any, hf: Any, hf_ref: Any | None, device: torch.device, prompt:
             probe.close()
             probe = _NormInput(hf)
             hf.model(inputs_embeds=embeds, use_cache=False)
-            result["transformers_bf16_vs_fp32"] = _errors(probe.value, ref32)
+            result["transformers_bf16_vs_fp32"] = error_stats(probe.value, ref32)
             probe.close()
     return result
 
@@ -284,8 +159,6 @@ def parity(span: Any, hf: Any, hf_ref: Any | None, device: torch.device, prompt:
 def static_step_parity(span: Any, device: torch.device, prompt: int = 32, steps: int = 8, batch: int = 2,
                        use_graph: bool = True) -> dict[str, float]:
     """:class:`StaticDecodeStep` (replayed as a CUDA graph on CUDA) vs eager ``SpanModel.step``, same inputs."""
-    from stamen.models import KVCache
-
     dtype = next(span.parameters()).dtype
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(batch, prompt + steps, span.config.hidden_size, generator=gen).to(device, dtype)
@@ -300,7 +173,7 @@ def static_step_parity(span: Any, device: torch.device, prompt: int = 32, steps:
         step = StaticDecodeStep(span, static, bucket)
         step.pos.fill_(prompt)
         if use_graph:
-            graph, out = _capture(step)
+            graph, out = capture_graph(step)
         for j, t in enumerate(range(prompt, prompt + steps)):
             step.hidden.copy_(x[:, t : t + 1])
             step.pos.fill_(t)
@@ -308,15 +181,13 @@ def static_step_parity(span: Any, device: torch.device, prompt: int = 32, steps:
                 graph.replay()
             else:
                 out = step()
-            errs.append(_errors(out, expected[j]))
-    return _worst(errs)
+            errs.append(error_stats(out, expected[j]))
+    return worst_errors(errs)
 
 
 def decode_speed(span: Any, device: torch.device, batch: int, context: int, reps: int, warmup: int,
                  ) -> dict[str, Any]:
     """ms of one single-token step of the whole span at ``context`` cached positions."""
-    from stamen.models import KVCache
-
     dtype = next(span.parameters()).dtype
     bucket = -(-(context + 1) // 256) * 256  # the graph-friendly step attends over a multiple of 256 positions
     cache = KVCache(span.config, span.config.num_blocks, batch, bucket, dtype, device)
@@ -329,23 +200,23 @@ def decode_speed(span: Any, device: torch.device, batch: int, context: int, reps
         return span.step(x, cache)
 
     with torch.inference_mode():
-        result["eager"] = _time_ms(eager, device, reps, warmup)
+        result["eager"] = time_ms(eager, device, reps, warmup)
         if device.type == "cuda":
-            result["eager_kernels"] = _kernel_profile(eager)
+            result["eager_kernels"] = kernel_profile(eager)
         if device.type == "cuda":
             try:  # a failed capture is reported, not fatal: the rest of the run still counts
-                graph, _ = _capture(lambda: span.step(x, cache), before=lambda: setattr(cache, "length", context))
-                result["graph_frozen_position"] = _time_ms(graph.replay, device, reps, warmup)
+                graph, _ = capture_graph(lambda: span.step(x, cache), before=lambda: setattr(cache, "length", context))
+                result["graph_frozen_position"] = time_ms(graph.replay, device, reps, warmup)
                 del graph
             except Exception as e:
                 result["graph_frozen_position_error"] = repr(e)
             step = StaticDecodeStep(span, cache, bucket)
             step.hidden.copy_(x)
             step.pos.fill_(context)
-            result["static_step_eager"] = _time_ms(step, device, reps, warmup)
+            result["static_step_eager"] = time_ms(step, device, reps, warmup)
             try:
-                graph, _ = _capture(step)
-                result["graph_static_step"] = _time_ms(graph.replay, device, reps, warmup)
+                graph, _ = capture_graph(step)
+                result["graph_static_step"] = time_ms(graph.replay, device, reps, warmup)
                 del graph
             except Exception as e:
                 result["graph_static_step_error"] = repr(e)
@@ -356,8 +227,6 @@ def decode_speed(span: Any, device: torch.device, batch: int, context: int, reps
 def prefill_speed(span: Any, hf: Any, device: torch.device, tokens: int, reps: int, warmup: int,
                   ) -> dict[str, Any]:
     """ms of a B=1 prompt of ``tokens`` through every block: ours (into an empty cache) and transformers'."""
-    from stamen.models import KVCache
-
     dtype = next(span.parameters()).dtype
     cache = KVCache(span.config, span.config.num_blocks, 1, tokens, dtype, device)
     x = torch.randn(1, tokens, span.config.hidden_size, device=device, dtype=dtype)
@@ -367,8 +236,8 @@ def prefill_speed(span: Any, hf: Any, device: torch.device, tokens: int, reps: i
         return span.step(x, cache)
 
     with torch.inference_mode():
-        return {"tokens": tokens, "ours": _time_ms(ours, device, reps, warmup),
-                "transformers_layers": _time_ms(lambda: hf.model(inputs_embeds=x, use_cache=False), device, reps,
+        return {"tokens": tokens, "ours": time_ms(ours, device, reps, warmup),
+                "transformers_layers": time_ms(lambda: hf.model(inputs_embeds=x, use_cache=False), device, reps,
                                                 warmup)}
 
 
@@ -380,11 +249,11 @@ def generate_speed(hf: Any, device: torch.device, batch: int, prompt: int, new_t
     settings = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
 
     def run(n: int) -> float:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **settings)
-        _sync(device)
+        sync(device)
         return 1000 * (time.perf_counter() - start)
 
     run(new_tokens + 1)  # warm-up
@@ -396,8 +265,6 @@ def generate_speed(hf: Any, device: torch.device, batch: int, prompt: int, new_t
 
 def run_bench(device: torch.device, tiny: bool, reps: int, warmup: int, say: Callable[[str], None]
               ) -> dict[str, Any]:
-    import transformers
-
     models = TINY if tiny else MODELS
     report: dict[str, Any] = {
         "command": " ".join(["python3", "-m", "stamen.bench.gpu", *sys.argv[1:]]),
@@ -463,60 +330,6 @@ def _bench_model(name: str, overrides: dict[str, Any], workdir: Path, device: to
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del hf_fp32
-
-
-def table(report: dict[str, Any]) -> str:
-    """The report as markdown tables."""
-    lines = [f"device: {report['device']}, torch {report['torch']}, transformers {report['transformers']}", "",
-             "| model | dtype | vs | prefill max abs | prefill rel | decode max abs | decode rel |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for name, entry in report["models"].items():
-        for dtype_name, res in entry["dtypes"].items():
-            for vs, errs in res["parity"].items():
-                if vs == "transformers_cached_vs_recompute":
-                    lines.append(f"| {name} | {dtype_name} | transformers: its KV-cached decode vs its recompute | | | "
-                                 f"{errs['max_abs']:.2e} | {errs['rel']:.2e} |")
-                elif "prefill" in errs:
-                    p, d = errs["prefill"], errs["decode_worst"]
-                    lines.append(f"| {name} | {dtype_name} | {vs} | {p['max_abs']:.2e} | {p['rel']:.2e} | "
-                                 f"{d['max_abs']:.2e} | {d['rel']:.2e} |")
-                else:
-                    lines.append(f"| {name} | {dtype_name} | {vs} (full sequence) | {errs['max_abs']:.2e} | "
-                                 f"{errs['rel']:.2e} | | |")
-            s = res["static_step_parity"]
-            if "error" in s:
-                lines.append(f"| {name} | {dtype_name} | static step vs eager step | {s['error']} | | | |")
-            else:
-                lines.append(f"| {name} | {dtype_name} | static step vs eager step | | | {s['max_abs']:.2e} | "
-                             f"{s['rel']:.2e} |")
-    lines += ["", "| model | dtype | B | context | eager step ms | graph of step (frozen position) ms | "
-              "static step eager ms | static step graph ms | eager / static graph | kernels/step | kernel µs |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    nan = {"median_ms": float("nan")}
-    for name, entry in report["models"].items():
-        for dtype_name, res in entry["dtypes"].items():
-            for d in res["decode"]:
-                eager = d["eager"]["median_ms"]
-                frozen, static_eager, static = (d.get(k, nan)["median_ms"] for k in (
-                    "graph_frozen_position", "static_step_eager", "graph_static_step"))
-                k = d.get("eager_kernels")
-                kern = f"{k['count']} | {k['device_us']:.0f}" if isinstance(k, dict) else " | "
-                lines.append(f"| {name} | {dtype_name} | {d['batch']} | {d['context']} | {eager:.3f} | "
-                             f"{frozen:.3f} | {static_eager:.3f} | {static:.3f} | {eager / static:.1f}× | {kern} |")
-    lines += ["", "| model | dtype | prefill tokens | ours ms | transformers layers ms | ours tokens/s |",
-              "|---|---|---:|---:|---:|---:|"]
-    for name, entry in report["models"].items():
-        for dtype_name, res in entry["dtypes"].items():
-            for p in res["prefill"]:
-                ms = p["ours"]["median_ms"]
-                lines.append(f"| {name} | {dtype_name} | {p['tokens']} | {ms:.2f} | "
-                             f"{p['transformers_layers']['median_ms']:.2f} | {p['tokens'] / ms * 1000:,.0f} |")
-    lines += ["", "| model | dtype | B | transformers generate ms/token |", "|---|---|---:|---:|"]
-    for name, entry in report["models"].items():
-        for dtype_name, res in entry["dtypes"].items():
-            for g in res["generate"]:
-                lines.append(f"| {name} | {dtype_name} | {g['batch']} | {g['ms_per_token']:.2f} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

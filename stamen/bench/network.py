@@ -35,11 +35,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,21 +44,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from stamen.bench.inference import TokenClock, even_spans
+from stamen.bench.harness import even_spans
+from stamen.bench.network_model import network_ms, predict
+from stamen.bench.network_swarm import NetSwarm
+from stamen.bench.timing import TokenClock, say_to
+from stamen.client import loop
+from stamen.client.model import AutoDistributedModelForCausalLM
+from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
+from stamen.rpc.calls import ping
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.netns import Topology, cleanup_stale, entered, namespaces_unavailable, parse_rate
-from stamen.testing.swarm import LocalSwarm
-from stamen.types import Span
-
-SERVER_PORT, RELAY_PORT = 31330, 31331
-"""Fixed ports inside the namespaces (each has its own port space)."""
-STREAM_WINDOW = 256 * 1024
-"""Bytes one libp2p stream may have in flight (hivemind 1.1.12's daemon, measured: 1 MiB on one
-stream over a 100 ms round trip takes 4 round trips, four 1 MiB streams at once as long as one)."""
-MESSAGE_OVERHEAD = 300
-"""Bytes of metadata and framing assumed per message besides the tensor (a typed JSON message,
-protobuf and libp2p framing) by the analytic model."""
+from stamen.types import Span, default_dht_prefix
 
 
 @dataclass
@@ -88,73 +83,6 @@ class NetworkSettings:
     def quick(cls, model: str | None = None) -> NetworkSettings:
         return cls(model=model, preset="small", prefix=32, new_tokens=6, runs=1, forward_batches=[1, 4],
                    push_off=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# The analytic model
-# ---------------------------------------------------------------------------------------------
-
-
-def sub_batches(batch: int, length: int, sub_batch_tokens: int = 512) -> int:
-    """How many sub-batches the client splits a forward into (``ClientConfig.sub_batch_tokens``)."""
-    per = max(1, sub_batch_tokens // max(1, length))
-    return math.ceil(batch / per)
-
-
-def network_ms(servers: int, rtt_ms: float, bits_per_s: float, hidden_size: int, prefix: int,
-               forward_batches: list[int], forward_length: int, bytes_per_value: int = 4) -> dict[str, float]:
-    """Milliseconds the network alone adds to each measurement. One message of N bytes on one
-    libp2p stream takes RTT/2 + N/bandwidth + (⌈N/W⌉ − 1) × RTT one way: a stream may have at most
-    ``STREAM_WINDOW`` (W) bytes in flight, so each further window waits a round trip for the
-    window update (yamux flow control in hivemind's libp2p daemon; measured, see the docs).
-
-    - decode, push on: the step crosses ``servers + 1`` links one way (client → s1 → … → sN →
-      client); push off: the client calls each server in turn (2 × servers crossings);
-    - time to first token: opening the sessions (one round trip, all servers at once) + the same
-      paths with a ``prefix``-token message;
-    - forward of B × T tokens through ``servers`` stateless hops called in turn by the client, per
-      sub-batch chain (sub-batches share the links' bandwidth and run at once, each on its streams).
-    """
-    def one_way(nbytes: float, stream_bytes: float | None = None) -> float:
-        wire = 0.0 if math.isinf(bits_per_s) else 1000 * 8 * (nbytes + MESSAGE_OVERHEAD) / bits_per_s
-        windows = math.ceil(((stream_bytes if stream_bytes is not None else nbytes) + MESSAGE_OVERHEAD) / STREAM_WINDOW)
-        return rtt_ms / 2 + wire + max(0, windows - 1) * rtt_ms
-
-    token, prompt = hidden_size * bytes_per_value, prefix * hidden_size * bytes_per_value
-    out = {
-        "push_ms_per_token": (servers + 1) * one_way(token),
-        "push_off_ms_per_token": 2 * servers * one_way(token),
-        "push_ttft_ms": rtt_ms + (servers + 1) * one_way(prompt),
-        "push_off_ttft_ms": rtt_ms + 2 * servers * one_way(prompt),
-    }
-    for batch in forward_batches:
-        n = sub_batches(batch, forward_length)
-        total = batch * forward_length * hidden_size * bytes_per_value
-        out[f"forward_b{batch}_ms"] = 2 * servers * one_way(total, total / n)
-    return out
-
-
-def predict(base: dict[str, float], base_network: dict[str, float], network: dict[str, float],
-            forward_length: int) -> dict[str, float]:
-    """The analytic model: a cell's time = the base cell's measured time (highest bandwidth, lowest
-    round trip) − the network time ``network_ms`` gives the base cell (what is left: compute and
-    local overheads, C) + the network time it gives this cell (N). A forward split into n > 1
-    sub-batches gets a range: from C + N (nothing overlaps) to max(C, N + C/n) (the sub-batch
-    chains overlap one another's network waits with compute). Tokens/s keys are converted."""
-    out: dict[str, float | list[float]] = {}
-    for key, value in base.items():
-        if key.endswith("_tokens_per_s"):
-            batch = int(key[len("forward_b"):-len("_tokens_per_s")])
-            tokens = batch * forward_length
-            net = f"forward_b{batch}_ms"
-            compute = 1000 * tokens / value - base_network[net]
-            n = sub_batches(batch, forward_length)
-            serial = compute + network[net]
-            overlapped = max(compute, network[net] + compute / n)
-            out[key] = 1000 * tokens / serial if n == 1 else [1000 * tokens / serial, 1000 * tokens / overlapped]
-        elif key in network:
-            out[key] = value - base_network[key] + network[key]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +115,6 @@ class Compute:
 
     def __init__(self, model_dir: str, prefix: int, new_tokens: int, forward_batches: list[int],
                  forward_length: int):
-        from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
-
         hf_config = load_config(model_dir)
         self.config = BlockConfig.from_hf(hf_config)
         self.span = load_span(open_checkpoint(model_dir), self.config, Span(0, self.config.num_blocks),
@@ -236,91 +162,11 @@ class Compute:
 
 
 # ---------------------------------------------------------------------------------------------
-# The swarm: relays, servers, and the grid
+# The grid
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _NetSwarm(LocalSwarm):
-    """``LocalSwarm`` whose processes run in the topology's namespaces, each server behind a relay."""
-
-    def __init__(self, log_dir: Path, topo: Topology | None):
-        super().__init__(log_dir)
-        self.topo = topo
-        self.relays: list[subprocess.Popen] = []
-        self._host: str | None = None
-
-    def address(self, host: str) -> str:
-        return self.topo.addresses[host] if self.topo else "127.0.0.1"
-
-    def _prefix(self, host: str) -> list[str]:
-        return self.topo.exec_prefix(host) if self.topo else []
-
-    def _cmd(self, *args: str) -> list[str]:
-        cmd = [*self._prefix(self._host), *super()._cmd(*args)] if self._host else super()._cmd(*args)
-        if args == ("dht",):
-            cmd += ["--host", self.address("client")]
-        return cmd
-
-    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
-        self._host = "client"
-        try:
-            return super().start_bootstrap(timeout)
-        finally:
-            self._host = None
-
-    def add_relayed_server(self, model: str, span: Span, index: int) -> None:
-        host = f"s{index}"
-        addr = self.address(host)
-        server_port, relay_port = (SERVER_PORT, RELAY_PORT) if self.topo else (_free_port(), 0)
-        relay = subprocess.Popen(
-            [*self._prefix(host), sys.executable, "-m", "stamen.testing.latency", "--listen", f"{addr}:{relay_port}",
-             "--to", f"{addr}:{server_port}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log_dir / f"relay{index}.log", "w"),
-            text=True, start_new_session=True)
-        self.relays.append(relay)
-        listen = relay.stdout.readline().strip()
-        if not listen:
-            raise RuntimeError(f"relay for {host} did not start; see {self.log_dir / f'relay{index}.log'}")
-        relay_port = int(listen.rpartition(":")[2])
-        self._host = host
-        try:
-            self.add_server(model, span, "--host", addr, "--port", str(server_port),
-                            "--announce-maddrs", f"/ip4/{addr}/tcp/{relay_port}", "--throughput", "100")
-        finally:
-            self._host = None
-
-    def set_rtt(self, rtt_ms: float) -> None:
-        for relay in self.relays:
-            relay.stdin.write(f"{rtt_ms / 2}\n")
-            relay.stdin.flush()
-
-    def stop(self) -> None:
-        try:
-            super().stop()
-        finally:
-            for relay in self.relays:
-                with contextlib.suppress(Exception):
-                    relay.stdin.close()
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(relay.pid, signal.SIGTERM)
-                try:
-                    relay.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(relay.pid, signal.SIGKILL)
-                    relay.wait()
-            self.relays = []
-
-
 def _ping_ms(model, repeats: int = 5) -> float:
-    from stamen.client import loop
-    from stamen.server.handler import ping
-
     swarm = model.swarm
     peers = [swarm.peer(s.peer_id) for s in swarm.servers(refresh=True)]
     rtts = []
@@ -354,14 +200,7 @@ def _cell(settings: NetworkSettings, clients: dict, prompt: torch.Tensor, hidden
 
 
 def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: Path | None = None) -> dict:
-    from transformers import AutoConfig
-
-    from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.types import default_dht_prefix
-
-    def say(msg: str) -> None:
-        if not json_only:
-            print(msg, file=sys.stderr, flush=True)
+    say = say_to(json_only)
 
     # SIGTERM ends the run through the finally blocks below (namespaces and processes cleaned up)
     if sys.platform.startswith("linux") and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -399,7 +238,7 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
     started = time.monotonic()
     topo = Topology(hosts) if use_netns else None
     try:
-        swarm = _NetSwarm(workdir / "logs", topo)
+        swarm = NetSwarm(workdir / "logs", topo)
         with swarm:
             if topo is not None:
                 topo.set_rate(bandwidths[0])

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from stamen.bench.timing import say_to
 from stamen.models import BlockConfig, KVCache, load_client_parts, load_config, load_span, open_checkpoint
+from stamen.models.convert import default_model_dir
 from stamen.models.llama import LlamaBlock, RMSNorm
 from stamen.models.quant import QUANT_METHODS, bitsandbytes_ops, module_nbytes, quantize_block_
 from stamen.models.span import SpanModel
 from stamen.server.memory import block_bytes
 from stamen.server.throughput import device_name
+from stamen.testing.models import PRESETS
 from stamen.types import Span
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "examples" / "data" / "swarm_notes.txt"
@@ -83,8 +86,6 @@ def _perplexity(span: SpanModel, embed: torch.Tensor, norm: RMSNorm, head: torch
 
 
 def _transformers_perplexity(model_dir: str, ids: torch.Tensor) -> float:
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         loss = model(ids, labels=ids).loss
@@ -92,8 +93,6 @@ def _transformers_perplexity(model_dir: str, ids: torch.Tensor) -> float:
 
 
 def bench_real_model(model_dir: str, text_path: Path, rounds: int, steps: int, say) -> dict:
-    from transformers import AutoTokenizer
-
     config = BlockConfig.from_hf(load_config(model_dir))
     checkpoint = open_checkpoint(model_dir)
     parts = load_client_parts(checkpoint, config)
@@ -131,10 +130,6 @@ def bench_real_model(model_dir: str, text_path: Path, rounds: int, steps: int, s
 def bench_random_246m(rounds: int, steps: int, say) -> dict:
     """Memory and speed of one block of the random 246M Llama shape (hidden 1024, intermediate 2816,
     16/4 heads): a freshly initialised block, quantized in memory (accuracy is meaningless on random weights)."""
-    from transformers import AutoConfig
-
-    from stamen.testing.models import PRESETS
-
     config = BlockConfig.from_hf(AutoConfig.for_model("llama", **PRESETS["246m"]))
     torch.manual_seed(0)
     base = LlamaBlock(config, 0)
@@ -159,15 +154,11 @@ def bench_random_246m(rounds: int, steps: int, say) -> dict:
 
 def run_quant_bench(model: str | None, text: Path | None, random_246m: bool, rounds: int, steps: int,
                     json_path: Path | None, json_only: bool, threads: int | None = None) -> dict:
-    def say(msg: str) -> None:
-        if not json_only:
-            print(msg, file=sys.stderr, flush=True)
+    say = say_to(json_only)
 
     if threads is not None:
         torch.set_num_threads(threads)
     if model is None:
-        from stamen.models.convert import default_model_dir
-
         model = str(default_model_dir())
     results = [bench_real_model(model, text or DEFAULT_TEXT, rounds, steps, say)]
     if random_246m:
@@ -189,7 +180,7 @@ def run_quant_bench(model: str | None, text: Path | None, random_246m: bool, rou
 def _bnb_version() -> str | None:
     if bitsandbytes_ops() is None:
         return None
-    import bitsandbytes
+    import bitsandbytes  # only where bitsandbytes_ops() found it usable
 
     return bitsandbytes.__version__
 

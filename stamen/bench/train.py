@@ -10,6 +10,7 @@ Contenders alternate run by run; medians are reported.
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import statistics
@@ -20,20 +21,23 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from stamen.bench.inference import even_spans
+from stamen.bench.harness import even_spans
+from stamen.bench.report import TRAIN_MODES, train_table
+from stamen.bench.timing import say_to
+from stamen.client.model import AutoDistributedModelForCausalLM
+from stamen.client.tuning import LoraSettings, lorafa_optimizer
+from stamen.testing.finetune import causal_lm_loss, local_logits, local_model
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
+from stamen.types import default_dht_prefix
 
-MODES = ("deep_ptune", "lora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _swarm_model(model: str, peers: list[str], mode: str, pre_seq_len: int, rank: int, sub_batch_tokens: int,
                  fa: bool = False, train_streams: bool = True):
-    from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.client.tuning import LoraSettings
-
     kwargs = dict(initial_peers=peers, sub_batch_tokens=sub_batch_tokens, request_timeout=600,
                   train_streams=train_streams)
     if mode == "deep_ptune":
@@ -56,8 +60,6 @@ def _swarm_step(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _local_step(reference, prompts, ids: torch.Tensor, labels: torch.Tensor) -> float:
-    from stamen.testing.finetune import causal_lm_loss, local_logits
-
     start = time.perf_counter()
     loss = causal_lm_loss(local_logits(reference, ids, None, prompts), labels)
     loss.backward()
@@ -76,25 +78,17 @@ def _sgd(params: list[torch.Tensor], lr: float = 1e-4) -> None:
 def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: int, runs: int, rank: int,
                     pre_seq_len: int, sub_batch_tokens: int, json_only: bool, server_threads: int | None = None,
                     skip_memory: bool = False, stateless: bool = True) -> dict:
-    from stamen.testing.finetune import local_model
-    from stamen.types import default_dht_prefix
-
-    def say(msg: str) -> None:
-        if not json_only:
-            print(msg, file=sys.stderr, flush=True)
-
+    say = say_to(json_only)
     workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-train-"))
     if model is None:
         say("creating a random 246M-parameter Llama (float32) ...")
         model = str(save_random_llama(workdir / "llama-246m", PRESETS["246m"], with_tokenizer=False))
-    from transformers import AutoConfig
-
     hf_config = AutoConfig.from_pretrained(model)
     num_blocks, vocab = hf_config.num_hidden_layers, hf_config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     spans = even_spans(num_blocks, num_servers)
     swarms = ("swarm", "stateless") if stateless else ("swarm",)
-    results: dict[str, list[float]] = {f"{c}_{m}_s": [] for m in MODES for c in ("local", *swarms)}
+    results: dict[str, list[float]] = {f"{c}_{m}_s": [] for m in TRAIN_MODES for c in ("local", *swarms)}
     say(f"starting a bootstrap peer and {num_servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
     with LocalSwarm(log_dir=workdir / "logs") as swarm:
         swarm.start_bootstrap()
@@ -102,13 +96,11 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
             swarm.add_server(model, span, *(["--torch-threads", str(server_threads)] if server_threads else []))
         swarm.wait_online(default_dht_prefix(model), num_blocks)
         contenders = {}
-        for mode in MODES:
+        for mode in TRAIN_MODES:
             dmodel = _swarm_model(model, swarm.initial_peers, mode, pre_seq_len, rank, sub_batch_tokens)
             reference = local_model(model, dmodel.lora)
             prompts = None
             if dmodel.prompts is not None:
-                import copy
-
                 prompts = copy.deepcopy(dmodel.prompts)
             dmodels = {"swarm": dmodel}
             if stateless:  # same initial weights: a copy of the trained parameters
@@ -144,7 +136,7 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
         "sub_batch_tokens": sub_batch_tokens, "torch_threads": torch.get_num_threads(),
         "server_threads": server_threads,
     }
-    for mode in MODES:
+    for mode in TRAIN_MODES:
         local_s = statistics.median(results[f"local_{mode}_s"])
         summary[mode] = {"local_tokens_per_s": round(tokens / local_s, 1)}
         for name in swarms:
@@ -160,7 +152,7 @@ def run_train_bench(model: str | None, num_servers: int, batch: int, seq_len: in
     if json_only:
         print(json.dumps(summary, indent=2))
     else:
-        print(_table(summary))
+        print(train_table(summary))
         print(json.dumps(summary), file=sys.stderr)
     return summary
 
@@ -181,8 +173,6 @@ def _memory_probe(model: str, peers: list[str], rank: int, sub_batch_tokens: int
 
 def memory_probe_main(model: str, peers: list[str], rank: int, sub_batch_tokens: int, batch: int, seq_len: int,
                       fa: bool) -> dict:
-    from stamen.client.tuning import lorafa_optimizer
-
     dmodel = _swarm_model(model, peers, "lora", 0, rank, sub_batch_tokens, fa=fa)
     try:
         ids = torch.randint(3, dmodel.block_config.vocab_size, (batch, seq_len),
@@ -221,24 +211,3 @@ def _peak_rss_mb() -> float:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _table(s: dict) -> str:
-    lines = [
-        f"training: {s['num_blocks']} blocks, batch {s['batch']} × {s['seq_len']} tokens, "
-        f"{s['servers']} loopback servers, median of {s['runs']} runs (forward + backward + SGD update)",
-        "| mode | local tokens/s | swarm tokens/s | swarm / local | stateless tokens/s | stateless / local |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for mode in MODES:
-        m = s[mode]
-        stateless = (f"{m['stateless_tokens_per_s']:.0f} | {m['stateless_over_local']:.2f}"
-                     if "stateless_tokens_per_s" in m else "– | –")
-        lines.append(f"| {mode} | {m['local_tokens_per_s']:.0f} | {m['swarm_tokens_per_s']:.0f} | "
-                     f"{m['swarm_over_local']:.2f} | {stateless} |")
-    lines += ["", "| client, 2 LoRA steps | peak RSS MB | overhead over load MB | LoRA grads MB | optimizer state MB |",
-              "|---|---:|---:|---:|---:|"]
-    for name, m in s["client_memory"].items():  # empty with --skip-memory
-        lines.append(f"| {name} | {m['peak_rss_mb']:.0f} | {m['training_overhead_mb']:.0f} | "
-                     f"{m['lora_grads_mb']:.2f} | {m['optimizer_state_mb']:.2f} |")
-    return "\n".join(lines)

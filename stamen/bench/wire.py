@@ -25,9 +25,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
+from stamen.client import loop
+from stamen.client.model import AutoDistributedModelForCausalLM
+from stamen.models import BlockConfig, load_config
+from stamen.models.convert import default_model_dir
+from stamen.rpc.calls import call_info
+from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.swarm import LocalSwarm
-from stamen.types import Span
+from stamen.types import Span, default_dht_prefix
 
 PROMPT = "The swarm shares the work of one large model. Each server holds"
 TEXT = Path(__file__).resolve().parents[2] / "examples" / "data" / "swarm_notes.txt"
@@ -44,9 +51,6 @@ def _spans(num_blocks: int, parts: int) -> list[Span]:
 
 
 def _push_totals(model) -> tuple[int, int]:
-    from stamen.client import loop
-    from stamen.server.handler import call_info
-
     infos = [loop.run(call_info(model.swarm.p2p, model.swarm.peer(s.peer_id), 30))
              for s in model.swarm.servers(refresh=True)]
     return sum(i.push_messages for i in infos), sum(i.push_bytes for i in infos)
@@ -115,10 +119,6 @@ def _run_dtype(model_dir: str, dtype: str, num_servers: int, new_tokens: int, pr
                text_ids: torch.Tensor | None, workdir: Path, float32_ref: dict | None) -> list[dict]:
     """Rows for none and blockwise8 at this dtype; with ``float32_ref`` (the float32 reference's
     logits, tokens and perplexity) also a yardstick row: this dtype without compression against float32."""
-    from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.models import BlockConfig, load_config
-    from stamen.types import default_dht_prefix
-
     config = BlockConfig.from_hf(load_config(model_dir))
     rows = []
     with LocalSwarm(log_dir=workdir / f"logs-{dtype}") as swarm:
@@ -196,24 +196,16 @@ def _markdown(report: dict) -> str:
 
 def run_wire_bench(model: str | None, preset: str | None, num_servers: int, new_tokens: int,
                    dtypes: list[str], json_only: bool) -> dict:
-    from stamen.models import BlockConfig, load_config
-
     workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-wire-"))
     if preset is not None:
-        from stamen.testing.models import PRESETS, save_random_llama
-
         model_dir = str(save_random_llama(workdir / f"llama-{preset}", PRESETS[preset], with_tokenizer=False))
         name = f"random Llama ({preset})"
     else:
-        from stamen.models.convert import default_model_dir
-
         model_dir = model or str(default_model_dir())
         name = Path(model_dir).name
     config = BlockConfig.from_hf(load_config(model_dir))
     text_ids = None
     if (Path(model_dir) / "tokenizer_config.json").exists() or (Path(model_dir) / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
         text_ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids

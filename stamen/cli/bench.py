@@ -14,7 +14,7 @@ bench_app = typer.Typer(help="Benchmarks, side by side with local baselines.", n
 
 def _bench_settings(model: str | None, preset: str, servers: int, prefix: list[int] | None, new_tokens: int | None,
                     runs: int | None, offload: bool, quick: bool):
-    from stamen.bench.inference import BenchSettings
+    from stamen.bench.harness import BenchSettings
 
     settings = BenchSettings.quick(model, preset if preset != "246m" else "small") if quick else \
         BenchSettings(model=model, preset=preset)
@@ -57,7 +57,7 @@ def bench_inference(
     """Decoding (steps/s, ms/token, time to first token at each prefix): swarm vs local transformers,
     our blocks in-process and offloading, side by side in one run; the offloading bound; a breakdown."""
     setup_logging("WARNING")
-    from stamen.bench.inference import run_inference_bench
+    from stamen.bench.suite import run_inference_bench
 
     settings = _bench_settings(model, preset, servers, prefix, new_tokens, runs, offload, quick)
     settings.push_off = push_off
@@ -76,7 +76,7 @@ def bench_forward(
 ) -> None:
     """Forward tokens/s (no cache, the rpc_forward path) at batch 1 × 128 and 64 × 16: swarm vs local vs offload."""
     setup_logging("WARNING")
-    from stamen.bench.inference import run_forward_bench
+    from stamen.bench.suite import run_forward_bench
 
     settings = _bench_settings(model, preset, servers, None, None, runs, offload, quick)
     settings.cpu_offload = False
@@ -100,7 +100,7 @@ def bench_suite(
     """Inference + forward (+ training with --train) side by side with local runs and offloading; writes
     OUT/suite.json and OUT/suite.md."""
     setup_logging("WARNING")
-    from stamen.bench.inference import run_suite
+    from stamen.bench.suite import run_suite
 
     settings = _bench_settings(model, preset, servers, prefix, new_tokens, runs, offload, quick)
     run_suite(settings, out, train=train, json_only=json_out)

@@ -1,0 +1,68 @@
+"""Timing and reporting helpers shared by every bench: a token clock for ``generate``, medians and
+rounding, progress on stderr, and what machine a run was on."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class TokenClock:
+    """A transformers-style streamer that timestamps every new token (``put``); ``times[0]`` is the
+    prompt, put before any compute. ``on_put`` runs after the timestamp (e.g. to drop the page
+    cache); its own time is excluded from the next gap."""
+
+    def __init__(self, on_put: Callable[[], float | None] | None = None):
+        self.times: list[float] = []
+        self.starts: list[float] = []
+        self.on_put = on_put
+        self.extra: list[float] = []
+        """What ``on_put`` returned at every put (e.g. the servers' compute so far)."""
+
+    def put(self, value) -> None:
+        now = time.perf_counter()
+        self.times.append(now)
+        if self.on_put is not None:
+            self.extra.append(self.on_put())
+        self.starts.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def gaps_ms(self) -> list[float]:
+        """Time of every decode step after the first token (prefill excluded)."""
+        return [1000 * (b - a) for a, b in zip(self.starts[1:], self.times[2:], strict=False)]
+
+    def ms_per_token(self) -> float:
+        """The median decode step (robust to the spikes of a shared machine)."""
+        return statistics.median(self.gaps_ms())
+
+    def first_token_ms(self) -> float:
+        return 1000 * (self.times[1] - self.starts[0])
+
+
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def rounded(x: float, digits: int = 2) -> float:
+    return round(x, digits)
+
+
+def say_to(json_only: bool) -> Callable[[str], None]:
+    """Progress messages on stderr, or nothing when only JSON is printed."""
+    def say(msg: str) -> None:
+        if not json_only:
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def machine_info() -> dict:
+    load = os.getloadavg()
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_at_end": [round(x, 2) for x in load], "cuda": torch.cuda.is_available()}
