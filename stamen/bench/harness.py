@@ -116,8 +116,8 @@ class Harness:
         self.close(failed=exc_type is not None)
 
     def close(self, failed: bool = False) -> None:
-        """Stop the swarm and remove the run's files; after a failure, keep the servers' logs (a
-        failure seen once in a suite could not be diagnosed because its logs went with the run)."""
+        """Stop the swarm and remove the run's files; after a failure, keep the servers' logs: a
+        rare failure can only be diagnosed from them."""
         try:
             self._stack.close()
         finally:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 
 STREAM_WINDOW = 256 * 1024
-"""Bytes one libp2p stream may have in flight (hivemind 1.1.12's daemon, measured: 1 MiB on one
-stream over a 100 ms round trip takes 4 round trips, four 1 MiB streams at once as long as one)."""
+"""Bytes one libp2p stream may have in flight: hivemind 1.1.12's daemon does not grow a stream's
+window, so a message longer than it waits a round trip per further window, while separate streams
+each get their own (docs/benchmarks.md, stream windows)."""
 MESSAGE_OVERHEAD = 300
 """Bytes of metadata and framing assumed per message besides the tensor (a typed JSON message,
 protobuf and libp2p framing) by the analytic model."""

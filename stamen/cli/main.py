@@ -259,13 +259,12 @@ def make_model(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # libgomp's idle OpenMP workers spin ~300 000 times after every parallel region, holding a core
-    # for milliseconds; when a client and servers share cores, that core is the one the next hop
-    # computes on, and a 2-thread team then waits for it at every barrier. 3 000 spins (~0.1 ms on
-    # the development machine) still cover the gaps between the parallel regions of a step (a
-    # step's compute in-process is the same at 300, 3 000 and 30 000), and with 3 servers sharing
-    # 2 cores the servers' compute went from 1.12x the same blocks in-process at 30 000 to 0.97x
-    # side by side (0.93-1.09x over five runs; docs/benchmarks.md). Read when torch loads.
+    # libgomp's idle OpenMP workers spin 300 000 times by default after every parallel region,
+    # holding a core for milliseconds; when a client and servers share cores, that core is the one
+    # the next hop computes on, and a 2-thread team then waits for it at every barrier. 3 000 spins
+    # release the core within a fraction of a millisecond yet still cover the gaps between the
+    # parallel regions of a step, so compute in one process is unchanged while servers sharing
+    # cores do not stall each other (docs/benchmarks.md, GOMP_SPINCOUNT). Read when torch loads.
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     app()
 

@@ -320,11 +320,10 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
 
         A large head on CPU multiplies by a transposed copy of its weight (hidden × vocab, built
         once and rebuilt if the weight or torch's thread count changes): there, the
-        matrix-vector product streams the weight from memory, and MKL's kernel over this layout is
-        ~1.45× as fast (a 32000 × 1024 float32 head: 6.1 vs 9.0 ms per token on the development
-        machine). The copy is cut into one column chunk per torch thread, multiplied as one
+        matrix-vector product streams the weight from memory, and MKL's kernel over this layout
+        streams it faster. The copy is cut into one column chunk per torch thread, multiplied as one
         batched product: MKL runs a matrix-vector product on one thread whatever torch's count,
-        while ``bmm`` gives each thread a chunk (the same head, 2 threads: 3.4 vs 4.8 ms). Costs
+        while ``bmm`` gives each thread a chunk (docs/benchmarks.md has both speed-ups). Costs
         one more copy of the head in client memory; heads that fit in cache (under
         ``TRANSPOSED_HEAD_MIN_BYTES``), GPUs, and anything that needs gradients use the head as it is.
         """

@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 INLINE_STEP_TOKENS = 8
 """Steps this small (decoding) run on the event loop itself: handing them to the compute thread
-costs ~0.7 ms on a loaded 2-core machine, more than the step. Larger work goes to the thread so
-the loop stays responsive."""
+and back costs two thread wake-ups, which on a loaded machine can take longer than the step. Larger
+work goes to the thread so the loop stays responsive."""
 
 
 class CacheBudget:

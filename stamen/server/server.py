@@ -230,7 +230,8 @@ class Server:
         """Measure the decoding threads again while idle (no session, no computation, no other
         server of the host loading or measuring): the start-up measurement may have run beside
         processes that were starting. Returns whether it is done (measured, or nothing to
-        measure). Runs inline: ~0.2-1 s."""
+        measure). Runs inline: a few decoding steps through at most 4 blocks per thread count,
+        short enough to hold an idle loop."""
         if self.config.decode_threads is not None:
             return True  # set by the operator
         if backend.sessions or backend.busy:
