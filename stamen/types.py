@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NewType
+from typing import Literal, NewType
 
 PeerIDStr = NewType("PeerIDStr", str)
 """A libp2p peer id in its base58 text form."""
@@ -15,6 +16,13 @@ SessionID = NewType("SessionID", str)
 
 ModelName = NewType("ModelName", str)
 """The DHT prefix that names a model in the swarm (e.g. ``tiny-llama``)."""
+
+DtypeName = Literal["float32", "bfloat16", "float16"]
+"""A compute dtype by name (``stamen.models.config.DTYPES`` maps it to torch's)."""
+
+Compression = Literal["none", "blockwise8"]
+"""How activations travel: ``none``: the tensor's own dtype; ``blockwise8``: int8 codes with one
+float32 absmax per 64 values (``stamen.wire.compression``)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -66,3 +74,15 @@ def default_dht_prefix(model: str) -> ModelName:
     if Path(name).is_dir():
         name = Path(name).resolve().name
     return ModelName("".join(c if c.isalnum() or c in "-_" else "-" for c in name))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"``, ``"8GB"``, ``"1.5g"`` or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size like 512MiB or 8GB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

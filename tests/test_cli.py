@@ -319,3 +319,14 @@ def test_simulate_options_come_from_sim_config():
         assert param.default == default and param.help == doc, name
     assert params["rebalance"].secondary_opts == ["--no-rebalance"]
     assert field_help(SimConfig, "num_servers") == "Servers present at once (churn replaces them one for one)."
+
+
+def test_the_command_line_starts_without_torch():
+    """`stamen --help` and every option error answer at once, and `main()` sets GOMP_SPINCOUNT
+    before torch loads (libgomp reads it once, when torch's library loads)."""
+    import subprocess
+    import sys
+
+    code = "import sys, stamen.cli.main; print(sorted(m for m in ('torch', 'hivemind') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

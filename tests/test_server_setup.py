@@ -15,10 +15,10 @@ from stamen.models import BlockConfig, KVCache, load_config, load_span, open_che
 from stamen.rpc.inputs import SpanInputs
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import choose_decode_threads, fewest_within, in_fresh_thread, thread_counts
-from stamen.server.memory import block_bytes, parse_bytes, plan_blocks
+from stamen.server.memory import block_bytes, plan_blocks
 from stamen.server.throughput import ComputeThroughput, cached_compute, measure_compute, network_steps_per_second
 from stamen.testing.models import save_random_llama
-from stamen.types import Span
+from stamen.types import Span, parse_bytes
 from stamen.wire.messages import OpenSession, SpanRef, Step
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)

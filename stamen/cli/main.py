@@ -18,8 +18,8 @@ from stamen.cli.options import CliField, config_options
 from stamen.cli.streamer import TimedTextStreamer
 from stamen.client.config import ClientConfig
 from stamen.server.config import ServerConfig
-from stamen.server.memory import parse_bytes
 from stamen.sim.simulate import SimConfig
+from stamen.types import parse_bytes
 
 app = typer.Typer(help="Stamen: run large language models over a swarm of peers.", no_args_is_help=True,
                   pretty_exceptions_enable=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stamen.wire.compression import Compression
+from stamen.types import Compression
 
 
 class ClientConfig(BaseModel):

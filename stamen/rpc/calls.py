@@ -18,8 +18,7 @@ from stamen.rpc.inputs import SpanGrads, SpanInputs
 from stamen.rpc.parts import encode_all, in_parts
 from stamen.rpc.protocol import Request
 from stamen.rpc.replies import check_complete, raise_if_error
-from stamen.types import Span
-from stamen.wire.compression import Compression
+from stamen.types import Compression, Span
 from stamen.wire.messages import (
     AdapterMeta,
     BackwardRequest,

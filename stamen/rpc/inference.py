@@ -15,8 +15,7 @@ from stamen.errors import RemoteCallError, StamenError, request_error_from_code
 from stamen.rpc import protocol
 from stamen.rpc.inputs import SpanInputs
 from stamen.rpc.protocol import Request, Response
-from stamen.types import Span
-from stamen.wire.compression import Compression
+from stamen.types import Compression, Span
 from stamen.wire.messages import (
     AdapterRef,
     CloseSession,

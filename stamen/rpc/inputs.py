@@ -16,7 +16,7 @@ from hivemind.proto import runtime_pb2
 
 from stamen.errors import InvalidRequestError, RemoteCallError
 from stamen.rpc.parts import encode_all
-from stamen.wire.compression import Compression
+from stamen.types import Compression
 from stamen.wire.messages import AdapterRef, BackwardDone
 from stamen.wire.tensors import FLOAT_DTYPES, INDEX_DTYPES, decode_tensor
 

@@ -14,7 +14,7 @@ from hivemind.proto import runtime_pb2
 
 from stamen.errors import InvalidRequestError, StamenError
 from stamen.rpc.protocol import Request, Response
-from stamen.wire.compression import Compression
+from stamen.types import Compression
 from stamen.wire.messages import encode
 from stamen.wire.tensors import encode_tensor, join_tensor_parts, split_tensors
 

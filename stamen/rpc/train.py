@@ -16,8 +16,7 @@ from stamen.rpc.inputs import SpanGrads, SpanInputs
 from stamen.rpc.parts import encode_all, in_parts, read_counted
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import raise_if_error
-from stamen.types import Span
-from stamen.wire.compression import Compression
+from stamen.types import Compression, Span
 from stamen.wire.messages import (
     SpanRef,
     TrainBackward,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stamen.models.config import DTYPES
 from stamen.server.placement import PlacementSettings
-from stamen.server.throughput import DEFAULT_CACHE
-from stamen.types import Span
-from stamen.wire.compression import Compression
+from stamen.types import Compression, DtypeName, Span
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stamen" / "throughput.json"
+"""Where measured compute throughputs are cached (``server/throughput.py``)."""
 
 
 class ServerConfig(BaseModel):
@@ -100,8 +102,8 @@ class ServerConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        if value not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if value not in get_args(DtypeName):
+            raise ValueError(f"dtype must be one of {sorted(get_args(DtypeName))}")
         return value
 
     @model_validator(mode="after")
@@ -117,6 +119,10 @@ class ServerConfig(BaseModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        # imported here: the command line reads this config's fields for its options and must
+        # start without loading torch
+        from stamen.models.config import DTYPES
+
         return DTYPES[self.dtype]
 
 

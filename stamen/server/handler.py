@@ -18,7 +18,7 @@ from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response
 from stamen.server.backend import SpanBackend
 from stamen.server.inference import InferenceEngine
-from stamen.wire.compression import Compression
+from stamen.types import Compression
 from stamen.wire.messages import (
     AdaptersStored,
     BandwidthDone,

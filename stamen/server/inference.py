@@ -19,7 +19,7 @@ from stamen.rpc.inputs import SpanInputs
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response, raise_if_error
 from stamen.server.backend import SpanBackend
-from stamen.wire.compression import Compression
+from stamen.types import Compression
 from stamen.wire.messages import (
     HELD_REPLIES_MAX,
     Closed,

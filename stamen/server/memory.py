@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,17 +10,6 @@ import torch
 
 from stamen.models import BlockConfig, KVCache
 from stamen.models.quant import QuantMethod, quantized_linear_bytes
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """``"512MiB"``, ``"8GB"``, ``"1.5g"`` or a plain number of bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"expected a size like 512MiB or 8GB, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def format_bytes(n: float) -> str:

@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stamen" / "throughput.json"
 
 
 class ComputeThroughput(BaseModel):

@@ -25,16 +25,12 @@ infinity would poison its block's scale).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
 from stamen.errors import InvalidRequestError
 
-Compression = Literal["none", "blockwise8"]
-"""``none``: the tensor's own dtype; ``blockwise8``: int8 codes with one float32 absmax per 64 values."""
 BLOCK_SIZE = 64
 """Values per block on the wire (a fixed part of the format)."""
 _QMAX = 127

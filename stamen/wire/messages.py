@@ -10,8 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from stamen.errors import InvalidRequestError
-from stamen.types import Span
-from stamen.wire.compression import Compression
+from stamen.types import Compression, Span
 
 
 class _Msg(BaseModel):

@@ -11,7 +11,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from stamen.errors import InvalidRequestError
-from stamen.wire.compression import Compression, compress, decode_compressed
+from stamen.types import Compression
+from stamen.wire.compression import compress, decode_compressed
 
 FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
 INDEX_DTYPES = {"int64", "int32", "bool", "uint8"}
