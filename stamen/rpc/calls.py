@@ -15,9 +15,8 @@ from hivemind.proto import runtime_pb2
 from stamen.errors import RemoteCallError, StamenError
 from stamen.rpc import protocol
 from stamen.rpc.inputs import SpanGrads, SpanInputs
-from stamen.rpc.parts import encode_all, in_parts
+from stamen.rpc.parts import encode_all, in_parts, read_reply
 from stamen.rpc.protocol import Request
-from stamen.rpc.replies import check_complete, raise_if_error
 from stamen.types import Compression, Span
 from stamen.wire.messages import (
     AdapterMeta,
@@ -34,7 +33,7 @@ from stamen.wire.messages import (
     decode_put_adapters_reply,
     encode,
 )
-from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor, join_tensor_parts
+from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +71,8 @@ async def _call(p2p: P2P, peer: PeerID, rpc: protocol.Rpc, messages: list[Reques
     counted reply that arrives in fewer messages than it announced is a network fault."""
 
     async def call():
-        reply, parts, received = None, [], 0
-        async for response in await protocol.call_stream(p2p, peer, rpc, _requests(messages)):
-            received += 1
-            if response.metadata:
-                reply = decode_reply(response.metadata)
-                raise_if_error(reply)
-            parts.extend(response.tensors)
-        if reply is None:
-            raise RemoteCallError(f"{what} call to {peer} ended without a reply")
-        check_complete(peer, what, received, getattr(reply, "parts", received))
-        return reply, join_tensor_parts(parts)
+        return await read_reply(await protocol.call_stream(p2p, peer, rpc, _requests(messages)), decode_reply, peer,
+                                what)
 
     try:
         return await asyncio.wait_for(call(), timeout)

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import torch
 from hivemind.proto import runtime_pb2
 
-from stamen.errors import InvalidRequestError, StamenError
+from stamen.errors import InvalidRequestError, RemoteCallError, StamenError
 from stamen.rpc.protocol import Request, Response
+from stamen.rpc.replies import check_complete, raise_if_error
 from stamen.types import Compression
 from stamen.wire.messages import encode
 from stamen.wire.tensors import encode_tensor, join_tensor_parts, split_tensors
@@ -83,6 +84,23 @@ async def read_counted(requests: AsyncIterator, decode: Callable, max_bytes: int
         if max_bytes is not None and total_bytes > max_bytes:
             raise error(f"request exceeds {max_bytes} bytes")
     return msg, join_tensor_parts(parts)
+
+
+async def read_reply(responses: AsyncIterator[Response], decode: Callable, peer, what: str):
+    """The rest of a stream RPC's reply: its typed message (an ``ErrorReply`` raises its error) and
+    its joined tensors. A counted reply that arrives in fewer messages than it announced is a
+    network fault (``RemoteCallError``), as is a stream that ends without a reply."""
+    reply, parts, received = None, [], 0
+    async for response in responses:
+        received += 1
+        if response.metadata:
+            reply = decode(response.metadata)
+            raise_if_error(reply)
+        parts.extend(response.tensors)
+    if reply is None:
+        raise RemoteCallError(f"{what} call to {peer} ended without a reply")
+    check_complete(peer, what, received, getattr(reply, "parts", received))
+    return reply, join_tensor_parts(parts)
 
 
 async def wait_for_end(requests: AsyncIterator[Request], timeout: float = 10.0) -> None:

@@ -13,7 +13,7 @@ from stamen.errors import RemoteCallError, StamenError
 from stamen.rpc import protocol
 from stamen.rpc.calls import GRADIENT_ELEMENTS_FLOOR
 from stamen.rpc.inputs import SpanGrads, SpanInputs
-from stamen.rpc.parts import encode_all, in_parts, read_counted
+from stamen.rpc.parts import encode_all, in_parts, read_counted, read_reply
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import raise_if_error
 from stamen.types import Compression, Span
@@ -24,7 +24,7 @@ from stamen.wire.messages import (
     decode_backward_reply,
     decode_train_forward_reply,
 )
-from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor, join_tensor_parts
+from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor
 
 
 class TrainStream:
@@ -88,16 +88,8 @@ class TrainStream:
         self.close()  # nothing more to send (hivemind's reader waits for the request stream to end)
 
         async def call():
-            reply, parts = None, []
-            async for response in self._replies:
-                if response.metadata:
-                    reply = decode_backward_reply(response.metadata)
-                    raise_if_error(reply)
-                parts.extend(response.tensors)
-            if reply is None:
-                raise RemoteCallError(f"train call to {self.peer} ended without gradients")
-            limit = max(grad_outputs.numel(), GRADIENT_ELEMENTS_FLOOR)
-            return SpanGrads.unpack(reply, join_tensor_parts(parts), limit, self.peer)
+            reply, protos = await read_reply(self._replies, decode_backward_reply, self.peer, "train backward")
+            return SpanGrads.unpack(reply, protos, max(grad_outputs.numel(), GRADIENT_ELEMENTS_FLOOR), self.peer)
 
         try:
             return await asyncio.wait_for(call(), self.timeout)
