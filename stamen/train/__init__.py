@@ -1,0 +1,1 @@
+"""Training the model's own weights together: gradient averagers for hivemind (``acp``)."""
