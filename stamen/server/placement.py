@@ -12,6 +12,7 @@ the servers hosting it, and the swarm serves at most its weakest block's through
   the move raises the weakest of the blocks it touches by at least ``min_gain`` × its own
   throughput, or covers a block nobody serves. Such a move strictly improves the swarm's sorted
   block throughputs, so servers moving one at a time never cycle.
+- ``standby_start``: where a standby server holds blocks to take over when their servers leave.
 - ``upper_bound``: the best bottleneck any assignment could reach for the servers present.
 """
 
@@ -71,6 +72,27 @@ def choose_start(others: np.ndarray, length: int, current: int | None = None) ->
     if current is not None and 0 <= current < len(windows) and np.array_equal(windows[current], windows[best]):
         return current
     return best
+
+
+def standby_start(counts: np.ndarray, totals: np.ndarray, length: int, current: int | None = None) -> int:
+    """Where a standby server holds its blocks: the window the swarm can least afford to lose, i.e.
+    whose blocks have the fewest servers (``counts``: online servers per block plus the standbys
+    already holding it, so a pool spreads out), ties broken by the lower throughput (``totals``);
+    compared leximin like ``choose_start``, ties to ``current``."""
+    scale = float(totals.max()) + 1.0 if len(totals) else 1.0
+    return choose_start(counts + totals / scale, length, current)  # count first: throughput adds < 1
+
+
+def plan_standby(counts: np.ndarray, totals: np.ndarray, held: Span, margin: float = 0.2) -> Span | None:
+    """Whether a standby holding ``held`` should load other blocks: the window ``standby_start``
+    picks (``counts`` without the standby's own hold), if its weakest block has fewer servers than
+    ``(1 - margin)`` × the held window's weakest, else None; a smaller difference is not worth a reload."""
+    start = standby_start(counts, totals, held.length, held.start)
+    current = float(counts[held.start : held.end].min())
+    proposed = float(counts[start : start + held.length].min())
+    if start == held.start or not (proposed < current and proposed <= (1 - margin) * current):
+        return None
+    return Span(start, start + held.length)
 
 
 def choose_span(num_blocks: int, length: int, spans: Iterable[tuple[Span, float]]) -> Span:

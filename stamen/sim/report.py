@@ -54,7 +54,11 @@ def describe(name: str, run: SimSummary) -> str:
             f"{run.mean_upper_bound:.1f} steps/s); {run.joins} joins, {run.leaves} leaves, {run.checks} checks, "
             f"{run.moves} moves reloading {run.blocks_reloaded} blocks ({run.moves_after_warmup} moves, "
             f"{run.blocks_reloaded_after_warmup} blocks after warm-up; joins loaded {run.blocks_loaded_by_joins}); "
-            f"{run.runtime_s:.1f} s")
+            f"every block covered {run.covered_fraction:.4%} of the time, {run.holes} holes closed in "
+            f"{run.mean_hole_seconds:.1f} s on average (longest {run.max_hole_seconds:.1f} s)"
+            + (f"; {run.standbys} standbys: {run.takeovers} takeovers served {run.blocks_saved} blocks without "
+               f"loading, standbys loaded {run.standby_blocks_loaded} blocks" if run.standbys else "")
+            + f"; {run.runtime_s:.1f} s")
 
 
 def run_and_report(config, baseline: bool, png: Path | None, json_path: Path | None) -> dict[str, SimSummary]:
@@ -64,6 +68,8 @@ def run_and_report(config, baseline: bool, png: Path | None, json_path: Path | N
     runs = {"rebalancing": simulate(config)} if config.rebalance else {}
     if baseline or not config.rebalance:
         runs["joins only"] = simulate(config.model_copy(update=dict(rebalance=False)))
+    if config.standby_fraction > 0:  # the same swarm without the pool, side by side
+        runs["no standbys"] = simulate(config.model_copy(update=dict(standby_fraction=0.0)))
     for name, run in runs.items():
         print(describe(name, run), flush=True)
     if json_path is not None:

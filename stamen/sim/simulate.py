@@ -19,7 +19,14 @@ from enum import IntEnum
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from stamen.server.placement import PlacementSettings, choose_start, plan_move, upper_bound
+from stamen.server.placement import (
+    PlacementSettings,
+    choose_start,
+    plan_move,
+    plan_standby,
+    standby_start,
+    upper_bound,
+)
 from stamen.types import Span
 
 
@@ -71,6 +78,15 @@ class SimConfig(BaseModel):
     """The share of the blocks whose servers leave in the exodus."""
     placement: PlacementSettings = PlacementSettings()
     """The thresholds of the rebalancing decision."""
+    standby_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Standby servers, as a fraction of ``num_servers`` (a backup pool): each holds the blocks the
+    swarm can least afford to lose without serving them, and goes online for them, without loading,
+    when a hole opens there; a new standby then joins the pool."""
+    standby_detect_seconds: float = Field(default=2.0, ge=0)
+    """Seconds a standby needs to notice that its blocks lost their servers (its ping period)."""
+    standby_jitter: float = Field(default=1.0, ge=0)
+    """A standby that noticed a hole waits uniform(0, this) seconds and looks again before taking
+    over, so that only one of several standbys holding the blocks takes it."""
     seed: int = 0
     """Random seed."""
 
@@ -107,6 +123,21 @@ class SimSummary(BaseModel):
     bound: list[float]
     uncovered: list[int]
     """Blocks no online server serves, per sample."""
+    covered_fraction: float = 1.0
+    """Fraction of the time after warm-up during which every block had an online server."""
+    holes: int = 0
+    """Holes (some block without an online server) that closed after warm-up."""
+    mean_hole_seconds: float = 0.0
+    """Mean time from a hole opening to every block being covered again (holes closed after warm-up)."""
+    max_hole_seconds: float = 0.0
+    standbys: int = 0
+    """Standby servers in the pool at the start."""
+    takeovers: int = 0
+    """Standbys that went online for a hole."""
+    blocks_saved: int = 0
+    """Blocks standbys served at once when they took over, which would otherwise have been loaded."""
+    standby_blocks_loaded: int = 0
+    """Blocks standbys loaded (joining the pool or re-choosing their blocks)."""
 
 
 class _Ev(IntEnum):  # order breaks ties at equal times
@@ -119,6 +150,9 @@ class _Ev(IntEnum):  # order breaks ties at equal times
     CONFIRM = 6
     SAMPLE = 7
     EXODUS = 8
+    STANDBY_READY = 9
+    STANDBY_CHECK = 10
+    TAKEOVER = 11
 
 
 @dataclass
@@ -132,11 +166,16 @@ class _Server:
     target: Span | None = None
     """Blocks it is loading (joining or moving)."""
     alive: bool = True
+    standby: bool = False
+    """Holds ``held`` without serving, ready to take over."""
+    held: Span | None = None
+    """A standby's loaded blocks (None while it loads them)."""
+    takeover_pending: bool = False
 
     @property
     def placed(self) -> Span:
         """Where its capacity counts for placement: the target while loading, else the span."""
-        return self.target or self.span  # type: ignore[return-value]
+        return self.target or self.span or self.held  # type: ignore[return-value]
 
 
 @dataclass
@@ -148,17 +187,25 @@ class _Swarm:
     view: np.ndarray = field(init=False)
     viewed: dict[int, tuple[Span, float]] = field(default_factory=dict)
     """Each server's placement as the others see it."""
+    view_counts: np.ndarray = field(init=False)
+    """Servers per block in the view."""
+    standby_counts: np.ndarray = field(init=False)
+    """Standbys holding each block (announced as standbys: they count for the pool, not for routes)."""
 
     def __post_init__(self) -> None:
         self.truth = np.zeros(self.num_blocks)
         self.view = np.zeros(self.num_blocks)
+        self.view_counts = np.zeros(self.num_blocks)
+        self.standby_counts = np.zeros(self.num_blocks)
 
     def set_view(self, sid: int, placement: tuple[Span, float] | None) -> None:
         old = self.viewed.pop(sid, None)
         if old is not None:
             self.view[old[0].start : old[0].end] -= old[1]
+            self.view_counts[old[0].start : old[0].end] -= 1
         if placement is not None:
             self.view[placement[0].start : placement[0].end] += placement[1]
+            self.view_counts[placement[0].start : placement[0].end] += 1
             self.viewed[sid] = placement
 
     def others(self, sid: int) -> np.ndarray:
@@ -187,6 +234,10 @@ class Simulation:
         self.stats = dict(joins=0, leaves=0, checks=0, moves=0, blocks_reloaded=0, blocks_reloaded_after_warmup=0,
                           moves_after_warmup=0, blocks_loaded_by_joins=0)
         self.samples: list[tuple[float, float, float, int]] = []
+        self.hole_since: float | None = None
+        self.hole_durations: list[float] = []
+        self.uncovered_seconds = 0.0
+        self.standby_stats = dict(takeovers=0, blocks_saved=0, standby_blocks_loaded=0)
 
     # --- events ---
 
@@ -213,7 +264,10 @@ class Simulation:
         if span is not None:
             self.swarm.truth[span.start : span.end] += delta
 
-    def join(self, now: float) -> None:
+    def join(self, now: float, standby: bool = False) -> None:
+        if standby:
+            self.join_standby(now)
+            return
         s = self._new_server()
         self.stats["joins"] += 1
         start = choose_start(self.swarm.others(s.id), s.length)
@@ -225,8 +279,101 @@ class Simulation:
     def online(self, now: float, s: _Server) -> None:
         s.span, s.target = s.target, None
         self._truth(s.span, s.throughput)
+        self._track(now)
         if self.c.rebalance:
             self._schedule_check(now, s)
+
+    # --- standbys ---
+
+    def join_standby(self, now: float) -> None:
+        s = self._new_server()
+        s.standby = True
+        s.target = self._standby_span(s)
+        self._hold(s.target, +1)
+        self.standby_stats["standby_blocks_loaded"] += s.length
+        self._at(now + self.c.load_seconds_per_block * s.length, _Ev.STANDBY_READY, s.id)
+
+    def _standby_span(self, s: _Server, current: Span | None = None) -> Span:
+        counts = self.swarm.view_counts + self.swarm.standby_counts
+        if current is not None:
+            counts = counts.copy()
+            counts[current.start : current.end] -= 1  # without its own hold
+        start = standby_start(counts, self.swarm.view, s.length, None if current is None else current.start)
+        return Span(start, start + s.length)
+
+    def _hold(self, span: Span | None, delta: int) -> None:
+        if span is not None:
+            self.swarm.standby_counts[span.start : span.end] += delta
+
+    def standby_ready(self, now: float, s: _Server) -> None:
+        if s.held is not None:
+            self._hold(s.held, -1)  # re-chosen: the old blocks are dropped now
+        s.held, s.target = s.target, None
+        self._schedule_standby_check(now, s)
+        self._watch(now, s)
+
+    def _schedule_standby_check(self, now: float, s: _Server) -> None:
+        self._at(now + self.c.balance_period * self.timing.uniform(0.5, 1.5), _Ev.STANDBY_CHECK, s.id)
+
+    def standby_check(self, now: float, s: _Server) -> None:
+        """Re-choose the held blocks as the swarm changes (loading the new ones before dropping the old)."""
+        if not s.standby or s.target is not None:
+            return
+        counts = self.swarm.view_counts + self.swarm.standby_counts
+        counts[s.held.start : s.held.end] -= 1  # without its own hold
+        span = plan_standby(counts, self.swarm.view, s.held)
+        if span is None:
+            self._schedule_standby_check(now, s)
+            return
+        s.target = span
+        self._hold(span, +1)
+        new_blocks = len(set(range(span.start, span.end)) - set(range(s.held.start, s.held.end)))
+        self.standby_stats["standby_blocks_loaded"] += new_blocks
+        self._at(now + self.c.load_seconds_per_block * new_blocks, _Ev.STANDBY_READY, s.id)
+
+    def _watch(self, now: float, s: _Server) -> None:
+        """A ready standby that holds uncovered blocks notices within its ping period."""
+        if s.held is None or s.takeover_pending:
+            return
+        if (self.swarm.truth[s.held.start : s.held.end] <= 1e-9).any():
+            s.takeover_pending = True
+            delay = self.c.standby_detect_seconds * self.timing.uniform(0.5, 1.0)
+            self._at(now + delay + self.timing.uniform(0, self.c.standby_jitter), _Ev.TAKEOVER, s.id)
+
+    def takeover(self, now: float, s: _Server) -> None:
+        """A fresh look: if its blocks still lack a server, go online for them at once, no loading."""
+        s.takeover_pending = False
+        if not s.standby or s.held is None or not (self.swarm.truth[s.held.start : s.held.end] <= 1e-9).any():
+            return
+        self._hold(s.held, -1)
+        if s.target is not None:  # it was re-choosing: that load is abandoned
+            self._hold(s.target, -1)
+        s.standby, s.span, s.target, s.held = False, s.held, None, None
+        self.standby_stats["takeovers"] += 1
+        self.standby_stats["blocks_saved"] += s.span.length
+        self._truth(s.span, s.throughput)
+        self._track(now)
+        self._cover_the_rest(now, s)
+        self._announce(now, s)
+        if self.c.rebalance:
+            self._schedule_check(now, s)
+        self.join_standby(now)  # the pool gets a new standby
+
+    def _cover_the_rest(self, now: float, s: _Server) -> None:
+        """Blocks of the hole outside what it held: it serves its blocks meanwhile and loads the
+        window of its length with the most uncovered blocks (a move, as ``plan_move`` would make)."""
+        truth = self.swarm.truth.copy()
+        truth[s.span.start : s.span.end] -= s.throughput
+        if not (np.delete(truth, range(s.span.start, s.span.end)) <= 1e-9).any():
+            return
+        start = choose_start(np.maximum(truth, 0.0), s.length, s.span.start)
+        if start == s.span.start:
+            return
+        s.target = Span(start, start + s.length)
+        new_blocks = len(set(range(s.target.start, s.target.end)) - set(range(s.span.start, s.span.end)))
+        self.stats["moves"] += 1
+        self.stats["blocks_reloaded"] += new_blocks
+        self._at(now + self.c.load_seconds_per_block * new_blocks, _Ev.MOVED, s.id)
 
     def _schedule_check(self, now: float, s: _Server) -> None:
         self._at(now + self.c.balance_period * self.timing.uniform(0.5, 1.5), _Ev.CHECK, s.id)
@@ -261,9 +408,10 @@ class Simulation:
         self._truth(s.span, -s.throughput)
         s.span, s.target = s.target, None
         self._truth(s.span, s.throughput)
+        self._track(now)
         self._schedule_check(now, s)
 
-    def leave(self, now: float, sid: int | None = None, crashed: bool | None = None) -> None:
+    def leave(self, now: float, sid: int | None = None, crashed: bool | None = None) -> _Server:
         if sid is None:
             sid = self.alive[self.rng.randrange(len(self.alive))]
         s = self.servers[sid]
@@ -274,20 +422,46 @@ class Simulation:
             self.alive[index] = last
             self._alive_index[last] = index
         del self._alive_index[sid]
+        if s.standby:
+            self._hold(s.held, -1)
+            self._hold(s.target, -1)
         self._truth(s.span, -s.throughput)
+        self._track(now)
         self.stats["leaves"] += 1
         if crashed is None:
             crashed = self.rng.random() < self.c.crash_fraction
         self._announce(now, s, delay=self.c.record_ttl if crashed else self.c.dht_delay)
+        return s
 
     def exodus(self, now: float) -> None:
         limit = self.c.exodus_fraction * self.c.num_blocks
-        for sid in [i for i in self.alive if self.servers[i].placed.start < limit]:
+        for sid in [i for i in self.alive if not self.servers[i].standby and self.servers[i].placed.start < limit]:
             self.leave(now, sid, crashed=True)
+
+    def _track(self, now: float) -> None:
+        """Coverage bookkeeping after the truth changed: hole durations, and standbys that notice."""
+        uncovered = bool((self.swarm.truth <= 1e-9).any())
+        warm = self.c.warmup_hours * 3600
+        if uncovered and self.hole_since is None:
+            self.hole_since = now
+        elif not uncovered and self.hole_since is not None:
+            if now > warm:
+                self.uncovered_seconds += now - max(self.hole_since, warm)
+                if self.hole_since >= warm:
+                    self.hole_durations.append(now - self.hole_since)
+            self.hole_since = None
+        if uncovered:
+            for sid in self.standbys:
+                self._watch(now, self.servers[sid])
+
+    @property
+    def standbys(self) -> list[int]:
+        return [sid for sid in self.alive if self.servers[sid].standby]
 
     def sample(self, now: float) -> None:
         truth = self.swarm.truth
-        present = (self.servers[i] for i in self.alive)  # loading ones too: the bound counts every server present
+        # loading ones too: the bound counts every server present, but not the standbys, which serve nothing
+        present = (s for s in (self.servers[i] for i in self.alive) if not s.standby)
         bound = upper_bound(self.c.num_blocks, ((s.throughput, s.memory) for s in present))
         self.samples.append((now / 3600, float(truth.min()), bound, int((truth <= 1e-9).sum())))
 
@@ -299,6 +473,9 @@ class Simulation:
         end = c.hours * 3600
         for _ in range(c.num_servers):
             self._at(self.rng.uniform(0, c.join_minutes * 60), _Ev.JOIN)
+        self.num_standbys = round(c.standby_fraction * c.num_servers)
+        for _ in range(self.num_standbys):
+            self._at(self.rng.uniform(0, c.join_minutes * 60), _Ev.JOIN, payload=True)
         if c.churn_per_hour > 0:
             rate = c.churn_per_hour * c.num_servers / 3600
             t = c.join_minutes * 60
@@ -313,16 +490,18 @@ class Simulation:
             if now > end:
                 break
             self._dispatch(now, _Ev(kind), sid, payload)
+        if self.hole_since is not None:  # a hole still open at the end counts until the end
+            self.uncovered_seconds += end - max(self.hole_since, c.warmup_hours * 3600)
         return self._summary(time.perf_counter() - started)
 
     def _dispatch(self, now: float, kind: _Ev, sid: int, payload: object) -> None:
         if kind == _Ev.VIEW:
             self.swarm.set_view(sid, payload)  # type: ignore[arg-type]
         elif kind == _Ev.JOIN:
-            self.join(now)
+            self.join(now, standby=bool(payload))
         elif kind == _Ev.LEAVE:
-            self.leave(now)
-            self.join(now)  # churn replaces the server
+            left = self.leave(now)
+            self.join(now, standby=left.standby)  # churn replaces the server (a standby by a standby)
         elif kind == _Ev.SAMPLE:
             self.sample(now)
         elif kind == _Ev.EXODUS:
@@ -332,7 +511,8 @@ class Simulation:
             if not s.alive:
                 return
             {_Ev.ONLINE: self.online, _Ev.MOVED: self.moved, _Ev.CHECK: self.check,
-             _Ev.CONFIRM: self.confirm}[kind](now, s)
+             _Ev.CONFIRM: self.confirm, _Ev.STANDBY_READY: self.standby_ready,
+             _Ev.STANDBY_CHECK: self.standby_check, _Ev.TAKEOVER: self.takeover}[kind](now, s)
 
     def _summary(self, runtime: float) -> SimSummary:
         hours, bottleneck, bound, uncovered = (list(x) for x in zip(*self.samples, strict=True))
@@ -343,6 +523,10 @@ class Simulation:
             p5_ratio=float(np.percentile(ratios, 5)), mean_bottleneck=float(np.mean([b for b, _ in after])),
             mean_upper_bound=float(np.mean([u for _, u in after])), runtime_s=runtime,
             hours=hours, bottleneck=bottleneck, bound=bound, uncovered=uncovered, **self.stats,
+            covered_fraction=1 - self.uncovered_seconds / max(1e-9, (self.c.hours - self.c.warmup_hours) * 3600),
+            holes=len(self.hole_durations), mean_hole_seconds=float(np.mean(self.hole_durations or [0.0])),
+            max_hole_seconds=float(max(self.hole_durations or [0.0])), standbys=self.num_standbys,
+            **self.standby_stats,
         )
 
 
