@@ -59,15 +59,18 @@ def test_a_standby_pool_closes_holes_without_loading():
     assert abs(np.mean(pool.bound) - np.mean(none.bound)) / np.mean(none.bound) < 0.1
 
 
-def test_standby_placement_prefers_the_blocks_with_fewest_servers():
+def test_standby_placement_spreads_the_pool_then_prefers_the_blocks_with_fewest_servers():
     from stamen.server.placement import plan_standby, standby_start
     from stamen.types import Span
 
     counts = np.array([5, 5, 1, 2, 5, 5, 5, 5], dtype=float)
     totals = np.array([9, 9, 3, 1, 9, 9, 9, 9], dtype=float)
-    assert standby_start(counts, totals, 2) == 2  # the block with one server first
-    counts_tied = np.array([2, 2, 2, 2], dtype=float)
-    assert standby_start(counts_tied, np.array([5, 1, 5, 5.0]), 1) == 1  # ties: the weaker throughput
-    assert plan_standby(counts, totals, Span(2, 4)) is None  # already there
-    assert plan_standby(counts, totals, Span(5, 7)) == Span(2, 4)
-    assert plan_standby(np.array([10, 10, 9, 10.0]), np.ones(4), Span(0, 1)) is None  # 9 vs 10: not worth a reload
+    none = np.zeros(8)
+    assert standby_start(counts, none, totals, 2) == 2  # the block with one server first
+    assert standby_start(np.full(4, 2.0), np.zeros(4), np.array([5, 1, 5, 5.0]), 1) == 1  # ties: less throughput
+    held = np.array([0, 0, 1, 1, 0, 0, 0, 0], dtype=float)  # another standby holds [2:4)
+    assert standby_start(counts, held, totals, 2) == 0  # blocks nobody holds come first
+    assert plan_standby(counts, none, totals, Span(2, 4)) is None  # already there
+    assert plan_standby(counts, none, totals, Span(5, 7)) == Span(2, 4)
+    assert plan_standby(np.array([10, 10, 9, 10.0]), np.zeros(4), np.ones(4), Span(0, 1)) is None  # not worth it
+    assert plan_standby(counts, held, totals, Span(2, 4)) == Span(0, 2)  # a block no standby holds

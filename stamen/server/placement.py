@@ -74,25 +74,33 @@ def choose_start(others: np.ndarray, length: int, current: int | None = None) ->
     return best
 
 
-def standby_start(counts: np.ndarray, totals: np.ndarray, length: int, current: int | None = None) -> int:
-    """Where a standby server holds its blocks: the window the swarm can least afford to lose, i.e.
-    whose blocks have the fewest servers (``counts``: online servers per block plus the standbys
-    already holding it, so a pool spreads out), ties broken by the lower throughput (``totals``);
-    compared leximin like ``choose_start``, ties to ``current``."""
-    scale = float(totals.max()) + 1.0 if len(totals) else 1.0
-    return choose_start(counts + totals / scale, length, current)  # count first: throughput adds < 1
+def standby_start(counts: np.ndarray, standbys: np.ndarray, totals: np.ndarray, length: int,
+                  current: int | None = None) -> int:
+    """Where a standby server holds its blocks: the window the swarm can least afford to lose. The
+    pool spreads first (blocks held by the fewest other standbys: a pool stacked on one weak region
+    helps nothing when another region loses its servers at once, the failures that open holes in a
+    large swarm), then the fewest online servers (``counts``), then the lowest throughput
+    (``totals``); compared leximin like ``choose_start``, ties to ``current``."""
+    by_servers = counts + totals / (float(totals.max()) + 1.0 if len(totals) else 1.0)  # throughput adds < 1
+    key = standbys + by_servers / (float(by_servers.max()) + 1.0 if len(by_servers) else 1.0)  # servers add < 1
+    return choose_start(key, length, current)
 
 
-def plan_standby(counts: np.ndarray, totals: np.ndarray, held: Span, margin: float = 0.2) -> Span | None:
-    """Whether a standby holding ``held`` should load other blocks: the window ``standby_start``
-    picks (``counts`` without the standby's own hold), if its weakest block has fewer servers than
-    ``(1 - margin)`` × the held window's weakest, else None; a smaller difference is not worth a reload."""
-    start = standby_start(counts, totals, held.length, held.start)
-    current = float(counts[held.start : held.end].min())
-    proposed = float(counts[start : start + held.length].min())
-    if start == held.start or not (proposed < current and proposed <= (1 - margin) * current):
+def plan_standby(counts: np.ndarray, standbys: np.ndarray, totals: np.ndarray, held: Span,
+                 margin: float = 0.2) -> Span | None:
+    """Whether a standby holding ``held`` should load other blocks (``standbys`` without its own
+    hold): the window ``standby_start`` picks, if it reaches a block held by fewer standbys than the
+    held window's least held block, or, as well held, whose weakest block has fewer servers than
+    ``(1 - margin)`` × the held window's weakest; a smaller difference is not worth a reload."""
+    start = standby_start(counts, standbys, totals, held.length, held.start)
+    if start == held.start:
         return None
-    return Span(start, start + held.length)
+    proposed, current = slice(start, start + held.length), slice(held.start, held.end)
+    fewer_standbys = standbys[proposed].min() < standbys[current].min()
+    same_standbys = standbys[proposed].min() == standbys[current].min()
+    fewer_servers = counts[proposed].min() <= (1 - margin) * counts[current].min() and \
+        counts[proposed].min() < counts[current].min()
+    return Span(start, start + held.length) if fewer_standbys or (same_standbys and fewer_servers) else None
 
 
 def choose_span(num_blocks: int, length: int, spans: Iterable[tuple[Span, float]]) -> Span:

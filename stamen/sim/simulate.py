@@ -293,12 +293,8 @@ class Simulation:
         self.standby_stats["standby_blocks_loaded"] += s.length
         self._at(now + self.c.load_seconds_per_block * s.length, _Ev.STANDBY_READY, s.id)
 
-    def _standby_span(self, s: _Server, current: Span | None = None) -> Span:
-        counts = self.swarm.view_counts + self.swarm.standby_counts
-        if current is not None:
-            counts = counts.copy()
-            counts[current.start : current.end] -= 1  # without its own hold
-        start = standby_start(counts, self.swarm.view, s.length, None if current is None else current.start)
+    def _standby_span(self, s: _Server) -> Span:
+        start = standby_start(self.swarm.view_counts, self.swarm.standby_counts, self.swarm.view, s.length)
         return Span(start, start + s.length)
 
     def _hold(self, span: Span | None, delta: int) -> None:
@@ -306,6 +302,8 @@ class Simulation:
             self.swarm.standby_counts[span.start : span.end] += delta
 
     def standby_ready(self, now: float, s: _Server) -> None:
+        if not s.standby:  # it took over while loading: that load was abandoned
+            return
         if s.held is not None:
             self._hold(s.held, -1)  # re-chosen: the old blocks are dropped now
         s.held, s.target = s.target, None
@@ -319,9 +317,9 @@ class Simulation:
         """Re-choose the held blocks as the swarm changes (loading the new ones before dropping the old)."""
         if not s.standby or s.target is not None:
             return
-        counts = self.swarm.view_counts + self.swarm.standby_counts
-        counts[s.held.start : s.held.end] -= 1  # without its own hold
-        span = plan_standby(counts, self.swarm.view, s.held)
+        others = self.swarm.standby_counts.copy()
+        others[s.held.start : s.held.end] -= 1  # without its own hold
+        span = plan_standby(self.swarm.view_counts, others, self.swarm.view, s.held)
         if span is None:
             self._schedule_standby_check(now, s)
             return
@@ -353,27 +351,28 @@ class Simulation:
         self.standby_stats["blocks_saved"] += s.span.length
         self._truth(s.span, s.throughput)
         self._track(now)
-        self._cover_the_rest(now, s)
+        moving = self._cover_the_rest(now, s)
         self._announce(now, s)
-        if self.c.rebalance:
+        if self.c.rebalance and not moving:  # a move schedules the next check when it is done
             self._schedule_check(now, s)
         self.join_standby(now)  # the pool gets a new standby
 
-    def _cover_the_rest(self, now: float, s: _Server) -> None:
+    def _cover_the_rest(self, now: float, s: _Server) -> bool:
         """Blocks of the hole outside what it held: it serves its blocks meanwhile and loads the
         window of its length with the most uncovered blocks (a move, as ``plan_move`` would make)."""
         truth = self.swarm.truth.copy()
         truth[s.span.start : s.span.end] -= s.throughput
         if not (np.delete(truth, range(s.span.start, s.span.end)) <= 1e-9).any():
-            return
+            return False
         start = choose_start(np.maximum(truth, 0.0), s.length, s.span.start)
         if start == s.span.start:
-            return
+            return False
         s.target = Span(start, start + s.length)
         new_blocks = len(set(range(s.target.start, s.target.end)) - set(range(s.span.start, s.span.end)))
         self.stats["moves"] += 1
         self.stats["blocks_reloaded"] += new_blocks
         self._at(now + self.c.load_seconds_per_block * new_blocks, _Ev.MOVED, s.id)
+        return True
 
     def _schedule_check(self, now: float, s: _Server) -> None:
         self._at(now + self.c.balance_period * self.timing.uniform(0.5, 1.5), _Ev.CHECK, s.id)
