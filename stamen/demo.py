@@ -45,16 +45,18 @@ def main() -> None:
         print("all servers online; logs in", swarm.log_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
-        engine = Engine(model, tokenizer, model_dir.name)
-        for question in QUESTIONS:
-            ids = engine.chat_prompt([{"role": "user", "content": question}])
-            print(f"\nuser: {question}\nassistant: ", end="", flush=True)
-            route: list[str] = []
-            done = engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0),
-                                   functools.partial(_show, route=route))
-            print(f"\n  [route {route[0]}; {done.completion_tokens} tokens; first token after "
-                  f"{done.first_token_s * 1000:.0f} ms, then {done.ms_per_token:.1f} ms/token]")
-        model.shutdown()
+        try:
+            engine = Engine(model, tokenizer, model_dir.name)
+            for question in QUESTIONS:
+                ids = engine.chat_prompt([{"role": "user", "content": question}])
+                print(f"\nuser: {question}\nassistant: ", end="", flush=True)
+                route: list[str] = []
+                done = engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0),
+                                       functools.partial(_show, route=route))
+                print(f"\n  [route {route[0]}; {done.completion_tokens} tokens; first token after "
+                      f"{done.first_token_s * 1000:.0f} ms, then {done.ms_per_token:.1f} ms/token]")
+        finally:
+            model.shutdown()  # then the swarm stops (every server, the bootstrap peer), whatever happened
     print("\nswarm shut down cleanly")
 
 
@@ -69,5 +71,16 @@ def _show(event, route: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import os
+
+    from stamen.errors import StamenError
+
     logging.captureWarnings(True)
-    main()
+    try:
+        main()
+    except StamenError as e:  # one line, as the commands print it (STAMEN_DEBUG=1: the traceback)
+        if os.environ.get("STAMEN_DEBUG", "") not in ("", "0"):
+            raise
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -17,6 +17,11 @@ SessionID = NewType("SessionID", str)
 ModelName = NewType("ModelName", str)
 """The DHT prefix that names a model in the swarm (e.g. ``tiny-llama``)."""
 
+MAX_RECORD_TTL = 300.0
+"""The furthest ahead of now (seconds) a DHT record may expire: five times servers' default
+``--record-ttl`` (leaving minutes of clock skew between peers); every peer refuses a record written
+to last longer (``stamen/dht/node.py``)."""
+
 DtypeName = Literal["float32", "bfloat16", "float16"]
 """A compute dtype by name (``stamen.models.config.DTYPES`` maps it to torch's)."""
 

@@ -217,3 +217,28 @@ def test_disconnect_mid_stream_frees_the_servers_cache(smol_swarm, probe):
     while _server_free_cache(probe) != before:
         assert time.monotonic() < deadline, "the servers' cache was not freed after the client left"
         time.sleep(0.2)
+
+
+def test_disconnect_during_a_non_streamed_request_frees_the_servers_cache_at_once(smol_swarm, probe):
+    """A client that gives up on a non-streamed completion (no bytes flow until the end) frees the
+    servers' cache within a second or two, not when the generation would have ended."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    before = _server_free_cache(probe)
+    url = urlsplit(smol_swarm.api_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection.request("POST", f"{url.path}/completions", json.dumps(
+        {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}),
+        {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while not all(free < before[p] for p, free in _server_free_cache(probe).items()):
+        assert time.monotonic() < deadline, "the request's session never opened"
+        time.sleep(0.1)
+    time.sleep(1.0)  # generating (1000 tokens take a minute here)
+    connection.close()  # the client goes away without reading a byte
+    left = time.monotonic()
+    while _server_free_cache(probe) != before:
+        assert time.monotonic() - left < 5, "the servers' cache was not freed soon after the client left"
+        time.sleep(0.1)
+    assert time.monotonic() - left < 3  # a poll (0.2 s), a token, the close, and our own info calls

@@ -1,8 +1,11 @@
 """A server dies during an API request: with a replacement the request finishes with the same text;
-without one it ends with a clear error, never a hang. Own swarm: the test kills servers."""
+without one it ends with a clear error, never a hang. Own swarm: the test kills servers; each test
+first starts or stops [10:20) servers to have the number it needs, so each passes alone and in
+any order."""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -27,7 +30,31 @@ def swarm(smol_dir, tmp_path_factory):
             s.add_server(smol_dir, span, "--torch-threads", "1")
         s.wait_online(MODEL, 30)
         _, s.api_url = s.start_api(smol_dir)
+        s.api_log = s.log_dir / f"api{len(s.apis) - 1}.log"
+        s.smol_dir = smol_dir
         yield s
+
+
+def _live_middle(swarm) -> list:
+    return [s for s in swarm.servers if s.span == Span(10, 20) and s.proc.poll() is None]
+
+
+def _middle_servers(swarm, count: int) -> None:
+    """Exactly ``count`` live [10:20) servers: start more (an earlier test may have killed them) or
+    stop the extra ones (gracefully: they announce that they leave)."""
+    live = _live_middle(swarm)
+    for server in live[count:]:
+        swarm.stop_server(server)
+    new = [swarm.add_server(swarm.smol_dir, Span(10, 20), "--torch-threads", "1")
+           for _ in range(count - len(live))]
+    if new:
+        swarm.wait_online(MODEL, 30, servers=new)
+    assert len(_live_middle(swarm)) == count
+
+
+def _replacements(swarm) -> int:
+    """Hops the API's sessions replaced so far (its log says so at WARNING)."""
+    return len(re.findall(r"session \w+: replaced ", swarm.api_log.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +74,11 @@ def _busy_middle_server(swarm, probe):
     from stamen.client import loop
     from stamen.rpc.calls import call_info
 
-    records = {s.peer_id: s for s in probe.servers(refresh=True)}
     for server in swarm.servers:
         if server.span != Span(10, 20) or server.proc.poll() is not None:
             continue
-        log = server.log_path.read_text()  # a server logs its peer id when it starts
-        peer = next(p for p, s in records.items() if s.span == Span(10, 20) and p in log)
+        # a server logs its own address when it starts (its log may name other servers too)
+        peer = re.search(r"visible at \S*/p2p/(\w+)", server.log_path.read_text()).group(1)
         if loop.run(call_info(probe.p2p, probe.peer(peer), 10)).cache_tokens_left < 8192:
             return server
     return None
@@ -85,31 +111,42 @@ def _wait_for_text(state, pieces: int, timeout: float = 120) -> None:
 
 
 def test_server_killed_mid_request_with_replacement_gives_the_same_text(swarm, probe, smol_local):
+    """The [10:20) server of a streaming request is killed while the request still has most of its
+    tokens to go: the API's session replays into the spare (its log says so) and the text equals
+    transformers' greedy text."""
+    _middle_servers(swarm, 2)
     model, tok = smol_local
     ids = tok(PROMPT)["input_ids"]
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)
     expected = tok.decode(out[0, len(ids):], skip_special_tokens=True).rstrip("\ufffd")
 
+    replaced_before = _replacements(swarm)
     thread, state = _stream_in_thread(swarm.api_url, 60)
     _wait_for_text(state, 5)
     victim = _busy_middle_server(swarm, probe)
     assert victim is not None, "no [10:20) server holds the request's session"
     swarm.signal_group(victim, signal.SIGKILL)
+    assert state["finish"] is None and state["error"] is None  # the kill landed mid-request
+    victim.proc.wait(30)
     thread.join(timeout=180)
     assert not thread.is_alive(), "the request hung after a server died"
     assert state["error"] is None, state["error"]
     assert "".join(state["deltas"]) == expected
     assert state["finish"] == "length"
+    assert _replacements(swarm) > replaced_before  # a replay happened: the text did not come from luck
 
 
 def test_server_killed_without_replacement_ends_the_request_with_an_error(swarm, probe):
+    _middle_servers(swarm, 1)
     thread, state = _stream_in_thread(swarm.api_url, 400)
     _wait_for_text(state, 3)
     start = time.monotonic()
     victim = _busy_middle_server(swarm, probe)
     assert victim is not None
     swarm.signal_group(victim, signal.SIGKILL)
+    assert state["finish"] is None and state["error"] is None  # the kill landed mid-request
+    victim.proc.wait(30)
     thread.join(timeout=180)
     assert not thread.is_alive(), "the request hung after the last server of its blocks died"
     assert isinstance(state["error"], openai.APIError), state

@@ -78,17 +78,22 @@ def local_turn(smol_local, messages: list[dict[str, str]], max_new_tokens: int) 
 
 
 STATS = r"\[(\d+) tokens[^\]]*?(\(stopped\))?; prompt: sent (\d+) new tokens to the servers, (\d+) reused"
+MAX_NEW_TOKENS = 400
+"""Room for answers: the two questions end (end of turn) after 8 tokens; the poem runs past 400
+tokens without ending (transformers' greedy answer), so Ctrl-C lands while it is still being written
+whatever the machine's speed."""
 
 
 def test_chat_two_turns_send_only_new_tokens_and_ctrl_c_stops_an_answer(smol_swarm, smol_dir, smol_local):
     q1, q2 = "What is the capital of France?", "And of Germany?"
-    ids1, new1, a1 = local_turn(smol_local, [{"role": "user", "content": q1}], 48)
+    ids1, new1, a1 = local_turn(smol_local, [{"role": "user", "content": q1}], MAX_NEW_TOKENS)
     history = [{"role": "user", "content": q1}, {"role": "assistant", "content": a1}, {"role": "user", "content": q2}]
-    ids2, new2, a2 = local_turn(smol_local, history, 48)
+    ids2, new2, a2 = local_turn(smol_local, history, MAX_NEW_TOKENS)
     assert ids2[: len(ids1) + len(new1)] == ids1 + new1  # the template re-creates turn 1 token for token
+    assert new1[-1] == new2[-1] == smol_local[1].eos_token_id  # both answers end by themselves
 
     term = Terminal([sys.executable, "-m", "stamen", "chat", smol_dir, "--initial-peers", *smol_swarm.initial_peers,
-                     "--max-new-tokens", "48"])
+                     "--max-new-tokens", str(MAX_NEW_TOKENS)])
     try:
         term.expect(r"you> ")
         term.send(q1 + "\n")
@@ -110,7 +115,7 @@ def test_chat_two_turns_send_only_new_tokens_and_ctrl_c_stops_an_answer(smol_swa
         term.expect(r"bot> \S+ \S+ \S+")  # a few words have arrived
         term.send("\x03")  # Ctrl-C: stop this answer, keep the chat
         stopped = term.expect(STATS)
-        assert stopped.group(2) == "(stopped)" and int(stopped.group(1)) < 48
+        assert stopped.group(2) == "(stopped)" and int(stopped.group(1)) < MAX_NEW_TOKENS
 
         term.expect(r"you> ")  # still chatting
         term.send(q1 + "\n")

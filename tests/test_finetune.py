@@ -5,8 +5,9 @@ trained parameters, sequence classification.
 Dedicated swarm (its own bootstrap peer): a 4-block float32 Llama on A[0:2), B[2:4) and C[1:4).
 Random routes mix A -> B, A -> C and sub-batches run on different servers at once. Training forwards
 go over ``rpc_train`` (servers keep each hop's graph for the backward of the same call) unless a test
-turns ``train_streams`` off. The kill test runs late: it blocks C while running forward (so B serves),
-then kills B when backward starts. The last test adds D[0:4), which keeps no graphs.
+turns ``train_streams`` off. The kill test starts a server of its own, V[2:4), blocks B and C while
+running forward (so V serves), then kills V when backward starts; the test with a server that keeps
+no graphs adds D[0:4) and stops it. A, B and C stay up: every test passes alone and in any order.
 """
 
 from __future__ import annotations
@@ -351,22 +352,35 @@ def test_bad_gradients_get_typed_errors_and_the_server_keeps_serving(tune):
 
 def test_server_killed_during_backward(tune):
     """SIGKILL the server that ran forward over [2:4) as backward starts: the client reroutes those
-    blocks to C, recomputes them there, and the step's gradients equal the local ones; training goes on."""
-    swarm, path, servers, peers, _ = tune
+    blocks to B or C, recomputes them there, and the step's gradients equal the local ones; training
+    goes on. The victim is a server of this test's own (V[2:4)): the module's servers stay up."""
+    swarm, path, _, peers, _ = tune
+    victim = swarm.add_server(path, Span(2, 4), "--torch-threads", "1")
+    try:
+        swarm.wait_online("llama-tune", 4, servers=[victim])
+        victim_peer = swarm.wait_for("llama-tune", 4, lambda records: next(
+            (p for p, r in records.items() if (r.start, r.end) == (2, 4) and p not in peers.values()), None),
+            "the victim's record", servers=[victim])
+        _killed_during_backward(swarm, path, victim, victim_peer, [peers["B"], peers["C"]])
+    finally:
+        swarm.stop_server(victim)
+
+
+def _killed_during_backward(swarm, path, victim, victim_peer: str, others: list[str]) -> None:
     model = AutoDistributedModelForCausalLM.from_pretrained(
         path, initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=3,
         lora=LoraSettings(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-        sub_batch_tokens=20, request_timeout=20, max_retries=3, ban_timeout=600, blocked_servers=[peers["C"]])
+        sub_batch_tokens=20, request_timeout=20, max_retries=3, ban_timeout=600, blocked_servers=others)
     try:
         _randomize(model, 7)
         reference, local_prompts = _local_copy(model, path)
         ids, mask, labels = _batch(model.block_config.vocab_size, seed=8)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)  # A -> B: C is blocked
-        model.swarm.config.blocked_servers = []  # the replacement is there from now on
-        out.logits.register_hook(lambda g: swarm.signal_group(servers["B"], signal.SIGKILL))
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)  # A -> V: B and C are blocked
+        model.swarm.config.blocked_servers = []  # the replacements are there from now on
+        out.logits.register_hook(lambda g: swarm.signal_group(victim, signal.SIGKILL))
         out.loss.backward()
-        assert servers["B"].proc.wait(10) is not None
-        assert peers["B"] in model.swarm._banned_until  # its backward failed and was rerouted
+        assert victim.proc.wait(10) is not None
+        assert victim_peer in model.swarm._banned_until  # its backward failed and was rerouted
 
         causal_lm_loss(local_logits(reference, ids, mask, local_prompts), labels).backward()
         torch.testing.assert_close(model.prompts.deep_prompts.grad, local_prompts.deep_prompts.grad,

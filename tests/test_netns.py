@@ -55,8 +55,10 @@ def test_relay_delays_each_direction_in_order_without_serialising_messages():
 
     echoed, payload, first_at, total = asyncio.run(main())
     assert echoed == payload  # every byte, in order
-    assert 0.075 <= first_at < 0.2  # 40 ms each way
-    assert total < 0.5  # 50 messages × 80 ms would be 4 s if the delay serialised them
+    # lower bounds are physics (the relay holds every byte 40 ms each way); upper bounds leave room
+    # for a loaded machine yet stay far below what serialising the delay would take
+    assert first_at >= 0.075  # 40 ms each way
+    assert total - first_at < 1.0  # the rest streamed behind the first: 50 messages × 80 ms would be 4 s
 
 
 def test_injected_rtt_adds_to_a_hivemind_stream_round_trip():
@@ -112,8 +114,10 @@ def test_injected_rtt_adds_to_a_hivemind_stream_round_trip():
 
     base, delayed, back, connections = asyncio.run(main())
     assert connections >= 1  # the stream went through the relay
-    assert 58 <= delayed - base <= 80, (base, delayed)
-    assert back < base + 10, (base, back)
+    # the fastest of 10 round trips: at least the injected 60 ms more (physics), at most about
+    # twice that (load on the machine adds to single round trips, rarely to all 10)
+    assert 58 <= delayed - base <= 120, (base, delayed)
+    assert back < base + 30, (base, back)
 
 
 @needs_netns

@@ -24,11 +24,18 @@ from stamen.errors import (
     WrongBlocksError,
 )
 from stamen.rpc import protocol
-from stamen.rpc.calls import call_forward
+from stamen.rpc.calls import _call, call_forward
 from stamen.rpc.inference import InferenceStream
 from stamen.rpc.inputs import SpanInputs
 from stamen.types import ModelName, Span
-from stamen.wire.messages import CloseSession, Step, decode_inference_reply, encode
+from stamen.wire.messages import (
+    CloseSession,
+    Step,
+    decode_forward_reply,
+    decode_inference_reply,
+    decode_push_reply,
+    encode,
+)
 from stamen.wire.stream import BYTEORDER, LENGTH_BYTES, MAX_FRAME_BYTES, MESSAGE_MARKER
 from stamen.wire.tensors import encode_tensor
 
@@ -229,3 +236,133 @@ def test_a_cut_stream_reply_is_a_retryable_network_fault():
     with pytest.raises(RemoteCallError, match="after 5 of 8 messages") as info:
         check_complete(peer, "forward", 5, 8)
     assert is_retryable(info.value)
+
+
+# --- issue 20: sessions belong to their owner, every refusal is a typed reply ---
+
+
+def test_beam_search_over_a_left_padded_batch_matches_transformers(swarm, model_dirs):
+    """The padding mask kept in the cache is reordered by every beam-search step (``hypo_ids``)."""
+    from transformers import AutoModelForCausalLM
+
+    from stamen import AutoDistributedModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2-bias"]).eval()
+    model = AutoDistributedModelForCausalLM.from_pretrained(model_dirs["qwen2-bias"], initial_peers=swarm.initial_peers,
+                                                            request_timeout=30)
+    try:
+        ids = torch.randint(3, ref.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(11))
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        ids[1, :3] = 0
+        settings = dict(max_new_tokens=4, num_beams=2, do_sample=False, eos_token_id=None, pad_token_id=0,
+                        length_penalty=1.0, early_stopping=False)
+        expected = ref.generate(ids, attention_mask=mask, **settings)
+        got = model.generate(ids, attention_mask=mask, **settings)
+        assert torch.equal(got, expected)
+    finally:
+        model.shutdown()
+
+
+def test_a_session_belongs_to_the_peer_that_opened_it(qwen, swarm):
+    """Another peer can neither close nor step a session it did not open (it is unknown to it)."""
+    s, peer = qwen
+    stream = _open(s, peer)
+    other = Swarm(ModelName("qwen2-bias"), 4, ClientConfig(initial_peers=swarm.initial_peers, request_timeout=20))
+    try:
+        stranger = _open(other, peer)
+        assert _raw(stranger, encode(CloseSession(session_id=stream.session_id))) == "unknown_session"
+        with pytest.raises(UnknownSessionError):
+            _step(stranger, torch.randn(1, 1, HIDDEN), session_id=stream.session_id)
+        loop.run(stranger.close())
+    finally:
+        other.shutdown()
+    assert _step(stream, torch.randn(1, 2, HIDDEN)).shape == (1, 2, HIDDEN)  # still open
+    loop.run(stream.close())
+
+
+def test_a_push_far_ahead_of_the_session_is_refused(qwen):
+    """A pushed step id far past the session's last step (2^62) is refused on the push stream; it
+    used to become the session's last step, and the owner's later steps were dropped as duplicates."""
+    s, peer = qwen
+    stream = _open(s, peer)
+
+    async def push() -> list:
+        link = await protocol.open_lean(s.p2p, peer, protocol.PUSH)
+        step = Step(session_id=stream.session_id, step_id=2**62, position=0)
+        link.send(runtime_pb2.ExpertRequest(metadata=encode(step), tensors=[encode_tensor(torch.randn(1, 1, HIDDEN))]))
+        link.end()
+        replies = []
+        while (reply := await asyncio.wait_for(link.recv(runtime_pb2.ExpertResponse), 20)) is not None:
+            replies.append(decode_push_reply(reply.metadata))
+        link.close()
+        return replies
+
+    assert [r.code for r in loop.run(push())] == ["invalid_request"]
+    out = loop.run(asyncio.wait_for(stream.step(torch.randn(1, 2, HIDDEN), 0), 10))
+    assert out.shape == (1, 2, HIDDEN)
+    loop.run(stream.close())
+
+
+def test_closing_a_session_while_its_step_waits_for_compute(qwen):
+    """A close from another stream of the owner while the session's step waits behind a long
+    forward: the close is answered, the step gets its output or session_closed (never internal),
+    and the cache comes back."""
+    s, peer = qwen
+    stream = _open(s, peer, max_length=600)
+    closer = _open(s, peer, max_length=4)
+
+    async def race():
+        busy = asyncio.ensure_future(call_forward(s.p2p, peer, Span(0, 3), SpanInputs(torch.randn(2, 4000, HIDDEN)),
+                                                  timeout=60))
+        await asyncio.sleep(0.3)
+        step = asyncio.ensure_future(stream.step(torch.randn(1, 500, HIDDEN), 0))  # > 8 tokens: waits for compute
+        await asyncio.sleep(0.05)
+        closed = await closer.control(runtime_pb2.ExpertRequest(metadata=encode(CloseSession(
+            session_id=stream.session_id))))
+        return closed, await asyncio.gather(step, busy, return_exceptions=True)
+
+    (closed, _), (step, busy) = loop.run(race())
+    assert closed.kind == "closed"
+    assert isinstance(busy, torch.Tensor)
+    assert isinstance(step, (torch.Tensor, SessionClosedError)), step
+    loop.run(closer.close())
+    held = _open(s, peer, max_length=1000)  # the closed session's cache came back
+    loop.run(held.close())
+    _good_step_works(s, peer)
+
+
+def test_a_forward_of_batch_zero_is_refused(qwen):
+    s, peer = qwen
+    with pytest.raises(InvalidRequestError, match="batch"):
+        loop.run(call_forward(s.p2p, peer, Span(0, 3), SpanInputs(torch.randn(0, 2, HIDDEN)), timeout=20))
+    _good_step_works(s, peer)
+
+
+def test_a_clients_error_frame_is_not_answered_as_a_server_bug(qwen):
+    """A client that fails its inference stream (an error frame) ends it; nothing is `internal`."""
+    s, peer = qwen
+
+    async def fail_stream() -> list:
+        stream = await protocol.open_lean(s.p2p, peer, protocol.INFERENCE)
+        stream.send_error("the client gave up")
+        replies = []
+        while (reply := await asyncio.wait_for(stream.recv(runtime_pb2.ExpertResponse), 20)) is not None:
+            replies.append(decode_inference_reply(reply.metadata))
+        stream.close()
+        return replies
+
+    assert [r.code for r in loop.run(fail_stream()) if r.kind == "error"] == []
+    _good_step_works(s, peer)
+
+
+def test_an_error_early_in_a_multi_part_request_is_a_typed_reply(qwen):
+    """Undecodable metadata on the first of 32 one-MiB parts: the server answers invalid_request and
+    reads (drops) the rest, instead of closing the stream under the client's writes (which reached
+    the client as a broken pipe, a reset or an empty reply: a network fault, retried and banned)."""
+    s, peer = qwen
+    part = runtime_pb2.Tensor(buffer=bytes(1 << 20), dtype="float32", size=[1 << 18])
+    messages = [runtime_pb2.ExpertRequest(metadata=b"{garbled" if i == 0 else b"", tensors=[part]) for i in range(32)]
+    with pytest.raises(InvalidRequestError):
+        loop.run(_call(s.p2p, peer, protocol.FORWARD, messages, decode_forward_reply, 20, "forward"))
+    _good_step_works(s, peer)

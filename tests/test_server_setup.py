@@ -117,6 +117,31 @@ def test_health_shows_a_moving_server():
     assert ServerRecord.model_validate(records["peer-b"].model_dump(mode="json")).placed_span == Span(2, 4)
 
 
+def test_health_counts_only_live_servers():
+    """A killed server's online record lingers until it expires: health counts a server only if it
+    answers a ping or, not pinged, announced within its period (ttl/3, plus a grace)."""
+    now, common = 1000.0, dict(throughput=5.0, cache_tokens_left=10, dtype="float32", version="0", ttl=60.0)
+    records = {
+        "fresh": ServerRecord(state=ServerState.ONLINE, start=0, end=2, announced_at=now - 5, **common),
+        "dead": ServerRecord(state=ServerState.ONLINE, start=2, end=4, announced_at=now - 5, **common),
+        "quiet": ServerRecord(state=ServerState.ONLINE, start=2, end=4, announced_at=now - 31, **common),
+        "loading": ServerRecord(state=ServerState.JOINING, start=2, end=4, announced_at=now - 300, **common),
+        "old": ServerRecord(state=ServerState.ONLINE, start=0, end=1, **common),  # no time stamped: not stale
+    }
+    report = swarm_health("m", 4, records, now=now)  # nobody pinged: the stale record does not count
+    assert report.stale == ["quiet"] and report.unreachable == [] and report.servers[-1].age == 31
+    assert report.block_servers == [2, 1, 1, 1] and report.uncovered_blocks == []
+    report = swarm_health("m", 4, records, pings={"fresh": 0.001, "old": 0.001, "dead": None, "quiet": None}, now=now)
+    assert report.unreachable == ["dead", "quiet"] and report.uncovered_blocks == [2, 3]
+    assert report.block_servers == [2, 1, 0, 0] and report.bottleneck_throughput == 0
+    assert [s.live for s in report.servers] == [True, True, False, False, False]
+    text = format_health(report)
+    assert "uncovered blocks: 2, 3" in text and "unreachable (announced online" in text and "(2 live)" in text
+    # a server that answers counts, even if it has not announced for a while
+    report = swarm_health("m", 4, records, pings={"quiet": 0.002}, now=now)
+    assert report.uncovered_blocks == [] and report.servers[4].ping_ms == 2.0 and report.stale == ["quiet"]
+
+
 def test_decoding_threads_are_the_fewest_within_the_tolerance():
     assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(6) == [1, 2, 4, 6]
     assert fewest_within({1: 10.0, 2: 9.5}, 0.10) == 1  # memory-bound: a second thread adds barriers only

@@ -2,8 +2,11 @@
 ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed as server-sent events.
 
 Every request runs in its own worker thread and its own inference session; tokens reach the event
-loop through a queue. A client that disconnects mid-stream sets its request's cancel flag: the
+loop through a queue. A client that disconnects sets its request's cancel flag (streamed: the
+SSE generator is cancelled; non-streamed: a watcher polls the connection every 0.2 s): the
 worker stops at the next token and closes the session, which frees the servers' cache.
+``/openapi.json`` publishes the request bodies, the replies (JSON, or ``text/event-stream`` when
+streamed) and the errors (OpenAI's JSON with 400, 404, 503).
 """
 
 from __future__ import annotations
@@ -19,11 +22,25 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 
 from stamen.api.engine import Engine, Event, Finished, SamplingParams, Started, TextDelta
-from stamen.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, _Request
+from stamen.api.schemas import (
+    CHAT_EVENTS,
+    COMPLETION_EVENTS,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    _Request,
+)
 from stamen.errors import InvalidRequestError, RemoteCallError, ServerFullError, StamenError, SwarmNotReadyError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +49,10 @@ CLIENT_CLOSED_REQUEST = 499
 """The status logged for a request whose client went away (nginx's convention)."""
 WORKER_THREADS = 64
 """Requests generating at once; more wait for a thread."""
+DISCONNECT_POLL_S = 0.2
+"""How often a non-streamed request checks that its client is still connected."""
+_DISCONNECTED: Any = object()
+"""Queued for a non-streamed request whose client went away."""
 
 
 class APIError(Exception):
@@ -53,7 +74,10 @@ def _from_stamen_error(e: Exception) -> APIError:
         return bad_request(str(e))
     if isinstance(e, SwarmNotReadyError):
         return APIError(503, str(e), "service_unavailable", "swarm_not_ready")
-    if isinstance(e, (ServerFullError, RemoteCallError)):
+    if isinstance(e, ServerFullError):  # load, not a fault: the client may retry shortly
+        return APIError(503, f"the swarm's servers are full now, retry later: {e}", "service_unavailable",
+                        "servers_full")
+    if isinstance(e, RemoteCallError):
         return APIError(503, f"the swarm cannot serve this request now: {e}", "service_unavailable",
                         "swarm_unavailable")
     if isinstance(e, StamenError):
@@ -79,22 +103,24 @@ def create_app(engine: Engine) -> FastAPI:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return e.response()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(engine)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_errors(404))
     async def get_model(model_id: str) -> dict[str, Any]:
         _check_model(engine, model_id)
         return _model_card(engine)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletion, CHAT_EVENTS),
+              openapi_extra=_request_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         body = await _parse(request, ChatCompletionRequest)
         prompt = _tokenize(lambda: engine.chat_prompt([m.as_template_message() for m in body.messages]))
         return await _serve(engine, limiter, request, body, prompt, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(Completion, COMPLETION_EVENTS),
+              openapi_extra=_request_body(CompletionRequest))
     async def completions(request: Request):
         body = await _parse(request, CompletionRequest)
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
@@ -107,7 +133,54 @@ def create_app(engine: Engine) -> FastAPI:
             prompt = _tokenize(lambda: engine.text_prompt(text))
         return await _serve(engine, limiter, request, body, prompt, chat=False)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+_SCHEMA_REF = "#/components/schemas/{model}"
+_ERROR_STATUSES = {400: "Bad request: malformed JSON, wrong types or values, unsupported options, or a prompt "
+                        "and completion longer than the context",
+                   404: "The model named does not exist here",
+                   503: "The swarm cannot serve the request now: some blocks have no server, or the servers "
+                        "are full or failing; retry later"}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse, "description": _ERROR_STATUSES[s]} for s in statuses}
+
+
+def _generation_responses(reply: type, events: str) -> dict[int | str, dict[str, Any]]:
+    """A generation route's replies: JSON without ``stream``, server-sent events with it, errors."""
+    return {200: {"model": reply, "description": "The completion (JSON), or with `stream: true` its pieces as "
+                                                  "server-sent events (`text/event-stream`)",
+                  "content": {"text/event-stream": {"schema": {"type": "string", "description": events}}}},
+            **_errors(400, 404, 503)}
+
+
+def _request_body(schema: type) -> dict[str, Any]:
+    """The request body as published: the bodies are parsed by our own strict models (so that
+    errors are OpenAI's 400s, never FastAPI's 422s), whose JSON schemas ``_openapi`` adds."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": _SCHEMA_REF.format(model=schema.__name__)}}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the request bodies' schemas, less the 422 replies this API never
+    sends (errors are OpenAI's JSON with 400, 404 or 503)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description="OpenAI-compatible completions over a Stamen swarm.")
+        _, defs = models_json_schema([(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)],
+                                     ref_template=_SCHEMA_REF)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.get("$defs", {}))
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _model_card(engine: Engine) -> dict[str, Any]:
@@ -145,7 +218,9 @@ async def _serve(engine: Engine, limiter: anyio.CapacityLimiter, request: Reques
     _check_model(engine, body.model)
     try:
         max_new = engine.resolve_max_tokens(len(prompt), body.limit)
-        engine.check_ready()
+        # off the event loop: a stale view is re-read from the DHT, which can take seconds after a
+        # DHT peer died, and every stream of this API would wait meanwhile
+        await anyio.to_thread.run_sync(engine.check_ready)  # (not the generations' limiter: never queued)
     except StamenError as e:
         raise _from_stamen_error(e) from None
     params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
@@ -208,17 +283,27 @@ class _Job:
         return event
 
     async def wait_finished(self, request: Request) -> Finished | None:
-        """The final event, or None (and the work cancelled) if the client disconnects meanwhile."""
-        while True:
-            try:
-                event = await asyncio.wait_for(self.next(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel.set()
+        """The final event, or None (and the work cancelled) if the client disconnects meanwhile.
+        A watcher polls the connection every ``DISCONNECT_POLL_S`` whatever the events (tokens
+        arrive faster than any poll period, so waiting for a quiet moment would never check)."""
+        watcher = asyncio.ensure_future(self._watch(request))
+        try:
+            while True:
+                event = await self.next()
+                if event is _DISCONNECTED:
                     return None
-                continue
-            if isinstance(event, Finished):
-                return event
+                if isinstance(event, Finished):
+                    return event
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, request: Request) -> None:
+        while not self.cancel.is_set():
+            if await request.is_disconnected():
+                self.cancel.set()  # the worker stops at the next token and closes the session
+                self.queue.put_nowait(_DISCONNECTED)
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def _usage(done: Finished) -> dict[str, int]:

@@ -22,6 +22,10 @@ from stamen.types import missing_blocks
 
 logger = logging.getLogger(__name__)
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): dividing logits by 1e-300 overflows to
+infinities, and sampling from them fails."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -210,8 +214,13 @@ class Engine:
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError(f"{self.model_id} has no chat template: use /v1/completions")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"])
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+        except TemplateError as e:  # the template refuses these messages (a role it lacks, an order it forbids)
+            raise InvalidRequestError(f"the model's chat template refuses these messages: {e}") from None
 
     def text_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -244,7 +253,7 @@ class Engine:
         cancel = cancel or threading.Event()
         tracker = TextTracker(self.tokenizer, params.stop, self.eos_token_ids)
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        sampling = params.temperature > 0
+        sampling = params.temperature >= GREEDY_BELOW
         kwargs: dict[str, Any] = {"do_sample": sampling}
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)

@@ -21,7 +21,8 @@ class _Request(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     """0 means greedy decoding."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    """Any integer a 64-bit generator takes (signed or unsigned)."""
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -100,6 +101,62 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed reply of ``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    """A non-streamed reply of ``POST /v1/completions``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -108,4 +165,16 @@ class ErrorBody(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """OpenAI's error JSON: every status but 200 (also sent in-band as the last event of a stream)."""
+
     error: ErrorBody
+
+
+CHAT_EVENTS = """Server-sent events, each `data: <JSON>` and a blank line: `chat.completion.chunk` objects
+(`choices[0].delta` holds `role` first, then `content` pieces; the last chunk has `finish_reason`),
+then, with `stream_options.include_usage`, a chunk with empty `choices` and `usage`, then
+`data: [DONE]`. An error after the stream started arrives as an event holding OpenAI's error JSON."""
+COMPLETION_EVENTS = """Server-sent events, each `data: <JSON>` and a blank line: `text_completion` objects
+(`choices[0].text` holds the next piece; the last one has `finish_reason`), then, with
+`stream_options.include_usage`, one with empty `choices` and `usage`, then `data: [DONE]`. An error
+after the stream started arrives as an event holding OpenAI's error JSON."""

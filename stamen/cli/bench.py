@@ -145,6 +145,29 @@ def bench_api(
     run_api_bench(new_tokens=new_tokens, runs=runs, concurrency=concurrency, json_only=json_out)
 
 
+@bench_app.command("failover")
+def bench_failover(
+    model: BenchModelOpt = None,
+    preset: Annotated[str, typer.Option(help="Preset of the random model: small (default), tiny, 246m.")] = "small",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per client and trial.")] = 32,
+    fault_at: Annotated[int, typer.Option(help="The token after which the server in use is signalled.")] = 10,
+    runs: Annotated[int, typer.Option(help="Trials per fault and client count (medians over all clients).")] = 3,
+    clients: Annotated[list[int], typer.Option(help="Concurrent client counts.")] = [1, 4],  # noqa: B006
+    fault: Annotated[list[str], typer.Option(help="kill (SIGKILL) and/or stop (SIGSTOP).")] = ["kill", "stop"],  # noqa: B006
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """The stall of a generation whose server dies (SIGKILL) or hangs (SIGSTOP) mid-way: time to notice it
+    and to replace it (route, open, replay), with 1 and 4 concurrent clients."""
+    setup_logging("WARNING")
+    from stamen.bench.failover import SIGNALS, FailoverSettings, run_failover_bench
+
+    unknown = [f for f in fault if f not in SIGNALS]
+    if unknown:
+        raise typer.BadParameter(f"unknown fault {unknown[0]!r}: use kill or stop", param_hint="--fault")
+    run_failover_bench(FailoverSettings(model=model, preset=preset, new_tokens=new_tokens, fault_at=fault_at,
+                                        runs=runs, clients=list(clients), signals=list(fault)), json_only=json_out)
+
+
 @bench_app.command("network")
 def bench_network(
     model: Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")] = None,

@@ -29,6 +29,15 @@ def run_chat(model: str, initial_peers: list[str], *, max_new_tokens: int, max_l
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers, dht_prefix=dht_prefix)
+    try:
+        _chat(dmodel, tokenizer, model, max_new_tokens=max_new_tokens, max_length=max_length,
+              temperature=temperature, top_p=top_p, seed=seed, system=system)
+    finally:
+        dmodel.shutdown()
+
+
+def _chat(dmodel, tokenizer, model: str, *, max_new_tokens: int, max_length: int, temperature: float, top_p: float,
+          seed: int | None, system: str | None) -> None:
     engine = Engine(dmodel, tokenizer, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     session = InferenceSession(dmodel.swarm, max_length)
@@ -64,7 +73,6 @@ def run_chat(model: str, initial_peers: list[str], *, max_new_tokens: int, max_l
             messages.append({"role": "assistant", "content": answer})
     finally:
         session.close()
-        dmodel.shutdown()
 
 
 def _answer(engine: Engine, session: InferenceSession, ids: list[int], params: SamplingParams) -> str:

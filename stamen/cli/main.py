@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer 0.29 vendors click
 
 from stamen.cli.bench import bench_app
 from stamen.cli.logs import setup_logging
 from stamen.cli.options import CliField, config_options
 from stamen.cli.streamer import TimedTextStreamer
 from stamen.client.config import ClientConfig
-from stamen.server.config import ServerConfig
+from stamen.errors import StamenError
+from stamen.process import check_port_free
+from stamen.server.config import ServerConfig, missing_local_dir
 from stamen.sim.simulate import SimConfig
 from stamen.types import parse_bytes
 
@@ -29,6 +32,16 @@ app.add_typer(bench_app, name="bench")
 PeersOpt = Annotated[list[str], typer.Option("--initial-peers", help="Multiaddrs of DHT peers to join.")]
 
 
+def _existing_model(model: str) -> str:
+    """MODEL of a client command: a path that is not a directory is a usage error (not a hub id)."""
+    if missing_local_dir(model):
+        raise typer.BadParameter(f"no such directory: {model}")
+    return model
+
+
+ModelArg = Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.", callback=_existing_model)]
+
+
 @app.command()
 def dht(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -38,19 +51,21 @@ def dht(
 ) -> None:
     """Start a bootstrap DHT peer and print its multiaddrs, one per line."""
     setup_logging("WARNING")
+    check_port_free(host, port)  # at once, before the imports that load torch
+    from stamen.server.config import parent_gone
     from stamen.server.server import start_dht
 
-    node = start_dht(initial_peers, host, port, str(identity) if identity else None)
-    for maddr in node.get_visible_maddrs():
-        print(maddr, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    from stamen.server.config import parent_gone
-
-    while not stop.wait(1.0) and not parent_gone():
-        pass
-    node.shutdown()
+    node = start_dht(initial_peers, host, port, str(identity) if identity else None)  # checks the port first
+    try:
+        for maddr in node.get_visible_maddrs():
+            print(maddr, flush=True)
+        while not stop.wait(1.0) and not parent_gone():
+            pass
+    finally:
+        node.shutdown()
 
 
 SERVER_FIELDS = {"model": CliField(argument=True), "max_memory": CliField(parser=parse_bytes, metavar="SIZE")}
@@ -62,6 +77,7 @@ SERVER_FIELDS = {"model": CliField(argument=True), "max_memory": CliField(parser
 def server(config: ServerConfig) -> None:
     """Serve a span of a model's blocks to the swarm."""
     setup_logging()
+    check_port_free(config.host, config.port)  # at once, before the imports that load torch
     from stamen.server.server import Server
 
     Server(config).run()
@@ -82,10 +98,10 @@ def _client_kwargs(config: ClientConfig) -> dict:
 @app.command()
 @config_options(ClientConfig, "client", include=INFERENCE_FIELDS)
 def generate(
-    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    model: ModelArg,
     client: ClientConfig,
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "Hello",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", min=1)] = 32,
     do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option()] = 1.0,
     top_k: Annotated[int, typer.Option()] = 50,
@@ -106,20 +122,22 @@ def generate(
         torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model)
     dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, client.initial_peers, **_client_kwargs(client))
-    if chat and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    streamer = TimedTextStreamer(tokenizer)
-    with dmodel.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
-        print(f"route: {session.describe_route()}", file=sys.stderr)
-        dmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, streamer=streamer,
-                        **({"eos_token_id": None} if no_eos else {}))
-    print(file=sys.stdout)
-    print(streamer.summary(), file=sys.stderr)
-    dmodel.shutdown()
+    try:
+        if chat and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        streamer = TimedTextStreamer(tokenizer)
+        with dmodel.inference_session(max_length=ids.shape[1] + max_new_tokens) as session:
+            print(f"route: {session.describe_route()}", file=sys.stderr)
+            dmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, streamer=streamer,
+                            **({"eos_token_id": None} if no_eos else {}))
+        print(file=sys.stdout)
+        print(streamer.summary(), file=sys.stderr)
+    finally:
+        dmodel.shutdown()
 
 
 @app.command()
@@ -146,7 +164,7 @@ def convert(
 @app.command()
 @config_options(ClientConfig, "client", include=CLIENT_FIELDS)
 def chat(
-    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    model: ModelArg,
     client: ClientConfig,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation's session can hold.")] = 2048,
@@ -166,7 +184,7 @@ def chat(
 @app.command()
 @config_options(ClientConfig, "client", include=INFERENCE_FIELDS)
 def api(
-    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    model: ModelArg,
     client: ClientConfig,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -176,6 +194,7 @@ def api(
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (chat completions, completions, models) over the swarm."""
     setup_logging("INFO")
+    check_port_free(host, port, "serve the API")  # at once: uvicorn would find it busy only after joining the swarm
     import uvicorn
     from transformers import AutoTokenizer
 
@@ -187,10 +206,10 @@ def api(
     tokenizer = AutoTokenizer.from_pretrained(model)
     dmodel = AutoDistributedModelForCausalLM.from_pretrained(model, client.initial_peers, wait_for_servers=False,
                                                              **_client_kwargs(client))
-    engine = Engine(dmodel, tokenizer, model_id or client.dht_prefix or default_dht_prefix(model),
-                    default_max_tokens=default_max_tokens)
-    logging.getLogger(__name__).info("serving %s at http://%s:%d/v1", engine.model_id, host, port)
     try:
+        engine = Engine(dmodel, tokenizer, model_id or client.dht_prefix or default_dht_prefix(model),
+                        default_max_tokens=default_max_tokens)
+        logging.getLogger(__name__).info("serving %s at http://%s:%d/v1", engine.model_id, host, port)
         uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
     finally:
         dmodel.shutdown()
@@ -198,25 +217,61 @@ def api(
 
 @app.command()
 @config_options(ClientConfig, "client", include=CLIENT_FIELDS)
+def dashboard(
+    model: ModelArg,
+    client: ClientConfig,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
+    period: Annotated[float, typer.Option(help="Seconds between readings of the swarm.")] = 2.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve a live view of the swarm in the browser: every block with its servers and their states,
+    throughput and free cache, uncovered blocks, the bottleneck, and an hour of history (the page
+    at /, its data at /api/health, the same view as `stamen health --json`, and /api/history)."""
+    setup_logging("INFO")
+    import uvicorn
+
+    from stamen.api.dashboard import SwarmWatcher, create_dashboard
+    from stamen.client.health import read_health
+    from stamen.dht.node import create_dht
+    from stamen.models import BlockConfig, load_config
+    from stamen.process import check_port_free
+    from stamen.types import ModelName, default_dht_prefix
+
+    check_port_free(host, port, "serve the dashboard")
+    num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
+    name = ModelName(client.dht_prefix or default_dht_prefix(model))
+    node = create_dht(client.initial_peers, client_mode=True)
+    watcher = SwarmWatcher(lambda: read_health(node, name, num_blocks), period).start()
+    logging.getLogger(__name__).info("dashboard of %s at http://%s:%d/", name, host, port)
+    try:
+        uvicorn.run(create_dashboard(watcher), host=host, port=port, log_level=log_level)
+    finally:
+        watcher.stop()
+        node.shutdown()
+
+
+@app.command()
+@config_options(ClientConfig, "client", include=CLIENT_FIELDS)
 def health(
-    model: Annotated[str, typer.Argument(help="Hugging Face model directory or hub id.")],
+    model: ModelArg,
     client: ClientConfig,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Print the swarm: servers with span, state, throughput, free cache, version; per-block coverage."""
+    """Print the swarm: servers with span, state, throughput, free cache, version; per-block coverage
+    by the live servers (online servers are pinged: one that does not answer is not counted)."""
     setup_logging("WARNING")
-    from hivemind import DHT
-
-    from stamen.dht.health import format_health, swarm_health
-    from stamen.dht.records import fetch_servers
+    from stamen.client.health import read_health
+    from stamen.dht.health import format_health
     from stamen.models import BlockConfig, load_config
-    from stamen.types import default_dht_prefix
+    from stamen.server.server import start_dht
+    from stamen.types import ModelName, default_dht_prefix
 
     num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
-    name = client.dht_prefix or default_dht_prefix(model)
-    node = DHT(initial_peers=client.initial_peers, start=True, client_mode=True)
+    name = ModelName(client.dht_prefix or default_dht_prefix(model))
+    node = start_dht(client.initial_peers, "127.0.0.1", 0, client_mode=True)
     try:
-        report = swarm_health(name, num_blocks, fetch_servers(node, name, num_blocks))
+        report = read_health(node, name, num_blocks)
     finally:
         node.shutdown()
     print(report.model_dump_json(indent=2) if json_out else format_health(report))
@@ -266,7 +321,51 @@ def main() -> None:
     # parallel regions of a step, so compute in one process is unchanged while servers sharing
     # cores do not stall each other (docs/benchmarks.md, GOMP_SPINCOUNT). Read when torch loads.
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")
-    app()
+    debug = _debug_requested()
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except UsageError as e:  # bad usage: one line, with where to read more
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        code = e.exit_code
+    except ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        code = e.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        code = 1
+    except StamenError as e:  # the project's typed errors: their message is the whole story
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+DEBUG_ENV = "STAMEN_DEBUG"
+"""Set to 1 (or pass --debug anywhere on the command line) to get tracebacks instead of one-line errors."""
+
+
+def _debug_requested() -> bool:
+    """Whether tracebacks are wanted: ``--debug`` anywhere before ``--`` (taken out of the
+    arguments, so every command accepts it) or ``STAMEN_DEBUG=1``."""
+    args = sys.argv[1:]
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        del sys.argv[1 + args.index("--debug")]
+        os.environ[DEBUG_ENV] = "1"  # the processes a command starts (LocalSwarm's servers) inherit it
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show tracebacks instead of one-line errors "
+                                        f"(also {DEBUG_ENV}=1).")] = False,
+) -> None:
+    """Stamen: run large language models over a swarm of peers."""
 
 
 if __name__ == "__main__":

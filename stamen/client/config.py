@@ -21,6 +21,19 @@ class ClientConfig(BaseModel):
     """Seconds to wait for online servers to cover every block."""
     request_timeout: float = Field(default=60.0, gt=0)
     """Seconds to wait for one server's reply before treating it as failed."""
+    hang_timeout: float = Field(default=1.0, gt=0)
+    """Seconds a server of an inference session may take over a step before it is suspected of
+    hanging: its deadline is the larger of this and ``hang_factor`` × its usual time for the step's
+    tokens (a moving average of its own replies). A late server that does not answer a ping within
+    ``hang_ping_timeout`` is treated as failed (banned, routed around, its history replayed into a
+    replacement); one that answers is only busy and gets another deadline, up to ``request_timeout``."""
+    hang_factor: float = Field(default=8.0, ge=1)
+    """A step's deadline in multiples of the server's usual time for that many tokens (see ``hang_timeout``)."""
+    hang_ping_timeout: float = Field(default=0.5, gt=0)
+    """Seconds a late server has to answer a ping before it is taken for hung (see ``hang_timeout``)."""
+    full_wait: float = Field(default=5.0, ge=0)
+    """Seconds to wait for free cache when every route passes servers that answered "full" (a load
+    signal, not a fault: such servers are avoided, never banned); then ``ServerFullError``."""
     allowed_servers: list[str] | None = None
     """Use only these peer ids (None: any)."""
     blocked_servers: list[str] = Field(default_factory=list)

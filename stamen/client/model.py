@@ -75,21 +75,25 @@ class DistributedModelBase(nn.Module):
         checkpoint = open_checkpoint(model)
         parts = cls._read_parts(checkpoint, block_config)
         swarm = Swarm(ModelName(config.dht_prefix or default_dht_prefix(model)), block_config.num_blocks, config)
-        self = cls(hf_config, block_config, swarm, **cls._init_kwargs(model, hf_config, head_kwargs))
-        self.name_or_path = model
-        with torch.no_grad():
-            self.embed_tokens.weight.copy_(parts.embed_tokens)
-            self.norm.weight.copy_(parts.norm)
-            self._load_head(parts, checkpoint)
-        self.to(torch_dtype).requires_grad_(False)
-        if cls._trainable_head is not None:
-            getattr(self, cls._trainable_head).requires_grad_(True)
-        if tuning_mode is not None:
-            self.prompts = PromptTuning(block_config, tuning_mode, pre_seq_len).to(torch_dtype)
-        if lora is not None:
-            self.add_lora(lora)
-        if wait_for_servers:
-            swarm.wait_until_ready()
+        try:
+            self = cls(hf_config, block_config, swarm, **cls._init_kwargs(model, hf_config, head_kwargs))
+            self.name_or_path = model
+            with torch.no_grad():
+                self.embed_tokens.weight.copy_(parts.embed_tokens)
+                self.norm.weight.copy_(parts.norm)
+                self._load_head(parts, checkpoint)
+            self.to(torch_dtype).requires_grad_(False)
+            if cls._trainable_head is not None:
+                getattr(self, cls._trainable_head).requires_grad_(True)
+            if tuning_mode is not None:
+                self.prompts = PromptTuning(block_config, tuning_mode, pre_seq_len).to(torch_dtype)
+            if lora is not None:
+                self.add_lora(lora)
+            if wait_for_servers:
+                swarm.wait_until_ready()
+        except BaseException:  # the swarm's DHT process and daemon must not outlive a failed load
+            swarm.shutdown()
+            raise
         return self
 
     _head_kwargs: tuple[str, ...] = ()

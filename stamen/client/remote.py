@@ -263,7 +263,8 @@ class _ChainRun:
                     if not is_retryable(e):
                         raise
                     budget.spend(e)
-                    self.swarm.ban(hop.peer_id, f"forward over blocks {hop.blocks} failed: {e}")
+                    if not isinstance(e, ServerFullError):  # full is load, not a fault: back off, draw again
+                        self.swarm.ban(hop.peer_id, f"forward over blocks {hop.blocks} failed: {e}")
                     await asyncio.sleep(backoff_delay(budget.used))
                     break  # a new route from this block on
                 trace.append(_Trace(hop, x, stream))
@@ -363,7 +364,8 @@ class _ChainRun:
         """Ban the failed server, run a new chain over its blocks forward from the saved input
         (stateless, for the new hops' inputs), then backward through it."""
         budget.spend(error)
-        self.swarm.ban(hop.peer_id, f"backward over blocks {hop.blocks} failed: {error}")
+        if not isinstance(error, ServerFullError):  # full is load, not a fault
+            self.swarm.ban(hop.peer_id, f"backward over blocks {hop.blocks} failed: {error}")
         logger.warning("backward over blocks %s failed on %s (%s): rerouting", hop.blocks, hop.peer_id, error)
         await asyncio.sleep(backoff_delay(budget.used))
         _, trace = await self._forward_span(hop.blocks, x, rows, budget)  # inputs of the new hops

@@ -23,8 +23,9 @@ from stamen.client import loop
 from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
-from stamen.errors import SessionLengthError
+from stamen.errors import RemoteCallError, ServerFullError, SessionLengthError
 from stamen.models.config import DTYPES
+from stamen.rpc.calls import ping
 from stamen.rpc.inference import InferenceStream, WireCounter
 from stamen.rpc.inputs import SpanInputs
 from stamen.types import PeerIDStr, Span
@@ -95,6 +96,20 @@ class _LiveHop:
     """Moving average of the seconds from having this hop's input to its reply (decoding steps)."""
     late_copies: int = 0
     """Consecutive decoding steps whose pushed input did not answer within the grace time."""
+    token_s: float | None = None
+    """Moving average of this hop's seconds per token of a step (reply time / tokens, every step
+    awaited hop by hop), seeded by the open's round trip: the base of its hang deadline."""
+
+    def hang_deadline(self, tokens: int, floor: float, factor: float) -> float:
+        """Seconds this hop may take over a step of ``tokens`` tokens before it is suspected of
+        hanging: ``factor`` × its usual time for that many tokens, at least ``floor``. A per-token
+        average over decoding steps overstates a long step's time per token, so long steps (prompts,
+        replays) get generous deadlines rather than tight ones."""
+        return max(floor, factor * (self.token_s or 0.0) * max(1, tokens))
+
+    def observe_tokens(self, seconds: float, tokens: int) -> None:
+        sample = seconds / max(1, tokens)
+        self.token_s = sample if self.token_s is None else 0.8 * self.token_s + 0.2 * sample
 
     @property
     def copy_grace(self) -> float | None:
@@ -118,6 +133,26 @@ _HOP_BY_HOP_STEPS = 32
 chain is tried again."""
 
 
+_CONNECT_TIMEOUT_S = 10.0
+"""Most seconds to get a stream to a server when opening a session (the daemon may take 20 s to give
+up on a dead peer, whose DHT record can outlive its ban); the open's reply has ``request_timeout``."""
+_pings: set[asyncio.Task] = set()
+"""Pings of suspected servers that outlived their wait (held: the loop keeps tasks only weakly)."""
+
+
+async def _ping_within(swarm: Swarm, peer_id: PeerIDStr, timeout: float) -> float | None:
+    """A ping's round trip, or None if no answer came within ``timeout`` seconds. The wait does not
+    hang on the call's cancellation (a call to a stopped peer may not end until its connection
+    does): a ping still running then finishes in the background."""
+    task = asyncio.ensure_future(ping(swarm.p2p, swarm.peer(peer_id), timeout))
+    done, _ = await asyncio.wait([task], timeout=timeout + 0.05)
+    if not done:
+        _pings.add(task)
+        task.add_done_callback(_pings.discard)
+        return None
+    return task.result()
+
+
 class InferenceSession:
     """Open with ``max_length`` (positions per sequence) and ``batch_size``; ``step`` appends hidden
     states and returns the last block's outputs. ``input_ids`` tracks the tokens sent so far, so that
@@ -138,6 +173,9 @@ class InferenceSession:
         self.closed = False
         self.recoveries = 0
         """How many times a failed hop was replaced (for logs and tests)."""
+        self.recovery_s: list[float] = []
+        """Seconds each replacement took: routing, opening the new hops and replaying into them
+        (``stamen bench failover`` subtracts it from a stall to get the time to detect the failure)."""
         self.sent_tokens = 0
         """Positions sent through the chain over the session's life (rolled-back ones count again)."""
         self._retired = WireCounter()
@@ -172,32 +210,87 @@ class InferenceSession:
             self._steps.append(inputs)
 
     async def _open_route(self, blocks: Span | None) -> list[_LiveHop]:
-        """Open streams covering ``blocks``, rerouting around servers that fail to open."""
-        for attempt in range(self.swarm.config.max_retries + 1):
-            route = await self.swarm.route_async(
-                blocks, min_cache_tokens=(self.max_length + self.prefix_length) * self.batch_size)
+        """Open streams covering ``blocks``, rerouting around servers that fail to open.
+
+        A server that answers "full" is under load, not faulty: it is never banned, only avoided
+        by this session's next route; when every route passes such servers, the session waits for
+        free cache (rechecking with backoff) up to ``full_wait`` seconds, then raises ``ServerFullError``."""
+        cfg = self.swarm.config
+        faults, delay = 0, 0.05
+        full: set[PeerIDStr] = set()
+        full_until = time.monotonic() + cfg.full_wait
+        while True:
+            try:
+                route = await self.swarm.route_async(
+                    blocks, min_cache_tokens=(self.max_length + self.prefix_length) * self.batch_size, avoid=full)
+            except ServerFullError:  # every route passes a server that just said it is full
+                left = full_until - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(delay, left))  # queue briefly: sessions end and free their cache
+                delay, full = min(2 * delay, 1.0), set()
+                continue
             results = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
             opened = [r for r in results if isinstance(r, _LiveHop)]
             failures = [(h, r) for h, r in zip(route, results, strict=True) if isinstance(r, BaseException)]
             if not failures:
                 return opened
             await asyncio.gather(*(h.stream.close() for h in opened), return_exceptions=True)
+            faulty = False
             for hop, error in failures:
-                if not is_retryable(error) or attempt == self.swarm.config.max_retries:
+                if isinstance(error, ServerFullError):
+                    logger.info("session %s: %s is full (%s): routing around it", self.session_id[:8],
+                                hop.peer_id[-6:], error)
+                    full.add(hop.peer_id)
+                    continue
+                if not is_retryable(error) or faults == cfg.max_retries:
                     raise error
                 self.swarm.ban(hop.peer_id, f"cannot open a session for blocks {hop.blocks}: {error}")
-            await asyncio.sleep(backoff_delay(attempt))
-        raise AssertionError("unreachable")  # the loop returns or raises
+                faulty = True
+            if faulty:
+                await asyncio.sleep(backoff_delay(faults))
+                faults += 1
 
     async def _open_hop(self, hop: Hop) -> _LiveHop:
         prompts, adapter = await self.tuning.prepare(hop.peer_id, hop.blocks) if self.tuning else (None, None)
+        start = time.perf_counter()
         stream = await InferenceStream.open(
             self.swarm.p2p, self.swarm.peer(hop.peer_id), hop.blocks, uuid.uuid4().hex,
             max_length=self.max_length + self.prefix_length, batch_size=self.batch_size,
             timeout=self.swarm.config.request_timeout, prompts=prompts, adapter=adapter,
             compression=self.swarm.config.compression,
+            connect_timeout=min(self.swarm.config.request_timeout, _CONNECT_TIMEOUT_S),
         )
-        return _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
+        live = _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
+        live.token_s = time.perf_counter() - start  # until a step is timed: the open's round trip per token
+        return live
+
+    async def _reply(self, live: _LiveHop, step_id: int, num_elements: int, tokens: int, start: float) -> torch.Tensor:
+        """A hop's output of a step whose input it had at ``start``, with hang detection: a hop
+        later than its deadline (``_LiveHop.hang_deadline``) is pinged; one that does not answer the
+        ping is hung and raises ``RemoteCallError`` (the caller bans and replaces it as if it had
+        died), one that answers is busy (a long step of another session) and gets another deadline,
+        up to ``request_timeout`` in all. Its late reply, if it ever comes, is dropped unread."""
+        cfg = self.swarm.config
+        deadline = live.hang_deadline(tokens, cfg.hang_timeout, cfg.hang_factor)
+        give_up = start + cfg.request_timeout
+        while not await live.stream.answered_within(step_id, min(deadline, max(0.0, give_up - time.perf_counter()))):
+            if time.perf_counter() >= give_up:
+                break  # result() below raises at once
+            rtt = await _ping_within(self.swarm, live.hop.peer_id, cfg.hang_ping_timeout)
+            if rtt is not None or live.stream.has_reply(step_id):  # (a reply during the ping: only slow)
+                logger.info("session %s: %s is late on step %d but answers pings: waiting", self.session_id[:8],
+                            live.hop.peer_id[-6:], step_id)
+            elif self.swarm.has_alternative(live.hop.peer_id, live.hop.blocks):
+                raise RemoteCallError(
+                    f"{live.hop.peer_id} hangs: no reply to step {step_id} ({tokens} tokens) within "
+                    f"{time.perf_counter() - start:.1f} s (deadline {deadline:.2f} s) and no answer to a ping")
+            else:  # a machine too loaded to answer looks hung too: without a replacement, keep waiting
+                logger.warning("session %s: %s looks hung (step %d), but no other server covers %s: waiting",
+                               self.session_id[:8], live.hop.peer_id[-6:], step_id, live.hop.blocks)
+        out = await live.stream.result(step_id, num_elements, timeout=max(0.0, give_up - time.perf_counter()))
+        live.observe_tokens(time.perf_counter() - start, tokens)
+        return out
 
     def hop_counters(self) -> list[WireCounter]:
         """Per hop of the current route: messages and serialized bytes this client sent to and
@@ -347,7 +440,8 @@ class InferenceSession:
                     if grace is None or late:
                         live.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(hidden),
                                               self._push_chain(i + 1))
-                    out = await live.stream.result(inputs.step_id, hidden.numel())
+                    out = await self._reply(live, inputs.step_id, hidden.numel(), hidden.shape[0] * hidden.shape[1],
+                                            start)
                     if decoding and i > 0 and attempt == 0:
                         live.observe(time.perf_counter() - start, late)
                     break
@@ -370,6 +464,7 @@ class InferenceSession:
         """Swap hop ``i`` for fresh servers covering exactly its blocks and replay its history into them.
         Returns the first new hop (the others follow it in ``self._hops``)."""
         failed = self._hops[i]
+        started = time.perf_counter()
         await self._fetch_history(failed)  # inputs the previous hop still holds
         asyncio.ensure_future(failed.stream.close())  # best effort; the server may be gone
         self._retired = self._retired + failed.stream.counter
@@ -393,6 +488,7 @@ class InferenceSession:
                 if isinstance(entry, _Held):
                     history[k] = entry.settled(outputs[k])
         self.recoveries += 1
+        self.recovery_s.append(time.perf_counter() - started)
         logger.warning("session %s: replaced %s%s by %s, replayed %d positions", self.session_id[:8],
                        failed.hop.peer_id[-6:], failed.hop.blocks,
                        " + ".join(f"{h.hop.peer_id[-6:]}{h.hop.blocks}" for h in new_hops), self.position)
@@ -407,8 +503,10 @@ class InferenceSession:
                 for inputs, hidden in zip(self._steps, history, strict=True):
                     hidden = hidden.to(live.wire_dtype)
                     live.history.append(hidden)
+                    start = time.perf_counter()
                     live.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(hidden))
-                    outputs.append(await live.stream.result(inputs.step_id, hidden.numel()))
+                    outputs.append(await self._reply(live, inputs.step_id, hidden.numel(),
+                                                     hidden.shape[0] * hidden.shape[1], start))
             except Exception as e:
                 if is_retryable(e):
                     self.swarm.ban(live.hop.peer_id, f"failed during replay: {e}")

@@ -1,7 +1,9 @@
 """Server records on the hivemind DHT: one key per block, one subkey per server.
 
-Key ``"{model}.{block}"``, subkey: the server's peer id, value: a ``ServerRecord`` as a plain dict.
-Both sides live here: ``announce`` (servers) next to ``fetch_servers`` (clients).
+Key ``"{model}.{block}"``, subkey: the server's owner subkey (``[owner:<its public key>]``, signed
+by that key; see ``dht/node.py``), value: a ``ServerRecord`` as a plain dict. A reader takes the
+server's peer id from the subkey's key, never from the value. Both sides live here: ``announce``
+(servers) next to ``fetch_servers`` (clients).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stamen.dht.node import MAX_RECORD_TTL, SwarmDHT, owner_peer_id
 from stamen.types import ModelName, PeerIDStr, Span
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,11 @@ class ServerRecord(BaseModel):
     """(start, end) of the span the server is loading to move to; placement counts it there already."""
     quant: str | None = None
     """How the server's block weights are quantized ("int8", "nf4"); None: not quantized."""
+    announced_at: float | None = None
+    """DHT time (seconds since the epoch) of this announcement, set by ``announce``."""
+    ttl: float | None = Field(default=None, gt=0)
+    """Seconds this announcement was stored for, set by ``announce``; a server announces again every
+    ``ttl / ANNOUNCES_PER_TTL`` seconds while it runs."""
 
     @property
     def span(self) -> Span:
@@ -85,23 +93,32 @@ def block_key(model: ModelName, block: int) -> str:
     return f"{model}.{block}"
 
 
-def announce(dht: DHT, model: ModelName, peer_id: PeerIDStr, record: ServerRecord, ttl: float,
-             also_blocks: range = range(0)) -> None:
+ANNOUNCES_PER_TTL = 3
+"""A server announces itself this many times per record TTL (every ``ttl / 3`` seconds)."""
+
+
+def announce(dht: SwarmDHT, model: ModelName, record: ServerRecord, ttl: float, also_blocks: range = range(0)) -> None:
     """Store ``record`` under every block of its span (and of ``also_blocks``: a moved server
-    overwrites its old blocks' records); it expires after ``ttl`` seconds unless renewed."""
+    overwrites its old blocks' records), under this peer's owner subkey, stamped with the time and
+    ``ttl``; it expires after ``ttl`` seconds (at most ``MAX_RECORD_TTL``) unless renewed."""
+    if ttl > MAX_RECORD_TTL:
+        raise ValueError(f"a record TTL of {ttl} s is over the {MAX_RECORD_TTL:.0f} s that DHT peers accept")
     blocks = sorted(set(range(record.start, record.end)) | set(also_blocks))
     keys = [block_key(model, b) for b in blocks]
-    value = record.model_dump(mode="json")
-    dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, value=value, expiration=get_dht_time() + ttl))
+    now = get_dht_time()
+    value = record.model_copy(update=dict(announced_at=now, ttl=ttl)).model_dump(mode="json")
+    dht.run_coroutine(partial(_store_many, keys=keys, subkey=dht.owner_subkey, value=value, expiration=now + ttl))
 
 
-async def _store_many(dht: DHT, node: DHTNode, keys: list[str], subkey: str, value: dict, expiration: float) -> None:
+async def _store_many(dht: DHT, node: DHTNode, keys: list[str], subkey: bytes, value: dict, expiration: float) -> None:
     await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
 
 
 def fetch_servers(dht: DHT, model: ModelName, num_blocks: int,
                   blocks: list[int] | None = None) -> dict[PeerIDStr, ServerRecord]:
-    """Every server announced for any block of the model (or of ``blocks``), by peer id (latest record wins)."""
+    """Every server announced for any block of the model (or of ``blocks``), by peer id (latest record
+    wins). A record counts only under an owner subkey, as the record of that key's peer (the DHT's
+    validators checked its signature); whatever peer id its value may claim is ignored."""
     keys = [block_key(model, b) for b in (range(num_blocks) if blocks is None else blocks)]
     found = dht.run_coroutine(partial(_get_many, keys=keys))
     servers: dict[PeerIDStr, ServerRecord] = {}
@@ -111,12 +128,15 @@ def fetch_servers(dht: DHT, model: ModelName, num_blocks: int,
         if entry is None or not isinstance(entry.value, dict):
             continue
         for subkey, item in entry.value.items():
+            peer = owner_peer_id(subkey)
+            if peer is None:
+                logger.debug("ignoring a record under %s that no key owns", key)
+                continue
             try:
                 record = ServerRecord.model_validate(item.value)
             except ValidationError:
-                logger.debug("ignoring a malformed record under %s/%s", key, subkey)
+                logger.debug("ignoring a malformed record of %s under %s", peer, key)
                 continue
-            peer = PeerIDStr(str(subkey))
             if peer not in servers or item.expiration_time > expirations[peer]:
                 servers[peer], expirations[peer] = record, item.expiration_time
     return servers

@@ -138,11 +138,12 @@ class InferenceStream:
         else:
             future.set_result((reply, response))
 
-    async def _await(self, future: asyncio.Future):
+    async def _await(self, future: asyncio.Future, timeout: float | None = None):
+        timeout = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            raise RemoteCallError(f"{self.peer} did not answer within {self.timeout} s") from None
+            raise RemoteCallError(f"{self.peer} did not answer within {timeout:.3g} s") from None
 
     async def control(self, request: Request):
         """Send a non-step request (open, close, or anything malformed) and await its reply."""
@@ -156,12 +157,16 @@ class InferenceStream:
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, session_id: str, *, max_length: int,
                    batch_size: int, timeout: float, prompts: torch.Tensor | None = None,
-                   adapter: AdapterRef | None = None, compression: Compression | None = None) -> InferenceStream:
+                   adapter: AdapterRef | None = None, compression: Compression | None = None,
+                   connect_timeout: float | None = None) -> InferenceStream:
         """Open a session; deep ``prompts`` (n_blocks, P, H) and LoRA ``adapter`` apply to all its steps;
-        ``compression``: how hidden states go and how outputs come back and are pushed on."""
+        ``compression``: how hidden states go and how outputs come back and are pushed on;
+        ``connect_timeout``: seconds to get the stream (default ``timeout``; dialing a dead peer
+        may take the daemon 20 s to give up)."""
         self = cls(peer, blocks, session_id, timeout, compression)
         try:
-            self._stream = await asyncio.wait_for(protocol.open_lean(p2p, peer, protocol.INFERENCE), timeout)
+            self._stream = await asyncio.wait_for(protocol.open_lean(p2p, peer, protocol.INFERENCE),
+                                                  timeout if connect_timeout is None else connect_timeout)
         except Exception as e:
             raise RemoteCallError(f"cannot open a stream to {peer}: {e!r}") from e
         self._reader = asyncio.create_task(self._read(self._stream))
@@ -220,10 +225,11 @@ class InferenceStream:
             await asyncio.wait([future], timeout=seconds)
         return future.done()
 
-    async def result(self, step_id: int, num_elements: int) -> torch.Tensor:
-        """Await a step's output hidden states."""
+    async def result(self, step_id: int, num_elements: int, timeout: float | None = None) -> torch.Tensor:
+        """Await a step's output hidden states (``RemoteCallError`` after ``timeout`` seconds,
+        default the stream's). A reply that comes after the caller gave up is dropped unread."""
         try:
-            reply, response = await self._await(self.expect(step_id))
+            reply, response = await self._await(self.expect(step_id), timeout)
         finally:
             if self._pending.get(step_id) is not None and self._pending[step_id].done():
                 del self._pending[step_id]

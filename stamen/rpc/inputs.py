@@ -14,13 +14,25 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.proto import runtime_pb2
 
-from stamen.errors import InvalidRequestError, RemoteCallError
+from stamen.errors import InvalidRequestError, RemoteCallError, RequestError
 from stamen.rpc.parts import encode_all
 from stamen.types import Compression
 from stamen.wire.messages import AdapterRef, BackwardDone
 from stamen.wire.tensors import FLOAT_DTYPES, INDEX_DTYPES, decode_tensor
 
 _ID_DTYPES = {"int64", "int32"}
+
+
+def decode_received(proto: runtime_pb2.Tensor, name: str, allowed_dtypes: set[str], max_numel: int,
+                    compressed_ok: bool = False) -> torch.Tensor:
+    """``decode_tensor`` for a tensor a server received: any tensor it cannot decode is the
+    sender's mistake, ``InvalidRequestError``, never a server error."""
+    try:
+        return decode_tensor(proto, name, allowed_dtypes, max_numel, compressed_ok)
+    except RequestError:
+        raise
+    except Exception as e:
+        raise InvalidRequestError(f"{name}: cannot decode tensor: {e!r}") from None
 
 
 @dataclass(frozen=True)
@@ -95,15 +107,16 @@ class SpanInputs:
             raise InvalidRequestError(f"expected {expected} tensors, got {len(protos)}")
         rest = iter(protos)
         n = limits.elements
-        hidden = decode_tensor(next(rest), "hidden_states", FLOAT_DTYPES, n, compressed_ok=True)
-        grad = decode_tensor(next(rest), "grad_outputs", FLOAT_DTYPES, n, compressed_ok=True) if grads else None
+        decode = decode_received
+        hidden = decode(next(rest), "hidden_states", FLOAT_DTYPES, n, compressed_ok=True)
+        grad = decode(next(rest), "grad_outputs", FLOAT_DTYPES, n, compressed_ok=True) if grads else None
         has_mask, has_positions, has_hypo_ids, has_prompts = flags
         return cls(
             hidden=hidden,
-            attention_mask=decode_tensor(next(rest), "attention_mask", INDEX_DTYPES, n) if has_mask else None,
-            position_ids=decode_tensor(next(rest), "position_ids", _ID_DTYPES, n) if has_positions else None,
-            hypo_ids=decode_tensor(next(rest), "hypo_ids", _ID_DTYPES, n) if has_hypo_ids else None,
-            prompts=decode_tensor(next(rest), "prompts", FLOAT_DTYPES, limits.prompt_elements) if has_prompts
+            attention_mask=decode(next(rest), "attention_mask", INDEX_DTYPES, n) if has_mask else None,
+            position_ids=decode(next(rest), "position_ids", _ID_DTYPES, n) if has_positions else None,
+            hypo_ids=decode(next(rest), "hypo_ids", _ID_DTYPES, n) if has_hypo_ids else None,
+            prompts=decode(next(rest), "prompts", FLOAT_DTYPES, limits.prompt_elements) if has_prompts
             else None,
             adapter=getattr(msg, "adapter", None),
         ), grad

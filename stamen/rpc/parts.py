@@ -1,12 +1,13 @@
 """Multi-part messages of the stream RPCs: a typed message whose tensors travel in parts of at
 most ``STREAM_PART_BYTES`` (hivemind caps one protobuf message at 4 MiB), the metadata on the
 first part. Counted messages say in ``parts`` how many stream messages they take, so a stream
-cut by the transport is never mistaken for a complete message."""
+cut by the transport is never mistaken for a complete message. Servers read a call's requests
+through ``CallRequests``: bounded frames, each within a deadline, their bytes counted in the
+server's ``ByteBudget``."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import torch
@@ -17,6 +18,7 @@ from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import check_complete, raise_if_error
 from stamen.types import Compression
 from stamen.wire.messages import encode
+from stamen.wire.stream import FrameStream, PeerFailedError
 from stamen.wire.tensors import encode_tensor, join_tensor_parts, split_tensors
 
 
@@ -43,47 +45,131 @@ def reply_in_parts(reply, tensors: list[torch.Tensor], compression: Compression 
     return in_parts(Response, reply, encode_all(tensors, compression, 1), counted=True)
 
 
-async def read_all(requests: AsyncIterator[Request], decode: Callable, max_bytes: int):
+MAX_PART_BYTES = 16 << 20
+"""Largest message a server reads in a stream call's request (clients send parts of at most
+``STREAM_PART_BYTES`` of tensors plus metadata; hivemind's own client caps a message at 4 MiB)."""
+
+
+class NoMessageError(InvalidRequestError):
+    """No message of a stream call began within its wait."""
+
+
+class CallRequests:
+    """The request half of one stream call as its server reads it (what hivemind's protobuf
+    handlers get as their request iterator, with bounds): messages of at most ``MAX_PART_BYTES``,
+    each within ``timeout`` seconds (``InvalidRequestError`` past it), their bytes taken from the
+    stream's budget and held until the call ends. A client's error frame ends the request there,
+    as hivemind reads it."""
+
+    def __init__(self, stream: FrameStream, timeout: float):
+        self.stream, self.timeout = stream, timeout
+        self.ended = False
+        """The client ended its half (or failed it, or left)."""
+
+    def __aiter__(self) -> CallRequests:
+        return self
+
+    async def __anext__(self) -> Request:
+        request = await self.next()
+        if request is None:
+            raise StopAsyncIteration
+        return request
+
+    async def next(self, wait: float | None = None) -> Request | None:
+        """The next message, or None at the end of the request; ``wait``: seconds for it to begin
+        (default: ``timeout``)."""
+        if self.ended:
+            return None
+        wait = self.timeout if wait is None else wait
+        try:
+            request = await self.stream.recv(Request, idle=wait, timeout=self.timeout, max_bytes=MAX_PART_BYTES)
+        except TimeoutError:
+            raise NoMessageError(f"no message arrived within {wait:.3g} s") from None
+        except PeerFailedError:
+            request = None
+        self.ended = request is None
+        return request
+
+    async def drain(self, timeout: float) -> None:
+        """Read and drop what the client still sends until it ends its half (at most ``timeout``
+        seconds), so that the reply already written reaches it: closing the stream under the
+        client's writes makes its libp2p daemon drop the connection with the replies unread (a
+        BrokenPipeError there, taken for a network fault and retried elsewhere)."""
+        if not self.ended:
+            await self.stream.drop(timeout, MAX_PART_BYTES)
+            self.ended = True
+
+
+async def read_all(requests: AsyncIterator[Request], decode: Callable, max_bytes: int,
+                   timeout: float | None = None, check: Callable | None = None):
     """A stream of one message: its typed metadata (on the first part) and all tensors, joined.
-    Refuses a stream whose tensors exceed ``max_bytes`` as soon as they do."""
+    Refuses a stream whose tensors exceed ``max_bytes`` as soon as they do, one that takes over
+    ``timeout`` seconds, and, before the rest is read, metadata that ``check`` refuses."""
     msg, parts, total_bytes = None, [], 0
-    async for request in requests:
-        if msg is None:
-            msg = decode(request.metadata)
-        parts.extend(request.tensors)
-        total_bytes += sum(len(p.buffer) for p in request.tensors)
-        if total_bytes > max_bytes:
-            raise InvalidRequestError(f"request exceeds {max_bytes} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for request in requests:
+                if msg is None:
+                    msg = decode(request.metadata)
+                    if check is not None:
+                        check(msg)
+                elif request.metadata:
+                    raise InvalidRequestError("metadata on a later part of a one-message request")
+                parts.extend(request.tensors)
+                total_bytes += sum(len(p.buffer) for p in request.tensors)
+                if total_bytes > max_bytes:
+                    raise InvalidRequestError(f"request exceeds {max_bytes} bytes")
+    except TimeoutError:
+        raise InvalidRequestError(f"the request did not arrive within {timeout:.3g} s") from None
     if msg is None:
         raise InvalidRequestError("empty request")
-    return msg, join_tensor_parts(parts)
+    return msg, _joined(parts)
 
 
 async def read_counted(requests: AsyncIterator, decode: Callable, max_bytes: int | None = None,
-                       error: type[StamenError] = InvalidRequestError):
+                       error: type[StamenError] = InvalidRequestError, timeout: float | None = None,
+                       wait: float | None = None):
     """The next counted message of a stream: its typed metadata and the tensors of its ``parts``
-    messages, joined; (None, []) when the stream ends before it. ``max_bytes`` bounds what is read;
-    a malformed stream raises ``error`` (a server reading a request: ``InvalidRequestError``; a
-    client reading a reply: ``RemoteCallError``)."""
-    try:
-        first = await anext(requests)
-    except StopAsyncIteration:
-        return None, []
+    messages, joined; (None, []) when the stream ends before it. ``max_bytes`` bounds what is read,
+    ``timeout`` the seconds it takes once its first message arrived; ``wait``: seconds for that
+    first message (``CallRequests`` only). A malformed stream raises ``error`` (a server reading a
+    request: ``InvalidRequestError``; a client reading a reply: ``RemoteCallError``)."""
+    if wait is not None:
+        first = await requests.next(wait)
+        if first is None:
+            return None, []
+    else:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return None, []
     msg = decode(first.metadata)
     parts = list(first.tensors)
     total_bytes = sum(len(p.buffer) for p in first.tensors)
-    for _ in range(getattr(msg, "parts", 1) - 1):
-        try:
-            message = await anext(requests)
-        except StopAsyncIteration:
-            raise error(f"the stream ended before all {msg.parts} parts arrived") from None
-        if message.metadata:
-            raise error("a new message started before all parts of the last arrived")
-        parts.extend(message.tensors)
-        total_bytes += sum(len(p.buffer) for p in message.tensors)
-        if max_bytes is not None and total_bytes > max_bytes:
-            raise error(f"request exceeds {max_bytes} bytes")
-    return msg, join_tensor_parts(parts)
+    try:
+        async with asyncio.timeout(timeout):
+            for _ in range(getattr(msg, "parts", 1) - 1):
+                try:
+                    message = await anext(requests)
+                except StopAsyncIteration:
+                    raise error(f"the stream ended before all {msg.parts} parts arrived") from None
+                if message.metadata:
+                    raise error("a new message started before all parts of the last arrived")
+                parts.extend(message.tensors)
+                total_bytes += sum(len(p.buffer) for p in message.tensors)
+                if max_bytes is not None and total_bytes > max_bytes:
+                    raise error(f"request exceeds {max_bytes} bytes")
+    except TimeoutError:
+        raise error(f"the message did not arrive within {timeout:.3g} s") from None
+    return msg, _joined(parts, error)
+
+
+def _joined(parts: list[runtime_pb2.Tensor], error: type[StamenError] = InvalidRequestError):
+    """The tensors of ``parts``; parts that make no tensors (a malformed sender) raise ``error``."""
+    try:
+        return join_tensor_parts(parts)
+    except Exception as e:
+        raise error(f"tensor parts do not join: {e!r}") from None
 
 
 async def read_reply(responses: AsyncIterator[Response], decode: Callable, peer, what: str):
@@ -101,14 +187,3 @@ async def read_reply(responses: AsyncIterator[Response], decode: Callable, peer,
         raise RemoteCallError(f"{what} call to {peer} ended without a reply")
     check_complete(peer, what, received, getattr(reply, "parts", received))
     return reply, join_tensor_parts(parts)
-
-
-async def wait_for_end(requests: AsyncIterator[Request], timeout: float = 10.0) -> None:
-    """Wait (bounded) for the client to end its half of a stream before a handler returns and
-    closes the server's. The client writes its end-of-stream marker right after its last message;
-    if that write reaches a stream the server already closed, the client's libp2p daemon drops the
-    whole connection and the client loses the replies it had not read yet (a BrokenPipeError)."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(timeout):
-            async for _ in requests:
-                pass

@@ -97,6 +97,11 @@ class Session:
     """How step outputs travel back and on (``stamen.wire.compression``): the client's choice or the server's."""
     held: list = field(default_factory=list)
     """Replies to steps pushed on with ``hold_reply``, not yet sent to the client (``FlushReplies``)."""
+    owner: str | None = None
+    """The peer that opened the session: only it may step, flush or close it on its inference
+    streams (None: anyone, for in-process use)."""
+    closed: bool = False
+    """Closed: no step runs from then on; a step that held it meanwhile drops its result and frees the cache."""
 
 
 @dataclass
@@ -175,7 +180,8 @@ class SpanBackend:
         if not self.span.covers(blocks):
             raise WrongBlocksError(f"this server hosts blocks {self.span}, not {blocks}")
 
-    def open(self, msg: OpenSession, replies: Replies, prompts: torch.Tensor | None = None) -> Session:
+    def open(self, msg: OpenSession, replies: Replies, prompts: torch.Tensor | None = None,
+             owner: str | None = None) -> Session:
         blocks = msg.blocks.span
         self.check_blocks(blocks)
         prompts = self.check_prompts(prompts, blocks, msg.max_length)
@@ -193,7 +199,8 @@ class SpanBackend:
         except RuntimeError as e:  # the allocator refused despite the budget
             self.budget.release(reserved)
             raise ServerFullError(f"server full: cannot allocate the cache: {e}") from None
-        session = Session(msg.session_id, blocks, cache, reserved, replies, prompts=prompts, adapters=adapters)
+        session = Session(msg.session_id, blocks, cache, reserved, replies, prompts=prompts, adapters=adapters,
+                          owner=owner)
         self.sessions[msg.session_id] = session
         return session
 
@@ -205,15 +212,38 @@ class SpanBackend:
             raise UnknownSessionError(f"unknown session {session_id}")
         return session
 
-    def close(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
-        if session is None:
+    def close(self, session_id: str, only: Session | None = None) -> None:
+        """Close the session (``only``: if it is still that one). A step that holds it (``stepping``)
+        is not interrupted: its result is dropped, and the cache is freed when it ends."""
+        session = self.sessions.get(session_id)
+        if session is None or (only is not None and session is not only):
             return
-        self.budget.release(session.reserved)
-        session.cache = None  # type: ignore[assignment]  # drop the memory now
+        del self.sessions[session_id]
+        session.closed = True
+        if not session.lock.locked():
+            self._free(session)
         self._closed[session_id] = None
         while len(self._closed) > 4096:
             self._closed.popitem(last=False)
+
+    def _free(self, session: Session) -> None:
+        if session.cache is not None:
+            self.budget.release(session.reserved)
+            session.cache = None  # type: ignore[assignment]  # drop the memory now
+
+    @contextlib.asynccontextmanager
+    async def stepping(self, session: Session) -> AsyncIterator[None]:
+        """Hold the session for one step: its steps run one at a time. A session closed before the
+        step holds it is refused (``SessionClosedError``); one closed meanwhile is freed when the
+        step ends (``step`` then refuses to hand out its result)."""
+        async with session.lock:
+            try:
+                if session.closed:
+                    raise SessionClosedError(f"session {session.id} is closed")
+                yield
+            finally:
+                if session.closed:
+                    self._free(session)
 
     # --- validation ---
 
@@ -224,7 +254,7 @@ class SpanBackend:
             )
         if batch_size is not None and hidden.shape[0] != batch_size:
             raise InvalidRequestError(f"batch size {hidden.shape[0]} differs from the session's {batch_size}")
-        if hidden.shape[0] * hidden.shape[1] > self.max_step_tokens or hidden.shape[1] == 0:
+        if hidden.shape[0] * hidden.shape[1] > self.max_step_tokens or min(hidden.shape[:2]) == 0:
             raise InvalidRequestError(
                 f"a request carries 1 to {self.max_step_tokens} tokens (batch × length), got "
                 f"{hidden.shape[0]}×{hidden.shape[1]}"
@@ -313,18 +343,28 @@ class SpanBackend:
             )
         cache.length = msg.position  # a position below the current length rolls back
         if hypo_ids is not None:
-            cache.reorder(hypo_ids.to(cache.tensor.device))
+            hypo_ids = hypo_ids.to(cache.tensor.device)
         session.last_used = time.monotonic()
+        args = session, hidden, attention_mask, position_ids, hypo_ids
         if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:  # decoding: a thread handoff costs more
             if not self._inline:
-                return self._step(session, hidden, attention_mask, position_ids)
-            async with self._compute_lock:
-                return self._step(session, hidden, attention_mask, position_ids)
-        return await self.run_long(self._step, session, hidden, attention_mask, position_ids)
+                out = self._step(*args)
+            else:
+                async with self._compute_lock:
+                    out = self._step(*args)
+        else:
+            out = await self.run_long(self._step, *args)
+        if session.closed:  # closed while it computed: the result goes nowhere
+            raise SessionClosedError(f"session {session.id} was closed during the step")
+        return out
 
-    def _step(self, session: Session, hidden, attention_mask, position_ids) -> torch.Tensor:
+    def _step(self, session: Session, hidden, attention_mask, position_ids, hypo_ids) -> torch.Tensor:
+        if session.closed:  # closed while the step waited for compute
+            raise SessionClosedError(f"session {session.id} was closed before the step ran")
         trace.mark("s.c0")
-        with torch.inference_mode():
+        with torch.inference_mode():  # the cache's padding mask is made in inference mode: reorder it there
+            if hypo_ids is not None:
+                session.cache.reorder(hypo_ids)
             out = (session.model or self.model).step(hidden, session.cache, attention_mask, position_ids,
                                                      session.blocks, session.prompts, session.adapters)
         trace.mark("s.c1")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stamen.server.placement import PlacementSettings
-from stamen.types import Compression, DtypeName, Span
+from stamen.types import MAX_RECORD_TTL, Compression, DtypeName, Span
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,21 @@ class ServerConfig(BaseModel):
     beyond it clients fall back to stateless forward and backward. 0: never keep one."""
     request_timeout: float = Field(default=600.0, gt=0)
     """Seconds a stateless forward may take before it is abandoned."""
+    read_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a peer may take to send the next message of a request it began (a part of a
+    forward, backward, training or adapter upload; the rest of an inference or push frame whose
+    header arrived); past it the server answers with an error and drops the call."""
+    request_read_timeout: float = Field(default=300.0, gt=0)
+    """Seconds the whole request of a stream call (forward, backward, training, adapter upload,
+    bandwidth probe) may take to arrive, all its parts together."""
+    max_request_bytes: int = Field(default=1 << 30, gt=0)
+    """Request bytes the server holds at once over all calls and streams: a message that does not
+    fit is refused ("server busy") before it is read; a request larger than this, always."""
+    max_peer_calls: int = Field(default=32, gt=0)
+    """Stream calls (forward, backward, training, adapter uploads, bandwidth probes) one peer may
+    have in flight at once; more are refused ("server busy")."""
+    max_peer_streams: int = Field(default=128, gt=0)
+    """Inference and push streams one peer may hold open at once; more are refused ("server busy")."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = Field(default=0, ge=0, lt=65536)
@@ -89,8 +104,8 @@ class ServerConfig(BaseModel):
     closed (their clients then replay into other servers)."""
     placement: PlacementSettings = PlacementSettings()
     """Thresholds of the rebalancing decision."""
-    record_ttl: float = Field(default=60.0, gt=1)
-    """Seconds a DHT record lives; the server re-announces every ttl/3."""
+    record_ttl: float = Field(default=60.0, gt=1, le=MAX_RECORD_TTL)
+    """Seconds a DHT record lives (at most 300: peers refuse longer ones); the server re-announces every ttl/3."""
     public_name: str | None = None
     """A human-readable name shown by health tools."""
     torch_threads: int | None = Field(default=None, gt=0)
@@ -98,6 +113,13 @@ class ServerConfig(BaseModel):
     decode_threads: int | None = Field(default=None, gt=0)
     """torch threads of decoding steps (default: measured at start, at most ``torch_threads``:
     the fewest within 10% of the fastest; ``server/compute.py``)."""
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_exists(cls, value: str) -> str:
+        if missing_local_dir(value):
+            raise ValueError(f"no such directory: {value}")
+        return value
 
     @field_validator("dtype")
     @classmethod
@@ -124,6 +146,14 @@ class ServerConfig(BaseModel):
         from stamen.models.config import DTYPES
 
         return DTYPES[self.dtype]
+
+
+def missing_local_dir(source: str) -> bool:
+    """Whether a model source is written as a local path (absolute, ``./``, ``../``, ``~``, or more
+    than one ``/``: a hub id is ``name`` or ``owner/name``) that is not a directory; it must not be
+    taken for a hub id (and fail with the hub's message)."""
+    as_path = source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or source.count("/") > 1
+    return as_path and not Path(source).expanduser().is_dir()
 
 
 def parent_gone() -> bool:

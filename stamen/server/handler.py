@@ -1,6 +1,12 @@
 """The span server's RPC handlers (declared in ``stamen/rpc/protocol.py``): each decodes a typed
 request, calls the backend and encodes the reply. Inference sessions and pushes are served by the
-inference engine (``server/inference.py``)."""
+inference engine (``server/inference.py``).
+
+Stream calls (forward, backward, training, adapter uploads, bandwidth probes) carry hivemind's
+protobuf stream frames, read here by the server's own bounded reader (``CallRequests``) rather than
+hivemind's handler, which reads any frame length and waits for it forever, with no deadline and no
+count of the bytes it holds. Every call ends with a typed reply, then reads (and drops) what the
+client still sends, for a bounded time, before the stream closes (``_serve_call``)."""
 
 from __future__ import annotations
 
@@ -8,16 +14,17 @@ import asyncio
 import logging
 from typing import AsyncIterator  # noqa: UP035 (the handlers' stream types, as hivemind declares them)
 
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 
-from stamen.errors import InvalidRequestError
+from stamen.errors import InvalidRequestError, SessionClosedError
 from stamen.rpc import protocol
-from stamen.rpc.inputs import SpanInputs
-from stamen.rpc.parts import read_all, read_counted, reply_in_parts, wait_for_end
+from stamen.rpc.inputs import SpanInputs, decode_received
+from stamen.rpc.parts import CallRequests, NoMessageError, read_all, read_counted, reply_in_parts
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response
 from stamen.server.backend import SpanBackend
 from stamen.server.inference import InferenceEngine
+from stamen.server.limits import Limits, PeerSlots
 from stamen.types import Compression
 from stamen.wire.messages import (
     AdaptersStored,
@@ -33,20 +40,29 @@ from stamen.wire.messages import (
     decode_train_request,
     encode,
 )
-from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor
+from stamen.wire.stream import ByteBudget, FrameStream, StreamEnded, serve
+from stamen.wire.tensors import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
+
+BANDWIDTH_MAX_BYTES = 64 << 20
+"""Most bytes a bandwidth probe may stream (joining servers send 4 MiB)."""
 
 
 class SpanHandler:
     def __init__(self, backend: SpanBackend, peer_id: str, version: str, session_timeout: float,
-                 request_timeout: float, compression: Compression = "none"):
+                 request_timeout: float, compression: Compression = "none", limits: Limits | None = None):
         self.backend, self.peer_id, self.version = backend, peer_id, version
         self.session_timeout, self.request_timeout = session_timeout, request_timeout
         self.compression: Compression = compression
         """Default for what this server sends: step outputs, pushes and forward outputs (a request's
         own ``compression`` overrides it; training replies are compressed only when asked)."""
-        self.engine = InferenceEngine(backend, peer_id, session_timeout, request_timeout, compression)
+        self.limits = limits or Limits.default()
+        self.budget = ByteBudget(self.limits.max_request_bytes)
+        """Request bytes held at once, over stream calls, inference and push streams."""
+        self._calls = PeerSlots(self.limits.max_peer_calls, "stream calls")
+        self.engine = InferenceEngine(backend, peer_id, session_timeout, request_timeout, compression,
+                                      self.limits, self.budget)
 
     def _handlers(self) -> dict:
         return {protocol.INFO: self.rpc_info, protocol.FORWARD: self.rpc_forward,
@@ -58,11 +74,44 @@ class SpanHandler:
         self.engine.p2p = p2p  # pushes go out through the same daemon
         handlers = self._handlers()
         for rpc in protocol.SPAN_SERVICE:
-            await protocol.register(p2p, rpc, handlers[rpc])
+            if rpc.stream_input:  # hivemind's protobuf stream frames, read by our bounded reader
+                await serve(p2p, rpc.name, self._serve_call(handlers[rpc]))
+            else:
+                await protocol.register(p2p, rpc, handlers[rpc])
 
     async def remove_p2p_handlers(self, p2p: P2P) -> None:
         for rpc in protocol.SPAN_SERVICE:
             await protocol.unregister(p2p, rpc)
+
+    def _serve_call(self, handler):
+        """Serve one stream call with ``handler(requests, peer)`` (an async generator of replies):
+        within the peer's call slots, replies written with flow control, a typed reply for any
+        failure, then what the client still sends read and dropped (bounded) before the stream
+        closes, so that the client reads the reply instead of a cut stream."""
+
+        async def serve_call(stream: FrameStream) -> None:
+            stream.budget = self.budget
+            requests = CallRequests(stream, self.limits.read_timeout)
+            try:
+                with self._calls.hold(stream.peer):
+                    async for response in handler(requests, stream.peer):
+                        await stream.write(response, self.limits.read_timeout)
+            except StreamEnded:  # the client stopped reading or left
+                return
+            except Exception as e:
+                try:
+                    await stream.write(error_response(e), self.limits.read_timeout)
+                except StreamEnded:
+                    return
+            stream.release()
+            await requests.drain(self.limits.drain_s)
+
+        return serve_call
+
+    def _check_call(self, msg) -> None:
+        """What a span call's metadata alone can refuse, before its tensors are read."""
+        self.backend.check_blocks(msg.blocks.span)
+        self.backend.get_adapters(msg.adapter, msg.blocks.span)
 
     def _request_bytes(self, grads: bool) -> int:
         """Most bytes a span call's request may carry: a (B, T, H) float32 tensor per hidden state,
@@ -88,9 +137,10 @@ class SpanHandler:
 
     # --- forward and backward: stateless, tensors streamed in parts both ways ---
 
-    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+    async def rpc_forward(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
         try:
-            msg, protos = await read_all(requests, decode_forward_request, self._stream_bytes(grads=False))
+            msg, protos = await read_all(requests, decode_forward_request, self._stream_bytes(grads=False),
+                                         self.limits.request_read_timeout, self._check_call)
             inputs = SpanInputs.unpack(msg, protos, self.backend.tensor_limits())
             out = await asyncio.wait_for(self.backend.forward(msg.blocks.span, inputs), self.request_timeout)
         except Exception as e:
@@ -99,10 +149,11 @@ class SpanHandler:
         for response in reply_in_parts(ForwardDone(), [out], msg.compression or self.compression):
             yield response
 
-    async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+    async def rpc_backward(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
         """The span's activations are recomputed; nothing outlives the call."""
         try:
-            msg, protos = await read_all(requests, decode_backward_request, self._stream_bytes(grads=True))
+            msg, protos = await read_all(requests, decode_backward_request, self._stream_bytes(grads=True),
+                                         self.limits.request_read_timeout, self._check_call)
             inputs, grad_outputs = SpanInputs.unpack_with_grad(msg, protos, self.backend.tensor_limits())
             grads = await asyncio.wait_for(
                 self.backend.backward(msg.blocks.span, inputs, grad_outputs, msg.train_lora_a), self.request_timeout)
@@ -114,14 +165,15 @@ class SpanHandler:
 
     # --- train: forward with autograd, then the backward on the kept graph, within one call ---
 
-    async def rpc_train(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+    async def rpc_train(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
         """Message 1 (``TrainRequest``): run the span with autograd, reply with its outputs and keep the
         graph (``SpanBackend.train_graph``). Message 2 (``TrainBackward``): the gradient of the outputs;
         reply with the gradients (as ``rpc_backward``, without recomputing) and end. No message 2
-        within ``session_timeout``, or a closed stream, drops the graph. Nothing outlives the call."""
+        within ``session_timeout`` (an error reply), or a closed stream, drops the graph. Nothing
+        outlives the call."""
         try:
-            msg, protos = await asyncio.wait_for(
-                read_counted(requests, decode_train_request, self._request_bytes(grads=False)), self.request_timeout)
+            msg, protos = await read_counted(requests, decode_train_request, self._request_bytes(grads=False),
+                                             timeout=self.limits.request_read_timeout)
             if msg is None:
                 return
             inputs = SpanInputs.unpack(msg, protos, self.backend.tensor_limits())
@@ -129,40 +181,41 @@ class SpanHandler:
                                                 self.request_timeout) as graph:
                 for response in reply_in_parts(TrainForwardDone(parts=1), [graph.output()], msg.compression):
                     yield response
-                grad_outputs = await self._grad_outputs(requests, context)
+                grad_outputs = await self._grad_outputs(requests)
                 if grad_outputs is None:
                     return
                 grads = await asyncio.wait_for(self.backend.train_backward(graph, grad_outputs), self.request_timeout)
         except Exception as e:
             yield error_response(e)
-            await wait_for_end(requests)
             return
         for response in reply_in_parts(grads.reply(), grads.tensors(), msg.compression):
             yield response
-        await wait_for_end(requests)
 
-    async def _grad_outputs(self, requests: AsyncIterator[Request], context: P2PContext):
-        """Message 2 of ``rpc_train``: the gradient of the outputs, or None when the client closed the
-        call or sent nothing within ``session_timeout`` (the graph is then dropped)."""
+    async def _grad_outputs(self, requests: CallRequests):
+        """Message 2 of ``rpc_train``: the gradient of the outputs, or None when the client ended the
+        call. None within ``session_timeout`` drops the graph: ``SessionClosedError``, on which clients
+        fall back to a stateless backward."""
         try:
-            backward, protos = await asyncio.wait_for(
-                read_counted(requests, decode_train_backward, self._request_bytes(grads=True)), self.session_timeout)
-        except TimeoutError:
-            logger.info("no backward from %s within %.0f s: training graph dropped", context.remote_id,
+            backward, protos = await read_counted(requests, decode_train_backward, self._request_bytes(grads=True),
+                                                  timeout=self.limits.request_read_timeout, wait=self.session_timeout)
+        except NoMessageError:
+            logger.info("no backward from %s within %.0f s: training graph dropped", requests.stream.peer,
                         self.session_timeout)
-            return None
+            raise SessionClosedError(f"no backward within {self.session_timeout:.0f} s: the training graph "
+                                     f"was dropped") from None
         if backward is not None and len(protos) != 1:
             raise InvalidRequestError(f"expected 1 tensor (grad_outputs), got {len(protos)}")
-        return None if backward is None else decode_tensor(
+        return None if backward is None else decode_received(
             protos[0], "grad_outputs", FLOAT_DTYPES, self.backend.tensor_limits().elements, compressed_ok=True)
 
     # --- adapters: uploaded once per version of the weights, then named by content hash ---
 
-    async def rpc_put_adapters(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+    async def rpc_put_adapters(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
         try:
-            msg, protos = await read_all(requests, decode_put_adapters, self._stream_bytes(grads=False))
+            msg, protos = await read_all(requests, decode_put_adapters, self._stream_bytes(grads=False),
+                                         self.limits.request_read_timeout)
             limit = self.backend.adapters.max_bytes
-            tensors = [decode_tensor(p, f"adapter tensor {i}", FLOAT_DTYPES, limit) for i, p in enumerate(protos)]
+            tensors = [decode_received(p, f"adapter tensor {i}", FLOAT_DTYPES, limit) for i, p in enumerate(protos)]
             stored = self.backend.put_adapters(msg.adapters, tensors)
         except Exception as e:
             yield error_response(e)
@@ -171,8 +224,17 @@ class SpanHandler:
 
     # --- bandwidth: a joining server streams bytes here to measure its link ---
 
-    async def rpc_bandwidth(self, requests: AsyncIterator[Request], context: P2PContext) -> Response:
+    async def rpc_bandwidth(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
+        """Count what arrives (at most ``BANDWIDTH_MAX_BYTES``, within the request deadline), keep nothing."""
         received = 0
-        async for request in requests:
-            received += sum(len(t.buffer) for t in request.tensors)
-        return Response(metadata=encode(BandwidthDone(received=received)))
+        try:
+            async with asyncio.timeout(self.limits.request_read_timeout):
+                async for request in requests:
+                    received += sum(len(t.buffer) for t in request.tensors)
+                    requests.stream.release()
+                    if received > BANDWIDTH_MAX_BYTES:
+                        raise InvalidRequestError(f"a bandwidth probe of over {BANDWIDTH_MAX_BYTES} bytes")
+        except TimeoutError:
+            raise InvalidRequestError(
+                f"the probe did not arrive within {self.limits.request_read_timeout:.3g} s") from None
+        yield Response(metadata=encode(BandwidthDone(received=received)))

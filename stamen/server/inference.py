@@ -13,12 +13,13 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from stamen import trace
-from stamen.errors import InvalidRequestError, SessionClosedError, UnknownSessionError
+from stamen.errors import InvalidRequestError, ServerFullError, SessionClosedError, UnknownSessionError
 from stamen.rpc import protocol
-from stamen.rpc.inputs import SpanInputs
+from stamen.rpc.inputs import SpanInputs, decode_received
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response, raise_if_error
-from stamen.server.backend import SpanBackend
+from stamen.server.backend import Session, SpanBackend
+from stamen.server.limits import Limits, PeerSlots
 from stamen.types import Compression
 from stamen.wire.messages import (
     HELD_REPLIES_MAX,
@@ -34,8 +35,8 @@ from stamen.wire.messages import (
     decode_step,
     encode,
 )
-from stamen.wire.stream import FrameStream, InvalidFrameError, StreamEnded
-from stamen.wire.tensors import FLOAT_DTYPES, decode_tensor, encode_tensor
+from stamen.wire.stream import ByteBudget, FrameStream, InvalidFrameError, StreamEnded
+from stamen.wire.tensors import FLOAT_DTYPES, encode_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ The client needs the copy only to recover from a later failure. At most ``_REPLY
 the step's own compute time: the client takes the copies in route order, so a copy held longer
 than the rest of the route takes would delay the token (measured: docs/benchmarks.md, copy delay)."""
 _REPLY_DELAY_SHARE = 0.25
+PUSH_STEP_WINDOW = 1024
+"""How far past a session's last step a pushed step id may be. A push comes from the previous hop
+of the owner's route, with the step id the owner gave that hop, so it is the next step or a few
+later (steps that failed there); one far ahead would make every later step of the owner look done."""
 
 
 def _send_quietly(stream: FrameStream, message, mark: str | None = None) -> None:
@@ -109,8 +114,12 @@ class InferenceEngine:
     """Serves inference sessions and pushes for one ``SpanBackend``."""
 
     def __init__(self, backend: SpanBackend, peer_id: str, session_timeout: float, request_timeout: float,
-                 compression: Compression = "none"):
+                 compression: Compression = "none", limits: Limits | None = None, budget: ByteBudget | None = None):
         self.backend, self.peer_id = backend, peer_id
+        self.limits = limits or Limits.default()
+        self.budget = budget or ByteBudget(self.limits.max_request_bytes)
+        """Request bytes held at once, shared with the handler's stream calls."""
+        self._streams = PeerSlots(self.limits.max_peer_streams, "inference and push streams")
         self.session_timeout, self.request_timeout = session_timeout, request_timeout
         self.compression: Compression = compression
         """Default for step outputs and pushes (a session's own ``compression`` overrides it)."""
@@ -124,63 +133,92 @@ class InferenceEngine:
 
     async def serve_inference(self, stream: FrameStream) -> None:
         """Client messages are handled in order; replies (also those of steps that another server
-        pushed into this stream's sessions) are written to the stream as soon as they exist."""
+        pushed into this stream's sessions) are written to the stream as soon as they exist. The
+        sessions opened here belong to the stream's peer; they close when the stream ends."""
         replies = _StreamReplies(stream)
-        opened: set[str] = set()
+        opened: dict[str, Session] = {}
+        owner = str(stream.peer)
+        stream.budget = self.budget
         try:
-            while True:
-                step_id = None
-                try:
+            with self._streams.hold(owner):
+                while True:
+                    step_id = None
                     try:
-                        async with asyncio.timeout(self.session_timeout):
-                            request = await stream.recv(Request)
-                    except TimeoutError:
-                        logger.info("closing idle sessions %s of %s", sorted(opened), stream.peer)
-                        replies.put_nowait(error_response(SessionClosedError(
-                            f"idle for {self.session_timeout:.0f} s: session closed")))
+                        try:
+                            request = await stream.recv(Request, idle=self.session_timeout,
+                                                        timeout=self.limits.read_timeout)
+                        except TimeoutError:
+                            logger.info("closing idle sessions %s of %s", sorted(opened), stream.peer)
+                            replies.put_nowait(error_response(SessionClosedError(
+                                f"idle for {self.session_timeout:.0f} s: session closed")))
+                            return
+                        if request is None:
+                            return
+                        msg = decode_inference_request(request.metadata)
+                        step_id = msg.step_id if isinstance(msg, Step) else None
+                        trace.mark("s.recv", -1 if step_id is None else step_id)
+                        reply = await self._inference_message(msg, request, replies, opened, owner)
+                    except InvalidFrameError as e:  # the framing is lost: answer and end the stream
+                        replies.put_nowait(error_response(e))
+                        stream.end()
+                        await stream.drop(self.limits.drain_s)
                         return
-                    if request is None:
+                    except StreamEnded as e:  # the client failed its stream (an error frame): nothing to answer
+                        logger.info("%s", e)
                         return
-                    msg = decode_inference_request(request.metadata)
-                    step_id = msg.step_id if isinstance(msg, Step) else None
-                    trace.mark("s.recv", -1 if step_id is None else step_id)
-                    reply = await self._inference_message(msg, request, replies, opened)
-                except InvalidFrameError as e:  # the framing is lost: answer and end the stream
-                    replies.put_nowait(error_response(e))
-                    return
-                except Exception as e:  # a typed error (or a bug): reply and keep serving
-                    reply = error_response(e, step_id)
-                if reply is not None:
-                    replies.put_nowait(reply)
+                    except Exception as e:  # a typed error (or a bug): reply and keep serving
+                        reply = error_response(e, step_id)
+                    finally:
+                        stream.release()
+                    if reply is not None:
+                        replies.put_nowait(reply)
+        except ServerFullError as e:  # the peer holds all its streams
+            replies.put_nowait(error_response(e))
+            stream.end()
+            await stream.drop(self.limits.drain_s)
         finally:
             stream.end()
-            for session_id in opened:
-                self.backend.close(session_id)
+            for session_id, session in opened.items():
+                self.backend.close(session_id, only=session)
+
+    def _owned(self, session_id: str, peer: str) -> Session:
+        """The session, if ``peer`` opened it: to any other peer it is unknown."""
+        session = self.backend.get(session_id)
+        if session.owner is not None and session.owner != peer:
+            raise UnknownSessionError(f"unknown session {session_id}")
+        return session
 
     async def _inference_message(self, msg, request: Request, replies: _StreamReplies,
-                                 opened: set[str]) -> Response | None:
+                                 opened: dict[str, Session], owner: str) -> Response | None:
         if isinstance(msg, OpenSession):
             prompts = self._open_prompts(msg, list(request.tensors))
-            session = self.backend.open(msg, replies, prompts)
+            session = self.backend.open(msg, replies, prompts, owner=owner)
             session.compression = msg.compression or self.compression
-            opened.add(msg.session_id)
+            opened[msg.session_id] = session
             return Response(metadata=encode(Opened(session_id=msg.session_id)))
         if isinstance(msg, CloseSession):
-            self.backend.get(msg.session_id)
-            self.backend.close(msg.session_id)
+            # a step that holds the session (pushed, or from another stream) ends with session_closed
+            self.backend.close(msg.session_id, only=self._owned(msg.session_id, owner))
             trace.flush()  # a traced benchmark reads the servers' marks after its session
-            opened.discard(msg.session_id)
+            opened.pop(msg.session_id, None)
             return Response(metadata=encode(Closed(session_id=msg.session_id)))
         if isinstance(msg, FlushReplies):
-            _send_held(self.backend.get(msg.session_id))
+            _send_held(self._owned(msg.session_id, owner))
             return None
-        await self._step(msg, list(request.tensors))
+        await self._step(msg, list(request.tensors), owner=owner)
         return None  # the step's reply went to the session's queue
 
-    async def _step(self, msg: Step, tensors: list[runtime_pb2.Tensor], pushed: bool = False) -> None:
-        """Run a step unless it is a duplicate, push the output on, and queue the reply to the client."""
-        session = self.backend.get(msg.session_id)
-        async with session.lock:
+    async def _step(self, msg: Step, tensors: list[runtime_pb2.Tensor], pushed: bool = False,
+                    owner: str | None = None) -> None:
+        """Run a step unless it is a duplicate, push the output on, and queue the reply to the client.
+        A step from a client stream must come from the session's owner (``owner``); a pushed one
+        (from a server the owner named in ``push_to``, who knows the session's random id) at most
+        ``PUSH_STEP_WINDOW`` steps past the session's last."""
+        session = self._owned(msg.session_id, owner) if not pushed else self.backend.get(msg.session_id)
+        async with self.backend.stepping(session):
+            if pushed and msg.step_id > session.last_step_id + PUSH_STEP_WINDOW:
+                raise InvalidRequestError(f"pushed step {msg.step_id} is over {PUSH_STEP_WINDOW} steps past the "
+                                          f"last step {session.last_step_id} of session {msg.session_id}")
             if msg.step_id <= session.last_step_id:
                 # already computed from the other copy (pushed or sent by the client); a client that
                 # sends its copy did not get the reply in time: the held ones go out now
@@ -259,18 +297,35 @@ class InferenceEngine:
 
     async def serve_push(self, stream: FrameStream) -> None:
         """Steps pushed by a previous server; only errors are answered (they are logged there)."""
+        stream.budget = self.budget
         try:
-            while (request := await stream.recv(Request)) is not None:
-                try:
-                    msg = decode_step(request.metadata)
-                    trace.mark("s.recv_push", msg.step_id)
-                    await self._step(msg, list(request.tensors), pushed=True)
-                except (UnknownSessionError, SessionClosedError):
-                    continue  # the client closed or moved its session: nothing to do
-                except Exception as e:
-                    _send_quietly(stream, error_response(e))
-        except InvalidFrameError as e:
+            with self._streams.hold(stream.peer):
+                while True:
+                    try:
+                        try:  # an idle link ends; the previous server opens another for its next push
+                            request = await stream.recv(Request, idle=self.session_timeout,
+                                                        timeout=self.limits.read_timeout)
+                        except TimeoutError:
+                            return
+                        if request is None:
+                            return
+                        msg = decode_step(request.metadata)
+                        trace.mark("s.recv_push", msg.step_id)
+                        await self._step(msg, list(request.tensors), pushed=True)
+                    except (UnknownSessionError, SessionClosedError):
+                        continue  # the client closed or moved its session: nothing to do
+                    except (InvalidFrameError, StreamEnded):
+                        raise
+                    except Exception as e:
+                        _send_quietly(stream, error_response(e))
+                    finally:
+                        stream.release()
+        except (InvalidFrameError, ServerFullError) as e:  # the framing is lost; the peer holds all its streams
             _send_quietly(stream, error_response(e))
+            stream.end()
+            await stream.drop(self.limits.drain_s)
+        except StreamEnded as e:  # the pushing server failed its stream
+            logger.info("%s", e)
         finally:
             stream.end()
 
@@ -282,6 +337,6 @@ class InferenceEngine:
         if not msg.has_prompts:
             return None
         b = self.backend
-        return decode_tensor(protos[0], "prompts", FLOAT_DTYPES,
-                             min(msg.max_length, b.max_step_tokens) * b.hidden_size * b.span.length)
+        return decode_received(protos[0], "prompts", FLOAT_DTYPES,
+                               min(msg.max_length, b.max_step_tokens) * b.hidden_size * b.span.length)
 

@@ -13,10 +13,13 @@ from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 
 from stamen import trace
+from stamen.dht.node import SwarmDHT, create_dht
 from stamen.dht.records import ServerRecord, ServerState, announce, fetch_servers
+from stamen.errors import CheckpointError, RemoteCallError
 from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
+from stamen.process import check_peer_addresses, check_port_free, children_die_with_me
 from stamen.rpc.calls import measure_bandwidth, ping
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import (
@@ -28,6 +31,7 @@ from stamen.server.compute import (
 )
 from stamen.server.config import ServerConfig, parent_gone
 from stamen.server.handler import SpanHandler
+from stamen.server.limits import Limits
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
 from stamen.server.throughput import (
@@ -44,20 +48,19 @@ logger = logging.getLogger(__name__)
 
 
 def start_dht(initial_peers: list[str], host: str, port: int, identity: str | None = None,
-              announce_maddrs: list[str] | None = None, client_mode: bool = False) -> DHT:
-    """A hivemind DHT peer listening on ``host:port`` (port 0: any free port)."""
-    kwargs = {}
-    if identity is not None:
-        kwargs["identity_path"] = identity
-    if announce_maddrs:
-        kwargs["announce_maddrs"] = announce_maddrs
-    return DHT(
-        initial_peers=initial_peers,
-        start=True,
-        client_mode=client_mode,
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-        **kwargs,
-    )
+              announce_maddrs: list[str] | None = None, client_mode: bool = False) -> SwarmDHT:
+    """A hivemind DHT peer listening on ``host:port`` (port 0: any free port). Its DHT process and
+    libp2p daemon die with this process (``stamen/process.py``). The addresses and the port are
+    checked first; a peer that cannot start or join raises ``RemoteCallError`` (one line)."""
+    check_peer_addresses(initial_peers)
+    check_port_free(host, port)
+    with children_die_with_me():
+        try:  # every DHT peer comes from create_dht: the same record validators everywhere (dht/node.py)
+            return create_dht(initial_peers, host=host, port=port, identity=identity, announce_maddrs=announce_maddrs,
+                              client_mode=client_mode)
+        except Exception as e:  # raised in the DHT process: hivemind's bootstrap failure, a daemon that did not start
+            through = f" through {' '.join(initial_peers)}" if initial_peers else ""
+            raise RemoteCallError(f"could not join the swarm{through}: {e}") from e
 
 
 def measure_throughput(model: SpanModel, dtype: torch.dtype, device: str, repeats: int = 12) -> float:
@@ -136,19 +139,19 @@ class Server:
 
         hf_config = load_config(cfg.model)
         block_config = BlockConfig.from_hf(hf_config)
+        if cfg.blocks is not None and cfg.blocks.end > block_config.num_blocks:  # checked before anything starts
+            raise CheckpointError(f"--blocks {cfg.blocks} is past the model's {block_config.num_blocks} blocks")
         checkpoint = open_checkpoint(cfg.model)
         dht = start_dht(cfg.initial_peers, cfg.host, cfg.port, str(cfg.identity) if cfg.identity else None,
                         cfg.announce_maddrs)
-        peer_id = PeerIDStr(dht.peer_id.to_base58())
-        length = cfg.blocks.length if cfg.blocks else cfg.num_blocks or self._blocks_that_fit(block_config)
-        self.span = cfg.blocks or self._choose_span(dht, block_config, length)
-        if self.span.end > block_config.num_blocks:
-            raise SystemExit(f"--blocks {self.span} is past the model's {block_config.num_blocks} blocks")
-        trace.set_role(f"server{self.span.start}")
-        logger.info("%s %s joining; visible at %s", peer_id[-6:], self.tag,
-                    " ".join(str(m) for m in dht.get_visible_maddrs()))
-        self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
-        try:
+        try:  # from here on, every way out shuts the DHT process and its daemon down
+            peer_id = PeerIDStr(dht.peer_id.to_base58())
+            length = cfg.blocks.length if cfg.blocks else cfg.num_blocks or self._blocks_that_fit(block_config)
+            self.span = cfg.blocks or self._choose_span(dht, block_config, length)
+            trace.set_role(f"server{self.span.start}")
+            logger.info("%s %s joining; visible at %s", peer_id[-6:], self.tag,
+                        " ".join(str(m) for m in dht.get_visible_maddrs()))
+            self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
             # servers of one host load and measure one at a time: a load (reading, copying, laying
             # out weights) beside another server's measurement skewed it (server/compute.py)
             with host_measurement_lock():
@@ -158,7 +161,7 @@ class Server:
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True,
                                   long_threads=self.threads)
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
-                                  cfg.compression)
+                                  cfg.compression, Limits.of(cfg))
             p2p = await dht.replicate_p2p()
             await handler.add_p2p_handlers(p2p)
             speed = await self._measure(dht, p2p, peer_id, model, block_config)
@@ -213,8 +216,8 @@ class Server:
 
     def _announce(self, dht: DHT, peer_id: PeerIDStr, state: ServerState, speed: Speed, cache_left: int,
                   next_pings: dict[str, float] | None = None, also_blocks: range = range(0)) -> None:
-        announce(dht, self.model_name, peer_id, self._record(state, speed, cache_left, next_pings),
-                 self.config.record_ttl, also_blocks)
+        announce(dht, self.model_name, self._record(state, speed, cache_left, next_pings), self.config.record_ttl,
+                 also_blocks)
 
     async def _announce_loop(self, s: _Serving) -> None:
         """Announce online every ttl/3 until asked to stop."""

@@ -14,6 +14,12 @@ has run. When a server leaves, the client finds another one and replays what it 
 Volunteers join with uneven hardware; each picks the blocks where the swarm is weakest.
 """ * 4
 
+TRAINED_SPREAD: dict[str, Any] = dict(initializer_range=0.2)
+"""Config overrides that give random weights the spread of trained ones (transformers' default
+``initializer_range`` of 0.02 leaves the blocks' contributions tiny next to the embeddings: greedy
+output soon repeats one token and does not change with RoPE switched off). Tests merge it into
+their overrides so that equal tokens and logits say something about the block math."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2),

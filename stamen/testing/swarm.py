@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stamen.process import children_die_with_me
 from stamen.types import Span
 
 
@@ -135,9 +136,10 @@ class LocalSwarm:
 
     def client_dht(self):
         if self._dht is None:
-            from hivemind import DHT
+            from stamen.dht.node import create_dht
 
-            self._dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True)
+            with children_die_with_me():  # a harness killed with SIGKILL leaves no DHT process or p2pd behind
+                self._dht = create_dht(self.initial_peers, client_mode=True)
         return self._dht
 
     def wait_online(self, model_name: str, num_blocks: int, servers: list[ServerProcess] | None = None,

@@ -13,12 +13,15 @@ A message's round trip over one open stream is therefore shorter with these fram
 hivemind's protobuf stream handler (docs/benchmarks.md).
 
 A received frame longer than ``MAX_FRAME_BYTES`` fails the stream with a typed error instead of
-being buffered: a peer cannot make the reader hold an arbitrary amount of memory.
+being buffered: a peer cannot make the reader hold an arbitrary amount of memory. A server's streams
+also share one ``ByteBudget``: a frame's bytes are taken from it before its body is read, and a
+body must arrive within a deadline once its header did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -26,7 +29,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 from hivemind.p2p import P2P, PeerID
 
-from stamen.errors import InvalidRequestError, RemoteCallError
+from stamen.errors import InvalidRequestError, RemoteCallError, ServerFullError
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +52,49 @@ class StreamEnded(RemoteCallError):
     """The other side closed the stream, or its process or connection is gone."""
 
 
+class PeerFailedError(StreamEnded):
+    """The other side failed the stream with an error frame (it gave up; nothing more comes)."""
+
+
+_SKIP_CHUNK = 1 << 16
+
+
+class ByteBudget:
+    """Bytes of received messages that a server holds at once, over all its streams: a frame's
+    bytes are taken before its body is read and given back when the server is done with it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int, held: int) -> None:
+        """Take ``n`` more bytes for a stream that holds ``held``: ``InvalidRequestError`` if that
+        stream's request could never fit, ``ServerFullError`` ("busy") if it does not fit now."""
+        if held + n > self.limit:
+            raise InvalidRequestError(f"a request of over {held + n} bytes exceeds the server's request buffer "
+                                      f"of {self.limit} bytes")
+        if self.used + n > self.limit:
+            raise ServerFullError(f"server busy: {self.used} of {self.limit} request bytes are held; "
+                                  f"a message of {n} bytes does not fit")
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class FrameStream:
     """One open libp2p stream that carries protobuf messages of one type each way.
 
     ``send`` is synchronous (the transport buffers; replies and pushes never wait for a slow reader
     on the path of the next step); ``recv`` returns None once the other side ended the stream."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerID):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerID,
+                 budget: ByteBudget | None = None):
         self.reader, self.writer, self.peer = reader, writer, peer
+        self.budget = budget
+        """Where received bodies take their bytes from (servers); None: not counted (clients)."""
+        self.held = 0
+        """Bytes this stream holds in ``budget``, until ``release``."""
+        self._ended = False
 
     @property
     def closing(self) -> bool:
@@ -79,38 +117,109 @@ class FrameStream:
 
     def end(self) -> None:
         """Tell the other side that nothing more will be sent (an empty error frame, as hivemind's
-        stream RPCs end theirs); keeps reading possible."""
-        if not self.writer.is_closing():
+        stream RPCs end theirs); keeps reading possible. Once only."""
+        if not self.writer.is_closing() and not self._ended:
+            self._ended = True
             self._write(ERROR_MARKER, b"")
 
     def _write(self, marker: bytes, body: bytes) -> None:
         self.writer.write(b"".join((marker, len(body).to_bytes(LENGTH_BYTES, BYTEORDER), body)))
 
+    async def write(self, message: Message, timeout: float | None = None) -> None:
+        """Write one message and wait until the transport took it (``send`` with flow control, for
+        replies of many parts). ``StreamEnded`` if the stream is closed or the other side does not
+        read within ``timeout`` seconds (the stream is then closed)."""
+        if self.writer.is_closing():
+            raise StreamEnded(f"the stream to {self.peer} is closed")
+        self._write(MESSAGE_MARKER, message.SerializeToString())
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
+        except (ConnectionError, TimeoutError) as e:
+            self.writer.close()
+            raise StreamEnded(f"{self.peer} did not read the stream: {e!r}") from None
+
+    def release(self) -> None:
+        """Give back the bytes of the messages received so far (they are no longer held)."""
+        if self.held:
+            self.budget.give(self.held)
+            self.held = 0
+
     def close(self) -> None:
+        self.release()
         self.writer.close()
 
-    async def recv(self, kind: type[M]) -> M | None:
+    async def recv(self, kind: type[M], *, idle: float | None = None, timeout: float | None = None,
+                   max_bytes: int = MAX_FRAME_BYTES) -> M | None:
         """The next message, or None at the end of the stream (an end frame or a closed connection).
-        Raises ``RemoteCallError`` for an error frame, ``InvalidFrameError`` for a malformed one."""
+        Raises ``PeerFailedError`` for an error frame, ``InvalidFrameError`` for a malformed one
+        (longer than ``max_bytes``, an unknown marker, undecodable) or one whose body does not
+        arrive within ``timeout`` seconds of its header (the framing is lost either way), and
+        ``TimeoutError`` when no frame begins within ``idle`` seconds (the stream stays usable).
+        With a ``budget``, the body's bytes are taken from it before they are read and held until
+        ``release``; a body it cannot hold is read and dropped and its refusal raised (the stream
+        stays usable)."""
+        length, begun = 0, False
         try:
-            head = await self.reader.readexactly(1 + LENGTH_BYTES)
-            length = int.from_bytes(head[1:], BYTEORDER)
-            if length > MAX_FRAME_BYTES:
-                raise InvalidFrameError(f"a frame of {length} bytes from {self.peer} exceeds {MAX_FRAME_BYTES}")
-            body = await self.reader.readexactly(length) if length else b""
+            async with asyncio.timeout(idle) as deadline:  # a cancelled readexactly consumes nothing
+                head = await self.reader.readexactly(1 + LENGTH_BYTES)
+                begun = True  # from here on the frame must arrive within ``timeout``
+                marker, length = head[:1], int.from_bytes(head[1:], BYTEORDER)
+                if marker not in (MESSAGE_MARKER, ERROR_MARKER):
+                    raise InvalidFrameError(f"a frame from {self.peer} has an unknown marker {marker!r}")
+                if length > max_bytes:
+                    raise InvalidFrameError(f"a frame of {length} bytes from {self.peer} exceeds {max_bytes}")
+                deadline.reschedule(None if timeout is None else asyncio.get_running_loop().time() + timeout)
+                if self.budget is not None and length:
+                    try:
+                        self.budget.take(length, self.held)
+                    except (InvalidRequestError, ServerFullError):
+                        await self._skip(length)
+                        raise
+                    self.held += length
+                body = await self.reader.readexactly(length) if length else b""
+        except TimeoutError:
+            if not begun:
+                raise  # no frame began: the stream is intact
+            raise InvalidFrameError(f"a frame of {length} bytes from {self.peer} did not arrive within "
+                                    f"{timeout} s") from None
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
-        marker = head[:1]
         if marker == ERROR_MARKER:
             if not body:
                 return None
-            raise RemoteCallError(f"{self.peer} failed the stream: {body.decode(errors='replace')}")
-        if marker != MESSAGE_MARKER:
-            raise InvalidFrameError(f"a frame from {self.peer} has an unknown marker {marker!r}")
+            raise PeerFailedError(f"{self.peer} failed the stream: {body[:1000].decode(errors='replace')}")
         try:
             return kind.FromString(body)
         except DecodeError as e:
             raise InvalidFrameError(f"an undecodable {kind.__name__} from {self.peer}: {e}") from None
+
+    async def _skip(self, length: int) -> None:
+        """Read ``length`` bytes and drop them (the body of a refused frame), a chunk at a time."""
+        while length > 0:
+            chunk = await self.reader.read(min(length, _SKIP_CHUNK))
+            if not chunk:
+                return
+            length -= len(chunk)
+
+    async def drop(self, timeout: float, max_bytes: int = MAX_FRAME_BYTES) -> None:
+        """Read and drop what the other side still sends until it ends its half (an end frame, or
+        it closes), for at most ``timeout`` seconds; past a frame that cannot be read (the framing
+        is lost), raw bytes until it closes. Nothing is kept or taken from the budget. Why: a stream
+        closed with bytes unread resets the peer's whole libp2p connection, and the peer loses what
+        it had not read yet on every stream of it (the reply that ended this call included)."""
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    head = await self.reader.readexactly(1 + LENGTH_BYTES)
+                    length = int.from_bytes(head[1:], BYTEORDER)
+                    if head[:1] not in (MESSAGE_MARKER, ERROR_MARKER) or length > max_bytes:
+                        while await self.reader.read(_SKIP_CHUNK):
+                            pass
+                        return
+                    if head[:1] == ERROR_MARKER and not length:
+                        return
+                    await self._skip(length)
 
 
 async def open_stream(p2p: P2P, peer: PeerID, protocol: str) -> FrameStream:
