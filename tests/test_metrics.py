@@ -1,50 +1,62 @@
-"""Prometheus metrics (stamen/server/metrics.py): exposition text that prometheus_client's parser reads."""
+"""Prometheus metrics of a real server (``stamen server --metrics-port``): exposition text that
+prometheus_client's parser reads, with counters that rise after a generation."""
 
 from __future__ import annotations
 
 import socket
 import urllib.request
 
+import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from stamen.server.metrics import ServerMetrics
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import Span
+
+pytestmark = pytest.mark.swarm
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
 
 
-class _Budget:
-    tokens_left, used, num_blocks = 900, 200, 2
-
-
-class _Backend:
-    sessions = {"a": None, "b": None}
-    budget = _Budget()
-    train_graphs_held = 1
-
-
-def _samples(text: str) -> dict:
+def _scrape(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_metrics_are_served_and_parse():
-    metrics = ServerMetrics("peer-x")
-    metrics.watch(_Backend())
-    metrics.set_state("online", 0, 4, "float32")
-    metrics.served("decode", 1, 0.004)
-    metrics.served("decode", 1, 0.006)
-    metrics.served("forward", 128, 0.3)
-    metrics.refused("server_full")
+def test_a_servers_metrics_parse_and_rise_after_a_generation(tmp_path):
+    from stamen import AutoDistributedModelForCausalLM
+    from stamen.testing.models import save_random_llama
+
+    model_dir = str(save_random_llama(tmp_path / "metrics-llama", TINY, seed=7))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    metrics.serve(port)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = _samples(text)
-    assert samples[("stamen_steps_total", (("kind", "decode"),))] == 2
-    assert samples[("stamen_tokens_total", (("kind", "forward"),))] == 128
-    assert samples[("stamen_step_seconds_count", (("kind", "decode"),))] == 2
-    assert samples[("stamen_step_seconds_bucket", (("kind", "decode"), ("le", "0.005")))] == 1
-    assert samples[("stamen_refusals_total", (("code", "server_full"),))] == 1
-    assert samples[("stamen_open_sessions", ())] == 2
-    assert samples[("stamen_cache_tokens_free", ())] == 900 and samples[("stamen_cache_tokens_used", ())] == 100
-    infos = [dict(labels) for name, labels in samples if name == "stamen_server_info"]
-    assert infos == [dict(peer_id="peer-x", start="0", end="4", dtype="float32", state="online")]
+    with LocalSwarm(log_dir=tmp_path / "logs") as swarm:
+        swarm.start_bootstrap()
+        swarm.add_server(model_dir, Span(0, 2), "--torch-threads", "1", "--metrics-port", str(port))
+        swarm.wait_online("metrics-llama", 2)
+        before = _scrape(port)
+        info = [dict(labels) for name, labels in before if name == "stamen_server_info"]
+        assert info and info[0]["state"] == "online" and (info[0]["start"], info[0]["end"]) == ("0", "2")
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        try:
+            ids = torch.tensor([[1, 5, 9, 3]])
+            with model.inference_session(max_length=16):
+                model.generate(ids, max_new_tokens=6, do_sample=False)
+                during = _scrape(port)
+            model(ids)  # a stateless forward
+        finally:
+            model.shutdown()
+        after = _scrape(port)
+
+    def value(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value(after, "stamen_steps_total", kind="prefill") + value(after, "stamen_steps_total", kind="decode") \
+        >= 6 > value(before, "stamen_steps_total", kind="decode")
+    assert value(after, "stamen_tokens_total", kind="forward") == 4
+    assert value(after, "stamen_step_seconds_count", kind="decode") == value(after, "stamen_steps_total", kind="decode")
+    assert value(during, "stamen_open_sessions") == 1 and value(after, "stamen_open_sessions") == 0
+    assert value(during, "stamen_cache_tokens_used") == 16 and value(after, "stamen_cache_tokens_used") == 0
+    assert value(after, "stamen_bytes_received_total") > value(before, "stamen_bytes_received_total")

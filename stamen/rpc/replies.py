@@ -4,6 +4,7 @@ raises the same ``StamenError`` class from it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from stamen.errors import RemoteCallError, RequestError, request_error_from_code
 from stamen.rpc.protocol import Response
@@ -11,10 +12,15 @@ from stamen.wire.messages import ErrorReply, encode
 
 logger = logging.getLogger(__name__)
 
+on_error: Callable[[str], None] | None = None
+"""Called with the code of every error reply built here (a server counts its refusals with it)."""
+
 
 def error_response(e: Exception, step_id: int | None = None) -> Response:
     """The typed reply to a failed request: the error's own code for the project's request
     errors, ``internal`` (logged with its traceback) for anything else."""
+    if on_error is not None:
+        on_error(e.code if isinstance(e, RequestError) else "internal")
     if isinstance(e, RequestError):
         return Response(metadata=encode(ErrorReply(code=e.code, message=str(e), step_id=step_id)))
     logger.exception("internal error while serving a request")

@@ -106,6 +106,9 @@ class ServerConfig(BaseModel):
     """Thresholds of the rebalancing decision."""
     record_ttl: float = Field(default=60.0, gt=1, le=MAX_RECORD_TTL)
     """Seconds a DHT record lives (at most 300: peers refuse longer ones); the server re-announces every ttl/3."""
+    metrics_port: int | None = Field(default=None, ge=0, lt=65536)
+    """Serve Prometheus metrics at http://HOST:PORT/metrics (steps, tokens and latencies by kind,
+    sessions, cache, refusals, pushes, bytes, span and state); None: no metrics server."""
     public_name: str | None = None
     """A human-readable name shown by health tools."""
     torch_threads: int | None = Field(default=None, gt=0)

@@ -11,7 +11,9 @@ client still sends, for a bounded time, before the stream closes (``_serve_call`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import AsyncIterator  # noqa: UP035 (the handlers' stream types, as hivemind declares them)
 
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -25,6 +27,7 @@ from stamen.rpc.replies import error_response
 from stamen.server.backend import SpanBackend
 from stamen.server.inference import InferenceEngine
 from stamen.server.limits import Limits, PeerSlots
+from stamen.server.metrics import ServerMetrics
 from stamen.types import Compression
 from stamen.wire.messages import (
     AdaptersStored,
@@ -51,7 +54,8 @@ BANDWIDTH_MAX_BYTES = 64 << 20
 
 class SpanHandler:
     def __init__(self, backend: SpanBackend, peer_id: str, version: str, session_timeout: float,
-                 request_timeout: float, compression: Compression = "none", limits: Limits | None = None):
+                 request_timeout: float, compression: Compression = "none", limits: Limits | None = None,
+                 metrics: ServerMetrics | None = None):
         self.backend, self.peer_id, self.version = backend, peer_id, version
         self.session_timeout, self.request_timeout = session_timeout, request_timeout
         self.compression: Compression = compression
@@ -61,8 +65,9 @@ class SpanHandler:
         self.budget = ByteBudget(self.limits.max_request_bytes)
         """Request bytes held at once, over stream calls, inference and push streams."""
         self._calls = PeerSlots(self.limits.max_peer_calls, "stream calls")
+        self.metrics = metrics or ServerMetrics(peer_id)
         self.engine = InferenceEngine(backend, peer_id, session_timeout, request_timeout, compression,
-                                      self.limits, self.budget)
+                                      self.limits, self.budget, self.metrics)
 
     def _handlers(self) -> dict:
         return {protocol.INFO: self.rpc_info, protocol.FORWARD: self.rpc_forward,
@@ -108,6 +113,13 @@ class SpanHandler:
 
         return serve_call
 
+    @contextlib.contextmanager
+    def _timed(self, kind: str, inputs: SpanInputs):
+        """Count a call that completes, with its tokens and compute time (``ServerMetrics``)."""
+        start = time.perf_counter()
+        yield
+        self.metrics.served(kind, inputs.hidden.shape[0] * inputs.hidden.shape[1], time.perf_counter() - start)
+
     def _check_call(self, msg) -> None:
         """What a span call's metadata alone can refuse, before its tensors are read."""
         self.backend.check_blocks(msg.blocks.span)
@@ -142,7 +154,8 @@ class SpanHandler:
             msg, protos = await read_all(requests, decode_forward_request, self._stream_bytes(grads=False),
                                          self.limits.request_read_timeout, self._check_call)
             inputs = SpanInputs.unpack(msg, protos, self.backend.tensor_limits())
-            out = await asyncio.wait_for(self.backend.forward(msg.blocks.span, inputs), self.request_timeout)
+            with self._timed("forward", inputs):
+                out = await asyncio.wait_for(self.backend.forward(msg.blocks.span, inputs), self.request_timeout)
         except Exception as e:
             yield error_response(e)
             return
@@ -155,8 +168,9 @@ class SpanHandler:
             msg, protos = await read_all(requests, decode_backward_request, self._stream_bytes(grads=True),
                                          self.limits.request_read_timeout, self._check_call)
             inputs, grad_outputs = SpanInputs.unpack_with_grad(msg, protos, self.backend.tensor_limits())
-            grads = await asyncio.wait_for(
-                self.backend.backward(msg.blocks.span, inputs, grad_outputs, msg.train_lora_a), self.request_timeout)
+            with self._timed("backward", inputs):
+                grads = await asyncio.wait_for(self.backend.backward(msg.blocks.span, inputs, grad_outputs,
+                                                                     msg.train_lora_a), self.request_timeout)
         except Exception as e:
             yield error_response(e)
             return
@@ -184,7 +198,9 @@ class SpanHandler:
                 grad_outputs = await self._grad_outputs(requests)
                 if grad_outputs is None:
                     return
-                grads = await asyncio.wait_for(self.backend.train_backward(graph, grad_outputs), self.request_timeout)
+                with self._timed("train", inputs):
+                    grads = await asyncio.wait_for(self.backend.train_backward(graph, grad_outputs),
+                                                   self.request_timeout)
         except Exception as e:
             yield error_response(e)
             return

@@ -18,8 +18,9 @@ from stamen.rpc import protocol
 from stamen.rpc.inputs import SpanInputs, decode_received
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response, raise_if_error
-from stamen.server.backend import Session, SpanBackend
+from stamen.server.backend import INLINE_STEP_TOKENS, Session, SpanBackend
 from stamen.server.limits import Limits, PeerSlots
+from stamen.server.metrics import ServerMetrics
 from stamen.types import Compression
 from stamen.wire.messages import (
     HELD_REPLIES_MAX,
@@ -114,8 +115,10 @@ class InferenceEngine:
     """Serves inference sessions and pushes for one ``SpanBackend``."""
 
     def __init__(self, backend: SpanBackend, peer_id: str, session_timeout: float, request_timeout: float,
-                 compression: Compression = "none", limits: Limits | None = None, budget: ByteBudget | None = None):
+                 compression: Compression = "none", limits: Limits | None = None, budget: ByteBudget | None = None,
+                 metrics: ServerMetrics | None = None):
         self.backend, self.peer_id = backend, peer_id
+        self.metrics = metrics or ServerMetrics(peer_id)
         self.limits = limits or Limits.default()
         self.budget = budget or ByteBudget(self.limits.max_request_bytes)
         """Request bytes held at once, shared with the handler's stream calls."""
@@ -154,6 +157,7 @@ class InferenceEngine:
                             return
                         if request is None:
                             return
+                        self.metrics.bytes_in.inc(request.ByteSize())
                         msg = decode_inference_request(request.metadata)
                         step_id = msg.step_id if isinstance(msg, Step) else None
                         trace.mark("s.recv", -1 if step_id is None else step_id)
@@ -230,6 +234,8 @@ class InferenceEngine:
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
         compute_ms = round(1000 * (time.perf_counter() - start), 3)
+        tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
+        self.metrics.served("decode" if tokens <= INLINE_STEP_TOKENS else "prefill", tokens, compute_ms / 1000)
         encoded = encode_tensor(out, session.compression)  # one encoding for the reply and the push
         if msg.push_to:
             pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:]))
@@ -267,7 +273,10 @@ class InferenceEngine:
             task.add_done_callback(self._pushes.discard)
         request = Request(metadata=encode(msg), tensors=tensors)
         self.push_messages += 1
-        self.push_bytes += request.ByteSize()
+        size = request.ByteSize()
+        self.push_bytes += size
+        self.metrics.pushes.inc()
+        self.metrics.push_bytes.inc(size)
         link.send(request)
 
     async def _push_local(self, msg: Step, tensors: list[runtime_pb2.Tensor]) -> None:

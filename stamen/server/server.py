@@ -20,6 +20,7 @@ from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.process import check_peer_addresses, check_port_free, children_die_with_me
+from stamen.rpc import replies
 from stamen.rpc.calls import measure_bandwidth, ping
 from stamen.server.backend import SpanBackend
 from stamen.server.compute import (
@@ -33,6 +34,7 @@ from stamen.server.config import ServerConfig, parent_gone
 from stamen.server.handler import SpanHandler
 from stamen.server.limits import Limits
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
+from stamen.server.metrics import ServerMetrics
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
 from stamen.server.throughput import (
     cache_key,
@@ -102,6 +104,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decode_ms: dict[int, float] = {}
         """The fastest decoding step measured per thread count (``_set_decode_threads``)."""
+        self._metrics_of: ServerMetrics | None = None
 
     def run(self) -> None:
         """The event loop runs on the main thread and computes decoding steps inline (``server/compute.py``)."""
@@ -160,8 +163,9 @@ class Server:
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True,
                                   long_threads=self.threads)
+            metrics = self._metrics(peer_id, backend)
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
-                                  cfg.compression, Limits.of(cfg))
+                                  cfg.compression, Limits.of(cfg), metrics)
             p2p = await dht.replicate_p2p()
             await handler.add_p2p_handlers(p2p)
             speed = await self._measure(dht, p2p, peer_id, model, block_config)
@@ -214,8 +218,21 @@ class Server:
             quant=cfg.quant if cfg.quant != "none" else None,
         )
 
+    def _metrics(self, peer_id: str, backend: SpanBackend) -> ServerMetrics:
+        """This server's Prometheus metrics, served on ``--metrics-port`` if given."""
+        metrics = ServerMetrics(peer_id)
+        metrics.watch(backend)
+        replies.on_error = metrics.refused
+        if self.config.metrics_port is not None:
+            metrics.serve(self.config.metrics_port, self.config.host)
+            logger.info("%s metrics at http://%s:%d/metrics", self.tag, self.config.host, self.config.metrics_port)
+        self._metrics_of = metrics
+        return metrics
+
     def _announce(self, dht: DHT, peer_id: PeerIDStr, state: ServerState, speed: Speed, cache_left: int,
                   next_pings: dict[str, float] | None = None, also_blocks: range = range(0)) -> None:
+        if self._metrics_of is not None and self.span is not None:
+            self._metrics_of.set_state(state.value, self.span.start, self.span.end, self.config.dtype)
         announce(dht, self.model_name, self._record(state, speed, cache_left, next_pings), self.config.record_ttl,
                  also_blocks)
 
