@@ -71,8 +71,11 @@ async def _call(p2p: P2P, peer: PeerID, rpc: protocol.Rpc, messages: list[Reques
     counted reply that arrives in fewer messages than it announced is a network fault."""
 
     async def call():
-        return await read_reply(await protocol.call_stream(p2p, peer, rpc, _requests(messages)), decode_reply, peer,
-                                what)
+        responses = await protocol.call_stream(p2p, peer, rpc, _requests(messages))
+        try:
+            return await read_reply(responses, decode_reply, peer, what)
+        finally:
+            await responses.aclose()  # closes the stream: the server waits for that before closing its half
 
     try:
         return await asyncio.wait_for(call(), timeout)

@@ -8,6 +8,7 @@ server's ``ByteBudget``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import torch
@@ -91,12 +92,19 @@ class CallRequests:
         return request
 
     async def drain(self, timeout: float) -> None:
-        """Read and drop what the client still sends until it ends its half (at most ``timeout``
-        seconds), so that the reply already written reaches it: closing the stream under the
-        client's writes makes its libp2p daemon drop the connection with the replies unread (a
-        BrokenPipeError there, taken for a network fault and retried elsewhere)."""
-        if not self.ended:
-            await self.stream.drop(timeout, MAX_PART_BYTES)
+        """Read and drop what the client still sends until it closes the stream (at most ``timeout``
+        seconds), so that the reply already written reaches it. A hivemind client writes its
+        end-of-stream frame right after its last request but closes its half only once it has read
+        every reply; closing before that cut long replies short (a backward's 30 parts arrived as 25),
+        and closing under the client's writes makes its libp2p daemon drop the connection with the
+        replies unread (a BrokenPipeError there); both look like network faults and are retried."""
+        if self.ended:  # its end frame was read: wait for it to close
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(timeout):
+                    while await self.stream.reader.read(1 << 16):
+                        pass
+        else:
+            await self.stream.drop(timeout, MAX_PART_BYTES, until_closed=True)
             self.ended = True
 
 
@@ -176,13 +184,16 @@ async def read_reply(responses: AsyncIterator[Response], decode: Callable, peer,
     """The rest of a stream RPC's reply: its typed message (an ``ErrorReply`` raises its error) and
     its joined tensors. A counted reply that arrives in fewer messages than it announced is a
     network fault (``RemoteCallError``), as is a stream that ends without a reply."""
-    reply, parts, received = None, [], 0
+    reply, parts, received, expected = None, [], 0, None
     async for response in responses:
         received += 1
         if response.metadata:
             reply = decode(response.metadata)
             raise_if_error(reply)
+            expected = getattr(reply, "parts", 1)
         parts.extend(response.tensors)
+        if expected is not None and received >= expected:
+            break  # all of it: the caller closes its half, which tells the server the reply arrived
     if reply is None:
         raise RemoteCallError(f"{what} call to {peer} ended without a reply")
     check_complete(peer, what, received, getattr(reply, "parts", received))

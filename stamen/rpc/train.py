@@ -88,7 +88,10 @@ class TrainStream:
         self.close()  # nothing more to send (hivemind's reader waits for the request stream to end)
 
         async def call():
-            reply, protos = await read_reply(self._replies, decode_backward_reply, self.peer, "train backward")
+            try:
+                reply, protos = await read_reply(self._replies, decode_backward_reply, self.peer, "train backward")
+            finally:
+                await self._replies.aclose()  # closes the stream: the server waits for that
             return SpanGrads.unpack(reply, protos, max(grad_outputs.numel(), GRADIENT_ELEMENTS_FLOOR), self.peer)
 
         try:

@@ -109,7 +109,7 @@ class SpanHandler:
                 except StreamEnded:
                     return
             stream.release()
-            await requests.drain(self.limits.drain_s)
+            await requests.drain(self.limits.read_timeout)  # until the client read the reply and closed
 
         return serve_call
 

@@ -202,12 +202,13 @@ class FrameStream:
                 return
             length -= len(chunk)
 
-    async def drop(self, timeout: float, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    async def drop(self, timeout: float, max_bytes: int = MAX_FRAME_BYTES, until_closed: bool = False) -> None:
         """Read and drop what the other side still sends until it ends its half (an end frame, or
         it closes), for at most ``timeout`` seconds; past a frame that cannot be read (the framing
         is lost), raw bytes until it closes. Nothing is kept or taken from the budget. Why: a stream
         closed with bytes unread resets the peer's whole libp2p connection, and the peer loses what
-        it had not read yet on every stream of it (the reply that ended this call included)."""
+        it had not read yet on every stream of it (the reply that ended this call included).
+        ``until_closed``: past the end frame too, until the other side closes the stream."""
         with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             async with asyncio.timeout(timeout):
                 while True:
@@ -218,6 +219,9 @@ class FrameStream:
                             pass
                         return
                     if head[:1] == ERROR_MARKER and not length:
+                        if until_closed:
+                            while await self.reader.read(_SKIP_CHUNK):
+                                pass
                         return
                     await self._skip(length)
 
