@@ -100,7 +100,13 @@ async def call_unary(p2p: P2P, peer: PeerID, rpc: Rpc, request: Request | AsyncI
     """A unary or stream-in call; bound it with a timeout (hivemind's call has none)."""
     if rpc.stream_output or rpc.transport is Transport.LEAN:
         raise TypeError(f"{rpc.name} does not answer with a single response")
-    return await p2p.call_protobuf_handler(peer, rpc.name, request, Response)
+    if not rpc.stream_input:
+        return await p2p.call_protobuf_handler(peer, rpc.name, request, Response)
+    responses = await p2p.iterate_protobuf_handler(peer, rpc.name, request, Response)
+    try:  # the one reply, then close: the server waits for that close before closing its half
+        return await anext(responses)
+    finally:
+        await responses.aclose()
 
 
 async def call_stream(p2p: P2P, peer: PeerID, rpc: Rpc, requests: AsyncIterator[Request]) -> AsyncIterator[Response]:
