@@ -54,6 +54,17 @@ class ServerFullError(RequestError):
     code = "server_full"
 
 
+class ServerBusyError(ServerFullError):
+    """The requesting peer is over its share of the server (open sessions, KV cache or queued
+    steps) while other peers use it: retry after ``retry_after`` seconds, or use another server."""
+
+    code = "server_busy"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnknownSessionError(RequestError):
     """The request names a session that this server never opened (or already freed)."""
 
@@ -85,6 +96,7 @@ _REQUEST_ERRORS: dict[str, type[RequestError]] = {
         InvalidRequestError,
         WrongBlocksError,
         ServerFullError,
+        ServerBusyError,
         UnknownSessionError,
         SessionClosedError,
         SessionLengthError,
@@ -93,9 +105,10 @@ _REQUEST_ERRORS: dict[str, type[RequestError]] = {
 }
 
 
-def request_error_from_code(code: str, message: str) -> RequestError:
+def request_error_from_code(code: str, message: str, retry_after: float | None = None) -> RequestError:
     """Rebuild the typed error a server sent (unknown codes become a plain RequestError)."""
-    return _REQUEST_ERRORS.get(code, RequestError)(message)
+    cls = _REQUEST_ERRORS.get(code, RequestError)
+    return cls(message, retry_after) if cls is ServerBusyError else cls(message)
 
 
 # --- client-side errors ---

@@ -242,3 +242,48 @@ def test_disconnect_during_a_non_streamed_request_frees_the_servers_cache_at_onc
         assert time.monotonic() - left < 5, "the servers' cache was not freed soon after the client left"
         time.sleep(0.1)
     assert time.monotonic() - left < 3  # a poll (0.2 s), a token, the close, and our own info calls
+
+
+def _api_metrics(smol_swarm) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = smol_swarm.api_url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_latency_and_time_to_first_token(smol_swarm, client):
+    """``/metrics`` parses with prometheus_client's parser; counters rise with each request."""
+
+    def value(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    chat = dict(route="/v1/chat/completions", method="POST")
+    before = _api_metrics(smol_swarm)
+    reply = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8,
+                                           messages=[{"role": "user", "content": "What is 2 + 2?"}])
+    for _ in client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, stream=True,
+                                            messages=[{"role": "user", "content": "What is 2 + 2?"}]):
+        pass
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    after = _api_metrics(smol_swarm)
+    assert value(after, "stamen_api_requests_total", status="200", **chat) - \
+        value(before, "stamen_api_requests_total", status="200", **chat) == 2
+    assert value(after, "stamen_api_requests_total", status="404", **chat) - \
+        value(before, "stamen_api_requests_total", status="404", **chat) == 1
+    assert value(after, "stamen_api_request_seconds_count", **chat) - \
+        value(before, "stamen_api_request_seconds_count", **chat) == 3
+    assert value(after, "stamen_api_request_seconds_sum", **chat) > \
+        value(before, "stamen_api_request_seconds_sum", **chat)
+    for stream in ("true", "false"):  # one generation each way
+        ttft = dict(route="/v1/chat/completions", stream=stream)
+        assert value(after, "stamen_api_time_to_first_token_seconds_count", **ttft) - \
+            value(before, "stamen_api_time_to_first_token_seconds_count", **ttft) == 1
+    assert value(after, "stamen_api_tokens_total", kind="completion") - \
+        value(before, "stamen_api_tokens_total", kind="completion") == 2 * reply.usage.completion_tokens
+    assert value(after, "stamen_api_requests_in_progress") == 1  # the scrape itself
+    assert value(after, "stamen_api_requests_total", route="/metrics", method="GET", status="200") >= 1

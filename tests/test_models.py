@@ -262,7 +262,7 @@ def test_the_chunked_transposed_head_equals_the_plain_product(chunks):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("rows", [1, 4, 9, 32, 33])
 def test_split_decoding_products_equal_the_plain_linear(threads, rows):
     """``project`` splits few-row products over input-major weights into one row block per thread
     (here 2, or 3 that does not divide 64 and falls back to 2): the same output as ``nn.Linear``."""

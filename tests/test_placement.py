@@ -12,6 +12,8 @@ from stamen.server.placement import (
     choose_start,
     plan_move,
     quality,
+    rest_of_hole,
+    takeover_blocks,
     upper_bound,
 )
 from stamen.types import Span
@@ -157,3 +159,19 @@ def test_upper_bound_is_the_linear_programme_optimum():
     result = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=[(0, 1)] * (n * num_blocks) + [(0, None)], method="highs")
     assert result.success
     assert upper_bound(num_blocks, zip(speeds, mems, strict=True)) == pytest.approx(-result.fun, rel=1e-6)
+
+
+def test_of_standbys_claiming_one_hole_only_the_earliest_takes_it():
+    a, b = (10.0, "QmA"), (10.2, "QmB")
+    assert takeover_blocks(Span(2, 4), [2, 3], [(b, Span(2, 4))], a) == [2, 3]  # a claimed first
+    assert takeover_blocks(Span(2, 4), [2, 3], [(a, Span(2, 4))], b) == []  # b backs off
+    assert takeover_blocks(Span(2, 4), [2, 3], [((10.0, "QmB"), Span(2, 4))], a) == [2, 3]  # same time: peer id
+    assert takeover_blocks(Span(2, 4), [3, 4], [(a, Span(2, 3))], b) == [3]  # what the earlier claim leaves
+    assert takeover_blocks(Span(2, 4), [0, 1], [], a) == []  # not its blocks
+
+
+def test_a_standby_that_took_over_moves_only_to_cover_more_of_the_hole():
+    # the others without it: [0:1) and [3:4) live, [1:3) lost; it holds [2:4): [1:3) covers the hole
+    assert rest_of_hole(totals(4, (0, 1, 100.0), (3, 4, 5.0)), Span(2, 4)) == Span(1, 3)
+    assert rest_of_hole(totals(4, (0, 2, 100.0)), Span(2, 4)) is None  # the hole was its blocks only
+    assert rest_of_hole(totals(4), Span(2, 4)) is None  # wider than its length: as good where it is

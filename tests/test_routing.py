@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stamen.client.routing import Candidate, Hop, find_route
+from stamen.client.routing import SESSION_LOAD, Candidate, Hop, find_route, load_of
 from stamen.server.placement import choose_span
 from stamen.types import PeerIDStr, Span, missing_blocks
 
@@ -33,6 +33,17 @@ def test_route_uses_part_of_an_overlapping_server():
 def test_route_avoids_slow_servers():
     fast = find_route([c("slow", 0, 8, throughput=1), c("f1", 0, 4, 1000), c("f2", 4, 8, 1000)], Span(0, 8))
     assert [h.peer_id for h in fast] == ["f1", "f2"]
+
+
+def test_route_prefers_less_loaded_servers():
+    """Equal servers: the one with fewer queued steps and sessions wins, unless it is much slower."""
+    busy = Candidate(PeerIDStr("busy"), Span(0, 4), 100.0, load=load_of(sessions=8, queued_steps=2.0))
+    idle = Candidate(PeerIDStr("idle"), Span(0, 4), 100.0, load=load_of(sessions=1, queued_steps=0.0))
+    assert [h.peer_id for h in find_route([busy, idle], Span(0, 4))] == ["idle"]
+    assert [h.peer_id for h in find_route([idle, busy], Span(0, 4))] == ["idle"]
+    slow_idle = Candidate(PeerIDStr("slow"), Span(0, 4), 10.0)
+    assert [h.peer_id for h in find_route([busy, slow_idle], Span(0, 4))] == ["busy"]
+    assert load_of(0, 0.0) == 0.0 and load_of(5, 1.5) == pytest.approx(1.5 + 5 * SESSION_LOAD)
 
 
 def test_route_avoids_servers_without_cache():

@@ -6,7 +6,8 @@ loop through a queue. A client that disconnects sets its request's cancel flag (
 SSE generator is cancelled; non-streamed: a watcher polls the connection every 0.2 s): the
 worker stops at the next token and closes the session, which frees the servers' cache.
 ``/openapi.json`` publishes the request bodies, the replies (JSON, or ``text/event-stream`` when
-streamed) and the errors (OpenAI's JSON with 400, 404, 503).
+streamed) and the errors (OpenAI's JSON with 400, 404, 503). ``/metrics`` serves Prometheus metrics
+(requests, latencies, time to first token, tokens; ``api/metrics.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from stamen.api.engine import Engine, Event, Finished, SamplingParams, Started, TextDelta
+from stamen.api.metrics import APIMetrics, MetricsMiddleware
 from stamen.api.schemas import (
     CHAT_EVENTS,
     COMPLETION_EVENTS,
@@ -98,6 +100,12 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="Stamen OpenAI-compatible API", version="1")
     limiter = anyio.CapacityLimiter(WORKER_THREADS)
+    metrics = app.state.metrics = APIMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.text(), media_type=metrics.content_type)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -117,7 +125,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def chat_completions(request: Request):
         body = await _parse(request, ChatCompletionRequest)
         prompt = _tokenize(lambda: engine.chat_prompt([m.as_template_message() for m in body.messages]))
-        return await _serve(engine, limiter, request, body, prompt, chat=True)
+        return await _serve(engine, limiter, request, body, prompt, chat=True, metrics=metrics)
 
     @app.post("/v1/completions", responses=_generation_responses(Completion, COMPLETION_EVENTS),
               openapi_extra=_request_body(CompletionRequest))
@@ -131,7 +139,7 @@ def create_app(engine: Engine) -> FastAPI:
         else:
             text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             prompt = _tokenize(lambda: engine.text_prompt(text))
-        return await _serve(engine, limiter, request, body, prompt, chat=False)
+        return await _serve(engine, limiter, request, body, prompt, chat=False, metrics=metrics)
 
     app.openapi = lambda: _openapi(app)
     return app
@@ -214,7 +222,7 @@ def _tokenize(fn) -> list[int]:
 
 
 async def _serve(engine: Engine, limiter: anyio.CapacityLimiter, request: Request, body: _Request,
-                 prompt: list[int], chat: bool):
+                 prompt: list[int], chat: bool, metrics: APIMetrics):
     _check_model(engine, body.model)
     try:
         max_new = engine.resolve_max_tokens(len(prompt), body.limit)
@@ -226,6 +234,11 @@ async def _serve(engine: Engine, limiter: anyio.CapacityLimiter, request: Reques
     params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                             stop=body.stop_strings)
     job = _Job(engine, prompt, params)
+    arrived = getattr(request.state, "arrived", None) or time.perf_counter()
+    first_token = metrics.first_token.labels("/v1/chat/completions" if chat else "/v1/completions",
+                                             str(bool(body.stream)).lower())
+    job.on_first_text = lambda: first_token.observe(time.perf_counter() - arrived)
+    job.on_finished = metrics.finished
     job.start(limiter)
     try:
         await job.started()  # the session is open, or an error that still gets its status code
@@ -257,6 +270,9 @@ class _Job:
         self.queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
+        self.on_first_text = lambda: None
+        self.on_finished = lambda prompt_tokens, completion_tokens: None
+        self._texts = 0
 
     def start(self, limiter: anyio.CapacityLimiter) -> None:
         self._task = asyncio.ensure_future(anyio.to_thread.run_sync(self._work, limiter=limiter))
@@ -274,6 +290,12 @@ class _Job:
         item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, TextDelta) and item.text:
+            self._texts += 1
+            if self._texts == 1:
+                self.on_first_text()
+        elif isinstance(item, Finished):
+            self.on_finished(item.prompt_tokens, item.completion_tokens)
         return item
 
     async def started(self) -> Started:

@@ -145,6 +145,24 @@ def bench_api(
     run_api_bench(new_tokens=new_tokens, runs=runs, concurrency=concurrency, json_only=json_out)
 
 
+@bench_app.command("concurrency")
+def bench_concurrency(
+    preset: BenchPresetOpt = "246m",
+    servers: BenchServersOpt = 3,
+    sessions: Annotated[list[int], typer.Option(help="Concurrent session counts.")] = [1, 2, 4, 8, 16],  # noqa: B006
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per session.")] = 32,
+    api: Annotated[bool, typer.Option(help="Also generate through stamen api (streamed completions).")] = True,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Many users at once: aggregate tokens/s and p50/p95 time per token with 1-16 concurrent sessions,
+    through the Python client and the HTTP API, servers batching and not (--no-batching), in one run."""
+    setup_logging("WARNING")
+    from stamen.bench.concurrency import run_concurrency_bench
+
+    run_concurrency_bench(preset=preset, servers=servers, sessions=sessions, new_tokens=new_tokens, api=api,
+                          json_only=json_out)
+
+
 @bench_app.command("failover")
 def bench_failover(
     model: BenchModelOpt = None,
@@ -166,6 +184,24 @@ def bench_failover(
         raise typer.BadParameter(f"unknown fault {unknown[0]!r}: use kill or stop", param_hint="--fault")
     run_failover_bench(FailoverSettings(model=model, preset=preset, new_tokens=new_tokens, fault_at=fault_at,
                                         runs=runs, clients=list(clients), signals=list(fault)), json_only=json_out)
+
+
+@bench_app.command("audit")
+def bench_audit(
+    model: BenchModelOpt = None,
+    preset: Annotated[str, typer.Option(help="Preset of the random model: small (default), tiny, 246m.")] = "small",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
+    runs: Annotated[int, typer.Option(help="Interleaved generations per mode (medians).")] = 5,
+    detection_runs: Annotated[int, typer.Option(help="Generations with the lying server allowed.")] = 10,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Inference audits: ms/token with audits at the default rate against verify="off", side by side,
+    and how many decoding steps a lying server (1 % noise) goes undetected (median and worst)."""
+    setup_logging("ERROR")
+    from stamen.bench.audit import AuditBenchSettings, run_audit_bench
+
+    run_audit_bench(AuditBenchSettings(model=model, preset=preset, new_tokens=new_tokens, runs=runs,
+                                       detection_runs=detection_runs), json_only=json_out)
 
 
 @bench_app.command("network")

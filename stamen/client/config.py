@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from stamen.types import Compression
+
+Verify = Literal["audit", "strict", "off"]
 
 
 class ClientConfig(BaseModel):
@@ -63,6 +67,16 @@ class ClientConfig(BaseModel):
     to send their outputs (and pushes) the same way; "none" asks for the compute dtype both ways.
     None: the client sends uncompressed and each server answers as its ``--compression`` says.
     Applies to inference sessions and forwards without gradients (see ``train_compression``)."""
+    verify: Verify = "audit"
+    """Check servers' work on other servers (inference sessions): "audit" sends a hop's saved inputs
+    as one stateless forward to a second server of the same blocks, on prefills, every
+    ``audit_every`` decoding steps and before a generation returns, and compares the outputs within a
+    tolerance for both servers' dtype, quantization and compression; on a mismatch a third server
+    decides, the liar is banned and accused in the DHT, and the affected steps are redone on honest
+    servers. "strict": every step of every hop, before the step returns. "off": no checks. A hop
+    without a second server is reported as unaudited in the route."""
+    audit_every: int = Field(default=32, ge=1)
+    """Decoding steps between two audits of one hop (``verify="audit"``)."""
     train_compression: bool = False
     """Apply ``compression`` to training too: hidden states, outputs and their gradients over
     ``rpc_train`` / ``rpc_backward`` (prompt and LoRA gradients always travel uncompressed)."""

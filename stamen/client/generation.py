@@ -23,6 +23,7 @@ from transformers.generation import (
 )
 
 from stamen import trace
+from stamen.client.session import Rewound
 from stamen.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,15 @@ class GenerationMixin:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             ids = input_ids
+            full_mask = attention_mask
             unfinished = torch.ones(batch, dtype=torch.bool)
             while True:
-                logits = self.step_logits(session, new_ids, mask, positions).float()
+                try:
+                    logits = self.step_logits(session, new_ids, mask, positions).float()
+                except Rewound as rewound:  # an audit caught a lying server: redo what followed its last check
+                    ids, full_mask, unfinished = _rewind(ids, full_mask, rewound.position, prompt_len, eos)
+                    new_ids, positions, mask = _unsent(session, ids, full_mask)
+                    continue
                 trace.mark("c.logits")
                 session.input_ids = ids
                 scores = processors(ids, logits)
@@ -104,6 +111,8 @@ class GenerationMixin:
                     next_tokens = scores.argmax(dim=-1)
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 ids = torch.cat([ids, next_tokens[:, None]], dim=1)
+                if full_mask is not None:
+                    full_mask = torch.cat([full_mask, torch.ones_like(next_tokens[:, None])], dim=1)
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
                 if eos:
@@ -111,6 +120,12 @@ class GenerationMixin:
                 if criteria:
                     unfinished &= ~criteria(ids, scores).to(unfinished.device)
                 if not unfinished.any() or ids.shape[1] >= max_length:
+                    try:  # every output behind these tokens checked before they are returned
+                        session.audit_all()
+                    except Rewound as rewound:
+                        ids, full_mask, unfinished = _rewind(ids, full_mask, rewound.position, prompt_len, eos)
+                        new_ids, positions, mask = _unsent(session, ids, full_mask)
+                        continue
                     break
                 new_ids = next_tokens[:, None]
                 positions = None if positions is None else positions[:, -1:] + 1
@@ -192,6 +207,19 @@ class GenerationMixin:
             streamer.put(out[:, prompt_len:].reshape(-1).cpu())
             streamer.end()
         return out
+
+
+def _rewind(ids: torch.Tensor, mask: torch.Tensor | None, position: int, prompt_len: int, eos: list[int]):
+    """Tokens to keep after a session rolled back to ``position``: the token at ``position`` came from
+    outputs before it (checked), later ones are dropped (the prompt is always kept). Returns
+    (ids, mask, unfinished)."""
+    keep = max(position + 1, prompt_len)
+    ids = ids[:, :keep]
+    mask = None if mask is None else mask[:, :keep]
+    generated = ids[:, prompt_len:]
+    unfinished = ~torch.isin(generated, torch.tensor(eos)).any(dim=1) if eos and generated.numel() else \
+        torch.ones(ids.shape[0], dtype=torch.bool)
+    return ids, mask, unfinished
 
 
 def _unsent(session, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -9,6 +9,7 @@ from hivemind import DHT
 from hivemind.p2p import PeerID
 
 from stamen.client import loop
+from stamen.dht.accusations import accused_counts, fetch_accusations
 from stamen.dht.health import SwarmHealth, swarm_health
 from stamen.dht.records import ServerState, fetch_servers
 from stamen.rpc.calls import ping
@@ -29,4 +30,5 @@ def read_health(dht: DHT, model: ModelName, num_blocks: int, ping_timeout: float
     client loop, where hivemind's P2P replica must stay)."""
     records = fetch_servers(dht, model, num_blocks)
     online = [p for p, r in records.items() if r.state == ServerState.ONLINE]
-    return swarm_health(model, num_blocks, records, loop.run(ping_all(dht, online, ping_timeout)))
+    return swarm_health(model, num_blocks, records, loop.run(ping_all(dht, online, ping_timeout)),
+                        accused=accused_counts(fetch_accusations(dht, model)))

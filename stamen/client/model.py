@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -264,7 +265,8 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
         self.lm_head = nn.Linear(block_config.hidden_size, block_config.vocab_size, bias=False)
         self._transposed_head: tuple[tuple, torch.Tensor] | None = None
         """(weight's identity and version, thread chunks; the weight transposed in chunks): see ``decode_logits``."""
-        self._active_session: InferenceSession | None = None
+        self._active = threading.local()
+        """The session of ``inference_session`` per thread: concurrent threads generate in their own sessions."""
 
     @classmethod
     def _init_kwargs(cls, model: str, hf_config, head_kwargs: dict) -> dict:
@@ -287,17 +289,18 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
-        """Within this context, generate calls reuse one session (and the servers' caches)."""
+        """Within this context, generate calls of this thread reuse one session (and the servers' caches)."""
         with InferenceSession(self.swarm, max_length, batch_size, self._session_tuning()) as session:
-            previous, self._active_session = self._active_session, session
+            previous, self._active.session = self.active_session, session
             try:
                 yield session
             finally:
-                self._active_session = previous
+                self._active.session = previous
 
     @property
     def active_session(self) -> InferenceSession | None:
-        return self._active_session
+        """The session that ``generate`` calls of this thread continue (``inference_session``), if any."""
+        return getattr(self._active, "session", None)
 
     # --- forward ---
 

@@ -24,6 +24,21 @@ class Candidate:
     cache_tokens_left: int = 1 << 62
     next_pings: dict[PeerIDStr, float] = field(default_factory=dict, hash=False, compare=False)
     """Round-trip seconds from this server to servers that follow it, as it measured them."""
+    load: float = 0.0
+    """How much longer than an idle server's a step takes here, as a fraction (``load_of``): the
+    time per block is (1 + load) / throughput."""
+
+
+SESSION_LOAD = 0.2
+"""Extra time of a step per other session on a batching server: a batched step of 8 sessions
+through the 246M Llama's span took about 2.5× one session's on CPU (docs/benchmarks.md); on a
+GPU far less, so this overstates it there, which only spreads sessions more."""
+
+
+def load_of(sessions: int, queued_steps: float) -> float:
+    """A server's announced load as routing weighs it: each step already queued there runs before
+    ours (a whole step each, at worst), each open session adds ``SESSION_LOAD`` to a batched step."""
+    return queued_steps + SESSION_LOAD * sessions
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,7 @@ def find_route(
 ) -> list[Hop] | None:
     """The chain of servers covering ``blocks`` with the least expected time per token.
 
-    Per block: 1/throughput of the server running it. Network, with ``push``: half the client's
+    Per block: (1 + load)/throughput of the server running it. Network, with ``push``: half the client's
     round trip to the first server, half of each server-to-server round trip (as the earlier
     server announced it, else the client's to the later one), and half the client's round trip to
     the last server; without push: the client's full round trip to every server. Unknown round
@@ -94,7 +109,7 @@ def find_route(
             for e in bounds:
                 if e <= b or e > c.span.end:
                     continue
-                new = cost + link(prev, c.peer_id) + (e - b) / c.throughput + penalty
+                new = cost + link(prev, c.peer_id) + (e - b) * (1 + c.load) / c.throughput + penalty
                 if e == blocks.end and push:
                     new += to_client(c.peer_id) / 2  # the last server returns the result to the client
                 state = (e, c.peer_id)

@@ -10,22 +10,27 @@ their caches, and retries the step. Greedy output with a failure equals output w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
+from hivemind.utils.timed_storage import get_dht_time
 
 from stamen import trace
 from stamen.client import loop
+from stamen.client.audit import AuditRecord, relative_error, server_tolerance, tolerance
 from stamen.client.retry import backoff_delay, is_retryable
 from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
-from stamen.errors import RemoteCallError, ServerFullError, SessionLengthError
+from stamen.dht.accusations import Accusation, digest
+from stamen.errors import RemoteCallError, ServerBusyError, ServerFullError, SessionLengthError
 from stamen.models.config import DTYPES
-from stamen.rpc.calls import ping
+from stamen.rpc.calls import call_forward, ping
 from stamen.rpc.inference import InferenceStream, WireCounter
 from stamen.rpc.inputs import SpanInputs
 from stamen.types import PeerIDStr, Span
@@ -33,6 +38,16 @@ from stamen.wire.messages import AdapterRef, PushTarget
 from stamen.wire.tensors import STREAM_PART_BYTES
 
 logger = logging.getLogger(__name__)
+
+
+class Rewound(Exception):  # noqa: N818 (a signal to the caller, not an error)
+    """An audit caught a server returning wrong outputs: the session rolled back to ``position``
+    (the last position every audit vouched for), replaced the server, and the step's outputs (and
+    every output since ``position``) must be computed again. ``generate`` does that by itself."""
+
+    def __init__(self, position: int, peer_id: str):
+        super().__init__(f"rolled back to position {position}: {peer_id} returned wrong outputs")
+        self.position, self.peer_id = position, peer_id
 
 
 @dataclass
@@ -72,11 +87,15 @@ class _Held:
     dtype: torch.dtype
     keep: int | None = None
     """Positions kept after a rollback (None: all)."""
+    _fetching: asyncio.Future | None = None
+    """The one fetch of the reply (a replay and an audit may want it at once; a reply is read once)."""
 
     async def fetch(self) -> torch.Tensor:
-        if not self.source.has_reply(self.step_id):
-            self.source.flush()
-        return self.settled(await self.source.result(self.step_id, self.num_elements))
+        if self._fetching is None:
+            if not self.source.has_reply(self.step_id):
+                self.source.flush()
+            self._fetching = asyncio.ensure_future(self.source.result(self.step_id, self.num_elements))
+        return self.settled(await asyncio.shield(self._fetching))
 
     def settled(self, output: torch.Tensor) -> torch.Tensor:
         """The history entry that the previous hop's ``output`` of this step makes."""
@@ -99,6 +118,17 @@ class _LiveHop:
     token_s: float | None = None
     """Moving average of this hop's seconds per token of a step (reply time / tokens, every step
     awaited hop by hop), seeded by the open's round trip: the base of its hang deadline."""
+    verified: int = 0
+    """Positions (on the wire) whose outputs from this server an audit vouched for."""
+    since_audit: int = 0
+    """Steps since this hop's last audit started (starts at a random phase: hops take turns)."""
+    audit: asyncio.Task | None = None
+    """The audit in flight (at most one per hop)."""
+    joined_step: int = 0
+    """The session's step count when this server joined the route (detection latency)."""
+    extra_tolerance: float = 0.0
+    """Added to this hop's audit tolerance: a failover filled inputs this hop got from a failed
+    server with a replacement's outputs, which may differ by both servers' precision."""
 
     def hang_deadline(self, tokens: int, floor: float, factor: float) -> float:
         """Seconds this hop may take over a step of ``tokens`` tokens before it is suspected of
@@ -133,6 +163,8 @@ _HOP_BY_HOP_STEPS = 32
 chain is tried again."""
 
 
+_FETCH_HELD_S = 10.0
+"""Most seconds to fetch, from a convicted server, the outputs it holds for the next hop."""
 _CONNECT_TIMEOUT_S = 10.0
 """Most seconds to get a stream to a server when opening a session (the daemon may take 20 s to give
 up on a dead peer, whose DHT record can outlive its ban); the open's reply has ``request_timeout``."""
@@ -187,6 +219,22 @@ class InferenceSession:
         """Decoding steps still to take hop by hop (after late chains)."""
         self.chained_steps = 0
         """Decoding steps that went down the push chain waiting for the last hop only (``_chain_step``)."""
+        self.verify = swarm.config.verify
+        self._outputs: list[torch.Tensor] = []
+        """The last hop's outputs, one per step (what audits of the last hop compare), while auditing."""
+        self.steps_taken = 0
+        """``step`` calls over the session's life (a step redone after a rewind counts again)."""
+        self.audits: list[AuditRecord] = []
+        """Every audit this session ran."""
+        self.detections: list[tuple[str, int]] = []
+        """(peer id, steps since it joined the route) of every server caught returning wrong outputs."""
+        self.unaudited: str | None = None
+        """Why audits stopped for this session (beam search reorders caches: no stateless replay)."""
+        self._verdicts: list[tuple[_LiveHop, int]] = []
+        """Convicted hops and the wire position since which their outputs are wrong, to rewind."""
+        self._epoch = 0
+        """Incremented on every rollback and replacement: an audit started before is stale."""
+        self._rng = random.Random()
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -206,18 +254,23 @@ class InferenceSession:
             prefix = self.tuning.prefix.expand(self.batch_size, -1, -1)
             inputs = _StepInputs(self._next_step_id, 0, None, None)
             self._next_step_id += 1
-            loop.run(self._step(prefix, inputs))
+            out = loop.run(self._step(prefix, inputs))
             self._steps.append(inputs)
+            if self.verify != "off":
+                self._outputs.append(out)
 
     async def _open_route(self, blocks: Span | None) -> list[_LiveHop]:
         """Open streams covering ``blocks``, rerouting around servers that fail to open.
 
         A server that answers "full" is under load, not faulty: it is never banned, only avoided
         by this session's next route; when every route passes such servers, the session waits for
-        free cache (rechecking with backoff) up to ``full_wait`` seconds, then raises ``ServerFullError``."""
+        free cache (rechecking with backoff) up to ``full_wait`` seconds, then raises ``ServerFullError``
+        (the last server's own ``ServerBusyError`` when it refused this peer over its share, with
+        its retry hint). A busy server's hint sets the first recheck."""
         cfg = self.swarm.config
         faults, delay = 0, 0.05
         full: set[PeerIDStr] = set()
+        busy: ServerBusyError | None = None
         full_until = time.monotonic() + cfg.full_wait
         while True:
             try:
@@ -226,8 +279,11 @@ class InferenceSession:
             except ServerFullError:  # every route passes a server that just said it is full
                 left = full_until - time.monotonic()
                 if left <= 0:
+                    if busy is not None:
+                        raise busy from None
                     raise
-                await asyncio.sleep(min(delay, left))  # queue briefly: sessions end and free their cache
+                wait = max(delay, busy.retry_after or 0) if busy else delay
+                await asyncio.sleep(min(wait, left))  # queue briefly: sessions end and free their cache
                 delay, full = min(2 * delay, 1.0), set()
                 continue
             results = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
@@ -242,6 +298,7 @@ class InferenceSession:
                     logger.info("session %s: %s is full (%s): routing around it", self.session_id[:8],
                                 hop.peer_id[-6:], error)
                     full.add(hop.peer_id)
+                    busy = error if isinstance(error, ServerBusyError) else busy
                     continue
                 if not is_retryable(error) or faults == cfg.max_retries:
                     raise error
@@ -263,6 +320,8 @@ class InferenceSession:
         )
         live = _LiveHop(hop, stream, DTYPES.get(self.swarm.dtype_of(hop.peer_id), torch.float32))
         live.token_s = time.perf_counter() - start  # until a step is timed: the open's round trip per token
+        live.joined_step = self.steps_taken
+        live.since_audit = self._rng.randrange(self.swarm.config.audit_every)
         return live
 
     async def _reply(self, live: _LiveHop, step_id: int, num_elements: int, tokens: int, start: float) -> torch.Tensor:
@@ -314,7 +373,14 @@ class InferenceSession:
         return self.counter.bytes_received
 
     def describe_route(self) -> str:
-        return " -> ".join(f"{h.peer_id[-6:]}{h.blocks}" for h in self.route)
+        """The hops, each marked "(unaudited)" when audits are on but no second server covers its blocks."""
+        def mark(live: _LiveHop) -> str:
+            if self.verify == "off":
+                return ""
+            if self.unaudited is not None:
+                return f" (unaudited: {self.unaudited})"
+            return "" if self._auditors(live) else " (unaudited: no second server)"
+        return " -> ".join(f"{h.hop.peer_id[-6:]}{h.hop.blocks}{mark(h)}" for h in self._hops)
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -328,6 +394,9 @@ class InferenceSession:
             raise SessionLengthError(
                 f"session max_length {self.max_length} exceeded: {self.position} positions + {T} new"
             )
+        if hypo_ids is not None and self.verify != "off" and self.unaudited is None:
+            self.unaudited = "beam search"  # reordered caches have no stateless equivalent
+            logger.warning("session %s: audits stop: beam search reorders the servers' caches", self.session_id[:8])
         chunk = max(1, STREAM_PART_BYTES * 2 // (B * H * 4))
         outputs = []
         for start in range(0, T, chunk):
@@ -340,13 +409,26 @@ class InferenceSession:
             )
             self._next_step_id += 1
             trace.mark("c.step", inputs.step_id)
-            outputs.append(loop.run(self._step(hidden[:, start:end], inputs)))
+            outputs.append(loop.run(self._step_and_audit(hidden[:, start:end], inputs, end == T, prefill=T > 1)))
             trace.mark("c.main", inputs.step_id)
-            self._steps.append(inputs)
-            self.position += end - start
-            self.sent_tokens += end - start
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out.to(hidden.dtype)
+
+    async def _step_and_audit(self, hidden: torch.Tensor, inputs: _StepInputs, last: bool,
+                              prefill: bool) -> torch.Tensor:
+        """``_step``, its bookkeeping, and after the last part of a ``step`` call the audits' turn
+        (``_audit_tick``): one trip to the client loop per step."""
+        out = await self._step(hidden, inputs)
+        self._steps.append(inputs)
+        if self.verify != "off":
+            self._outputs.append(out)
+        self.position += hidden.shape[1]
+        self.sent_tokens += hidden.shape[1]
+        if last:
+            self.steps_taken += 1
+            if self.verify != "off" and self.unaudited is None:
+                await self._audit_tick(prefill)
+        return out
 
     def _push_chain(self, after: int) -> list[PushTarget]:
         if not self.swarm.config.use_push:
@@ -481,12 +563,20 @@ class InferenceSession:
                     raise
                 await asyncio.sleep(backoff_delay(attempt))
         self._hops[i : i + 1] = new_hops
+        self._epoch += 1
+        if failed.audit is not None:
+            failed.audit.cancel()
         following = i + len(new_hops)
         if following < len(self._hops):  # its inputs that the failed server held: the replay's outputs
             history = self._hops[following].history
+            refilled = False
             for k, entry in enumerate(history):
                 if isinstance(entry, _Held):
                     history[k] = entry.settled(outputs[k])
+                    refilled = True
+            if refilled:  # its cache came from the failed server's outputs, its history from the replacement's
+                self._hops[following].extra_tolerance += server_tolerance(*self._precision(failed.hop.peer_id)) + \
+                    max(server_tolerance(*self._precision(h.hop.peer_id)) for h in new_hops)
         self.recoveries += 1
         self.recovery_s.append(time.perf_counter() - started)
         logger.warning("session %s: replaced %s%s by %s, replayed %d positions", self.session_id[:8],
@@ -518,8 +608,15 @@ class InferenceSession:
         """Forget positions from ``position`` on; the next step overwrites them."""
         if not 0 <= position <= self.position:
             raise SessionLengthError(f"cannot roll back to {position}: the session holds {self.position}")
+        self._truncate(position + self.prefix_length)  # the prompt prefix is never rolled back
+        self.position = position
+        if self.input_ids is not None:
+            self.input_ids = self.input_ids[:, :position]
+
+    def _truncate(self, wire_position: int) -> None:
+        """Forget the steps' inputs and outputs from ``wire_position`` on."""
+        self._epoch += 1
         keep: list[_StepInputs] = []
-        wire_position = position + self.prefix_length  # the prompt prefix is never rolled back
         for step_index, inputs in enumerate(self._steps):
             if inputs.position >= wire_position:
                 break
@@ -533,6 +630,8 @@ class InferenceSession:
                     entry.keep = num if entry.keep is None else min(entry.keep, num)
                 elif entry.shape[1] > num:
                     live.history[step_index] = entry[:, :num]
+            if step_index < len(self._outputs) and self._outputs[step_index].shape[1] > num:
+                self._outputs[step_index] = self._outputs[step_index][:, :num]
             if inputs.attention_mask is not None or inputs.position_ids is not None:
                 keep[-1] = _StepInputs(
                     inputs.step_id,
@@ -543,10 +642,9 @@ class InferenceSession:
                 )
         for live in self._hops:
             del live.history[len(keep):]
+            live.verified = min(live.verified, wire_position)
+        del self._outputs[len(keep):]
         self._steps = keep
-        self.position = position
-        if self.input_ids is not None:
-            self.input_ids = self.input_ids[:, :position]
 
     def close(self) -> None:
         if self.closed:
@@ -556,4 +654,218 @@ class InferenceSession:
             loop.run(self._close_streams())
 
     async def _close_streams(self) -> None:
+        for live in self._hops:
+            if live.audit is not None:
+                live.audit.cancel()
         await asyncio.gather(*(h.stream.close() for h in self._hops), return_exceptions=True)
+
+    # --- audits (``ClientConfig.verify``) ---
+
+    @property
+    def _wire_position(self) -> int:
+        return self.position + self.prefix_length
+
+    def _index(self, live: _LiveHop) -> int | None:
+        return next((k for k, h in enumerate(self._hops) if h is live), None)
+
+    def _auditors(self, live: _LiveHop, exclude: tuple[str, ...] = ()) -> list:
+        """Other servers that host all of the hop's blocks (banned and convicted ones left out)."""
+        return self.swarm.covering(live.hop.blocks, {live.hop.peer_id, *exclude})
+
+    def _precision(self, peer_id: str) -> tuple[str, str | None]:
+        record = self.swarm.record_of(PeerIDStr(peer_id))
+        return (record.dtype, record.quant) if record is not None else ("float32", None)
+
+    def _pick(self, candidates: list, against: str):
+        """The candidate whose precision gives the tightest tolerance against ``against``'s, spare
+        servers (not in this route) first, at random among equals; None if there is none."""
+        if not candidates:
+            return None
+        in_route = {h.hop.peer_id for h in self._hops}
+        mine = self._precision(against)
+        return min(candidates, key=lambda s: (tolerance(mine, self._precision(s.peer_id)), s.peer_id in in_route,
+                                              self._rng.random()))
+
+    async def _audit_tick(self, prefill: bool) -> None:
+        """After a step: start the audits that are due (a prefill, ``audit_every`` steps since the hop's
+        last, an accused server: every step, strict: every hop every step, awaited), then act on
+        verdicts that came in (``_apply_verdicts`` raises ``Rewound``)."""
+        accused = self.swarm.accused()
+        every = self.swarm.config.audit_every
+        wait = []
+        for live in self._hops:
+            live.since_audit += 1
+            now = self.verify == "strict" or live.hop.peer_id in accused  # every step, awaited
+            if now and live.audit is not None and not live.audit.done():
+                await asyncio.wait([live.audit])
+            if (now or prefill or live.since_audit >= every) and (live.audit is None or live.audit.done()) \
+                    and live.verified < self._wire_position:
+                self._start_audit(live)
+                if now and live.audit is not None:
+                    wait.append(live.audit)
+        if wait:
+            await asyncio.gather(*wait, return_exceptions=True)
+        await self._apply_verdicts()
+
+    def _start_audit(self, live: _LiveHop) -> None:
+        if not self._auditors(live):
+            return
+        live.since_audit = 0
+        live.audit = asyncio.ensure_future(self._audit(live, len(self._steps), self._epoch))
+
+    def audit_all(self) -> None:
+        """Audit every hop's outputs not yet vouched for and wait for the verdicts (``generate`` calls
+        it before returning). Raises ``Rewound`` when a server lied."""
+        if self.verify != "off" and self.unaudited is None and not self.closed and self._hops:
+            loop.run(self._audit_all())
+
+    async def _audit_all(self) -> None:
+        for _ in range(3):  # an audit in flight may cover fewer positions than there are now
+            tasks = []
+            for live in self._hops:
+                if live.audit is None or live.audit.done():
+                    if live.verified < self._wire_position:
+                        self._start_audit(live)
+                if live.audit is not None and not live.audit.done():
+                    tasks.append(live.audit)
+            if not tasks:
+                break
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._apply_verdicts()
+
+    async def _forward_on(self, peer_id: str, blocks: Span, hidden: torch.Tensor, mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None) -> torch.Tensor:
+        prompts, adapter = await self.tuning.prepare(PeerIDStr(peer_id), blocks) if self.tuning else (None, None)
+        inputs = SpanInputs(hidden, mask, position_ids, None, prompts, adapter)
+        return await call_forward(self.swarm.p2p, self.swarm.peer(PeerIDStr(peer_id)), blocks, inputs,
+                                  timeout=self.swarm.config.request_timeout, compression="none")
+
+    async def _audit(self, live: _LiveHop, upto: int, epoch: int) -> None:
+        """Check the hop's outputs for positions [verified, the first ``upto`` steps) against a
+        stateless forward of all its inputs so far on another server; on a mismatch a third server
+        decides. Never raises: the verdict goes to ``self.audits`` (and ``_verdicts``)."""
+        peer, blocks, start = live.hop.peer_id, live.hop.blocks, live.verified
+        record = AuditRecord(peer, "", (blocks.start, blocks.end), (start, start), 0.0, 0.0, "failed", self.steps_taken)
+        try:
+            index = self._index(live)
+            if index is None:
+                return
+            outputs_of = self._hops[index + 1].history if index + 1 < len(self._hops) else self._outputs
+            steps, inputs, outputs = self._steps[:upto], list(live.history[:upto]), list(outputs_of[:upto])
+            if len(inputs) < upto or len(outputs) < upto or not steps:
+                return
+            inputs = [await e.fetch() if isinstance(e, _Held) else e for e in inputs]
+            outputs = [await e.fetch() if isinstance(e, _Held) else e for e in outputs]
+            if epoch != self._epoch:
+                return  # rolled back or replaced meanwhile: the next audit covers it
+            hidden = torch.cat(inputs, dim=1)
+            claimed = torch.cat([o.float() for o in outputs], dim=1)
+            batch, total = hidden.shape[0], hidden.shape[1]
+            if start >= total:
+                return
+            mask = None
+            if any(s.attention_mask is not None for s in steps):
+                mask = torch.cat([s.attention_mask if s.attention_mask is not None
+                                  else torch.ones(batch, x.shape[1], dtype=torch.long) for s, x in zip(steps, inputs,
+                                                                                                    strict=True)], 1)
+            position_ids = None
+            if any(s.position_ids is not None for s in steps):
+                position_ids = torch.cat([s.position_ids if s.position_ids is not None else
+                                          torch.arange(s.position, s.position + x.shape[1]).expand(batch, -1)
+                                          for s, x in zip(steps, inputs, strict=True)], 1)
+            valid = None if mask is None else mask[:, start:].bool()
+            kept = min((o.dtype for o in outputs), key=lambda d: torch.finfo(d).bits)
+            compressed = live.stream.received_compressed or self.swarm.config.compression == "blockwise8"
+            auditor = self._pick(self._auditors(live), peer)
+            if auditor is None:
+                return
+            record.auditor, record.positions = auditor.peer_id, (start, total)
+            reference = (await self._forward_on(auditor.peer_id, blocks, hidden, mask, position_ids)).float()
+            tol = tolerance(self._precision(peer), self._precision(auditor.peer_id), kept, compressed) + \
+                live.extra_tolerance
+            record.tolerance = tol
+            record.error = relative_error(claimed[:, start:], reference[:, start:], valid)
+            if record.error <= tol:
+                record.verdict = "passed"
+                if epoch == self._epoch:
+                    live.verified = max(live.verified, total)
+                return
+            logger.warning("session %s: audit of %s%s at positions [%d, %d) on %s: error %.3g over tolerance %.3g; "
+                           "asking a third server", self.session_id[:8], peer[-6:], blocks, start, total,
+                           auditor.peer_id[-6:], record.error, tol)
+            referee = self._pick(self._auditors(live, (auditor.peer_id,)), peer)
+            if referee is None:
+                record.verdict = "disputed"
+                logger.warning("session %s: %s and %s disagree on %s and no third server covers them: nobody banned",
+                               self.session_id[:8], peer[-6:], auditor.peer_id[-6:], blocks)
+                return
+            record.referee = referee.peer_id
+            third = (await self._forward_on(referee.peer_id, blocks, hidden, mask, position_ids)).float()
+            referee_prec = self._precision(referee.peer_id)
+            server_wrong = relative_error(claimed[:, start:], third[:, start:], valid) > tolerance(
+                self._precision(peer), referee_prec, kept, compressed) + live.extra_tolerance
+            auditor_wrong = relative_error(reference[:, start:], third[:, start:], valid) > tolerance(
+                self._precision(auditor.peer_id), referee_prec)
+            if server_wrong and not auditor_wrong:
+                record.verdict = "liar"
+                self.detections.append((peer, self.steps_taken - live.joined_step))
+                self._verdicts.append((live, start))
+                await self._convict(peer, blocks, hidden, claimed[:, start:], reference[:, start:],
+                                    [auditor.peer_id, referee.peer_id], record)
+            elif auditor_wrong and not server_wrong:
+                record.verdict = "auditor lied"
+                if epoch == self._epoch:
+                    live.verified = max(live.verified, total)
+                await self._convict(auditor.peer_id, blocks, hidden, reference[:, start:], third[:, start:],
+                                    [peer, referee.peer_id], record)
+            else:
+                record.verdict = "disputed"
+                logger.warning("session %s: no majority among %s, %s and %s on %s: nobody banned", self.session_id[:8],
+                               peer[-6:], auditor.peer_id[-6:], referee.peer_id[-6:], blocks)
+        except asyncio.CancelledError:
+            record.verdict = "cancelled"
+            raise
+        except Exception as e:  # an audit that cannot run proves nothing; the next one tries again
+            logger.info("session %s: audit of %s%s failed: %r", self.session_id[:8], peer[-6:], blocks, e)
+        finally:
+            self.audits.append(record)
+
+    async def _convict(self, peer_id: str, blocks: Span, hidden: torch.Tensor, wrong: torch.Tensor,
+                       majority: torch.Tensor, witnesses: list[str], record: AuditRecord) -> None:
+        """Ban a server for good and accuse it in the DHT, signed by this client's key."""
+        self.swarm.convict(PeerIDStr(peer_id), f"outputs for blocks {blocks} off by {record.error:.3g} "
+                                               f"(tolerance {record.tolerance:.3g}) against {', '.join(witnesses)}")
+        await self.swarm.accuse(Accusation(
+            accused=peer_id, start=blocks.start, end=blocks.end, inputs_digest=digest(hidden),
+            accused_digest=digest(wrong), majority_digest=digest(majority), witnesses=witnesses,
+            error=min(record.error, 1e30), tolerance=record.tolerance, at=get_dht_time()))
+
+    async def _apply_verdicts(self) -> None:
+        """Act on convicted hops: roll back to the earliest position since which a liar's outputs are
+        unchecked, replace the liar (replaying its blocks' history into an honest server) and raise
+        ``Rewound`` so that the caller computes those positions again."""
+        if not self._verdicts:
+            return
+        verdicts, self._verdicts = self._verdicts, []
+        position = min(min(p for _, p in verdicts), self._wire_position)
+        rerun_prefix = position < self.prefix_length
+        self._truncate(0 if rerun_prefix else position)
+        for live, _ in verdicts:
+            index = self._index(live)
+            if index is not None:
+                if index + 1 < len(self._hops):  # what the next hop really got (checked up to the rewind)
+                    with contextlib.suppress(Exception):  # else the replacement's replay outputs stand in
+                        await asyncio.wait_for(self._fetch_history(self._hops[index + 1]),
+                                               min(self.swarm.config.request_timeout, _FETCH_HELD_S))
+                await self._replace(index)
+        if rerun_prefix:  # the prompt embeddings' outputs were wrong too: run them again
+            inputs = _StepInputs(self._next_step_id, 0, None, None)
+            self._next_step_id += 1
+            out = await self._step(self.tuning.prefix.expand(self.batch_size, -1, -1), inputs)
+            self._steps.append(inputs)
+            self._outputs.append(out)
+            position = self.prefix_length
+        self.position = position - self.prefix_length
+        if self.input_ids is not None:
+            self.input_ids = self.input_ids[:, : self.position]
+        raise Rewound(self.position, verdicts[0][0].hop.peer_id)

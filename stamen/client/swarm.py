@@ -13,9 +13,10 @@ from hivemind.p2p import P2P, PeerID
 
 from stamen.client import loop
 from stamen.client.config import ClientConfig
-from stamen.client.routing import Candidate, Hop, find_route, sample_route
+from stamen.client.routing import Candidate, Hop, find_route, load_of, sample_route
+from stamen.dht.accusations import Accusation, fetch_accusations, publish_accusations
 from stamen.dht.node import create_dht
-from stamen.dht.records import RemoteServer, ServerState, fetch_servers
+from stamen.dht.records import RemoteServer, ServerRecord, ServerState, fetch_servers
 from stamen.errors import RemoteCallError, ServerFullError, SwarmNotReadyError
 from stamen.process import check_peer_addresses, children_die_with_me
 from stamen.rpc.calls import ping
@@ -52,6 +53,38 @@ class Swarm:
         self._banned_until: dict[PeerIDStr, float] = {}
         self._rtts: dict[PeerIDStr, tuple[float, float]] = {}  # peer -> (rtt seconds, measured at)
         self._rng = random.Random()
+        self._convicted: dict[PeerIDStr, str] = {}
+        """Servers this client's own audits caught returning wrong outputs (never taken back; copy-on-write)."""
+        self._accused: frozenset[PeerIDStr] = frozenset()
+        """Servers that other peers accuse in the DHT (read with the view): audited at every step."""
+        self.accusations: list[Accusation] = []
+        """This client's own accusations, as published."""
+
+    def convict(self, peer_id: PeerIDStr, reason: str) -> None:
+        """Leave a server that failed this client's own audit out of every route and audit for
+        good (``_pardon`` never takes it back, unlike a ban)."""
+        logger.warning("banning %s for wrong outputs: %s", peer_id, reason)
+        self._convicted = {**self._convicted, peer_id: reason}
+
+    @property
+    def convicted(self) -> dict[PeerIDStr, str]:
+        return self._convicted
+
+    def accused(self) -> frozenset[PeerIDStr]:
+        """Servers accused in the DHT by peers other than this client (as of the last view read)."""
+        return self._accused
+
+    async def accuse(self, accusation: Accusation) -> None:
+        """Publish an accusation (with this client's earlier ones) in the DHT, signed by its key."""
+        self.accusations = [*self.accusations, accusation]
+        try:
+            await asyncio.to_thread(publish_accusations, self.dht, self.model_name, self.accusations)
+        except Exception as e:  # evidence is best effort: the ban stands either way
+            logger.warning("could not publish an accusation against %s: %r", accusation.accused, e)
+
+    def forget_verdicts(self) -> None:
+        """Take back every ban and conviction (benchmarks and tests that repeat a detection)."""
+        self._convicted, self._banned_until = {}, {}
 
     def ban(self, peer_id: PeerIDStr, reason: str) -> None:
         """Leave a failed server out of routes for ``ban_timeout`` seconds (a fault only: a server
@@ -76,6 +109,13 @@ class Swarm:
         if refresh or time.monotonic() - self._fetched_at > self.config.refresh_period:
             records = fetch_servers(self.dht, self.model_name, self.num_blocks)
             self._servers = {p: RemoteServer(p, r) for p, r in records.items() if r.state == ServerState.ONLINE}
+            if self.config.verify != "off":
+                me = self.dht.peer_id.to_base58()
+                try:
+                    self._accused = frozenset(PeerIDStr(a.accusation.accused)
+                                              for a in fetch_accusations(self.dht, self.model_name) if a.accuser != me)
+                except Exception as e:  # the view of servers stands without them
+                    logger.debug("could not read accusations: %r", e)
             self._fetched_at = time.monotonic()
         return self._allowed()
 
@@ -83,7 +123,7 @@ class Swarm:
         """The servers of the last view read from the DHT, less the banned and those the config excludes."""
         now = time.monotonic()
         banned = {p for p, until in self._banned_until.items() if until > now}
-        allowed, blocked = self.config.allowed_servers, set(self.config.blocked_servers) | banned
+        allowed, blocked = self.config.allowed_servers, set(self.config.blocked_servers) | banned | set(self._convicted)
         return [
             s for s in self._servers.values()
             if s.peer_id not in blocked and (allowed is None or s.peer_id in allowed)
@@ -155,7 +195,8 @@ class Swarm:
             rtts = await self.client_rtts(servers)
             candidates = [
                 Candidate(s.peer_id, s.span, s.record.throughput, s.record.cache_tokens_left,
-                          {PeerIDStr(p): r for p, r in s.record.next_pings.items()})
+                          {PeerIDStr(p): r for p, r in s.record.next_pings.items()},
+                          load_of(s.record.sessions, s.record.queued_steps))
                 for s in self._allowed()  # without any server that failed its ping
             ]
             usable = [c for c in candidates if c.peer_id not in avoid]
@@ -230,6 +271,15 @@ class Swarm:
         if route is None:
             return self.route(blocks)  # raises SwarmNotReadyError naming the missing blocks
         return route
+
+    def covering(self, blocks: Span, exclude: Collection[PeerIDStr] = ()) -> list[RemoteServer]:
+        """Servers of the current view (less the banned, convicted and ``exclude``) hosting all of ``blocks``."""
+        return [s for s in self._allowed()
+                if s.peer_id not in exclude and s.span.start <= blocks.start and blocks.end <= s.span.end]
+
+    def record_of(self, peer_id: PeerIDStr) -> ServerRecord | None:
+        server = self._servers.get(peer_id)
+        return server.record if server else None
 
     def dtype_of(self, peer_id: PeerIDStr) -> str:
         server = self._servers.get(peer_id)

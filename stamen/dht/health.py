@@ -57,6 +57,12 @@ class SwarmHealth(BaseModel):
     """Servers announced online that did not answer a ping (not counted)."""
     stale: list[str] = []
     """Servers announced online whose record is stale (``is_stale``)."""
+    accused: dict[str, int] = {}
+    """Peers accused of wrong outputs in the DHT (``dht/accusations.py``) -> how many peers accuse
+    them. Evidence to audit them, not a verdict: a lying client can accuse an honest server."""
+    standbys: list[str] = []
+    """Standby servers: they hold blocks to take over when those lose their servers, and count
+    toward nothing until then (never live)."""
 
 
 STALE_GRACE = 5.0
@@ -75,7 +81,8 @@ def is_stale(record: ServerRecord, now: float) -> bool:
 
 
 def swarm_health(model: str, num_blocks: int, records: dict[str, ServerRecord],
-                 pings: dict[str, float | None] | None = None, now: float | None = None) -> SwarmHealth:
+                 pings: dict[str, float | None] | None = None, now: float | None = None,
+                 accused: dict[str, int] | None = None) -> SwarmHealth:
     """The swarm as ``records`` (peer id -> record) describe it, counting only live servers.
     ``pings``: peer id -> round-trip seconds, None for a server that did not answer (servers
     absent were not pinged); ``now``: DHT time (default: the clock)."""
@@ -107,6 +114,8 @@ def swarm_health(model: str, num_blocks: int, records: dict[str, ServerRecord],
         bottleneck_throughput=min(totals) if totals else 0.0,
         unreachable=[row.peer_id for row in rows if row.state == ServerState.ONLINE and row.reachable is False],
         stale=[row.peer_id for row in rows if row.stale],
+        accused=accused or {},
+        standbys=[row.peer_id for row in rows if row.state == ServerState.STANDBY],
     )
 
 
@@ -132,5 +141,12 @@ def format_health(h: SwarmHealth) -> str:
     if h.stale:
         lines.append("stale (stopped announcing; counted only if it answers a ping): " + ", ".join(
             f"…{p[-12:]} [{rows[p].start}:{rows[p].end}) {rows[p].age:.0f} s ago" for p in h.stale))
+    if h.standbys:
+        lines.append("standbys (hold blocks, serve none until a hole opens there): " + ", ".join(
+            f"…{p[-12:]} [{rows[p].start}:{rows[p].end})" for p in h.standbys))
+    if h.accused:
+        lines.append("accused of wrong outputs (peers accusing): " + ", ".join(
+            f"…{p[-12:]}" + (f" [{rows[p].start}:{rows[p].end})" if p in rows else "") + f" ({n})"
+            for p, n in h.accused.items()))
     lines.append("uncovered blocks: " + (", ".join(map(str, h.uncovered_blocks)) or "none"))
     return "\n".join(lines)

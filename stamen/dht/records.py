@@ -28,6 +28,9 @@ class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     OFFLINE = "offline"
+    STANDBY = "standby"
+    """Holds blocks without serving them, to go online when they lose their servers
+    (``server/standby.py``); counts toward no route, no placement of others and no coverage."""
 
 
 class ServerRecord(BaseModel):
@@ -36,7 +39,7 @@ class ServerRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     state: ServerState
-    """joining (loading weights), online (serving), offline (leaving)."""
+    """joining (loading weights), online (serving), offline (leaving), standby (holding blocks, serving none)."""
     start: int = Field(ge=0)
     """First block of the server's span."""
     end: int = Field(gt=0)
@@ -61,6 +64,14 @@ class ServerRecord(BaseModel):
     """(start, end) of the span the server is loading to move to; placement counts it there already."""
     quant: str | None = None
     """How the server's block weights are quantized ("int8", "nf4"); None: not quantized."""
+    claimed_at: float | None = None
+    """A standby's claim (DHT time) to go online for uncovered blocks of its span: of several
+    standbys that claim the same hole, the earliest claim takes it (``server/standby.py``)."""
+    sessions: int = Field(default=0, ge=0)
+    """Inference sessions open on the server when it announced (load)."""
+    queued_steps: float = Field(default=0.0, ge=0)
+    """Inference steps waiting for compute, on average over the iterations since the last
+    announcement (load; 0 for a server that does not batch or was idle)."""
     announced_at: float | None = None
     """DHT time (seconds since the epoch) of this announcement, set by ``announce``."""
     ttl: float | None = Field(default=None, gt=0)

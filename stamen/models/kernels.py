@@ -42,8 +42,11 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.stride() == (1, weight.shape[0]) else weight.t().contiguous().t()
 
 
-SPLIT_ROWS = 8
-"""Products with at most this many rows (sequences × new tokens: decoding) may be split (``project``)."""
+SPLIT_ROWS = 32
+"""Products with at most this many rows (sequences × new tokens: decoding, batched decoding of up
+to 32 sessions) may be split (``project``). On the 246M Llama's span of 5 blocks, 2 threads,
+batched steps of 12–32 rows ran 5–30% faster split than as one MKL product over the input-major
+weight (docs/benchmarks.md, batched decoding)."""
 MAX_SPLITS = 16
 """The most row blocks a product is split into, whatever the thread count."""
 

@@ -10,6 +10,7 @@ nh query heads, nkv key/value heads, hd head dim, I intermediate size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,34 @@ def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return x if delta is None else x + delta
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One session's part of a batched step through one block (``SpanModel.step_batch``).
+
+    The step's inputs of all sessions are flattened into one (1, N, H) input: rows ``rows`` are
+    this session's B·T new positions, sequence-major (row b·T + t is sequence b, new token t).
+    Projections and the MLP run over all N rows at once; attention runs per segment, over the
+    session's own cache ``kv`` (this block's keys and values, (B, nkv, max_len, hd)) from
+    position ``offset``, with its own ``mask`` and ``lora``."""
+
+    rows: slice
+    batch: int
+    tokens: int
+    kv: tuple[torch.Tensor, torch.Tensor]
+    offset: int
+    mask: torch.Tensor | None
+    lora: BlockLoRA | None
+
+
+def _add_segments(t: torch.Tensor, target: str, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    """Add each segment's LoRA delta of ``target`` to its rows of ``t`` (1, N, ·), in place."""
+    for seg in segments:
+        delta = seg.lora.delta(target, x[:, seg.rows]) if seg.lora is not None else None
+        if delta is not None:
+            t[:, seg.rows] += delta
+    return t
+
+
 class Attention(nn.Module):
     def __init__(self, config: BlockConfig):
         super().__init__()
@@ -144,6 +173,33 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
         return _add(project(self.o_proj, out), lora and lora.delta("o_proj", out))  # (B, T, H)
 
+    def forward_segments(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         segments: list[Segment]) -> torch.Tensor:
+        """``forward`` for the sessions of a batched step (inference only): x (1, N, H), cos and
+        sin (1, 1, N, hd) per row; the projections run once over all rows."""
+        N = x.shape[1]
+        q, k, v = project(self.qkv_proj, x).split(self.split_sizes, dim=-1)  # (1, N, nh·hd), 2 × (1, N, nkv·hd)
+        if any(seg.lora is not None for seg in segments):
+            q, k, v = (_add_segments(t, name, x, segments) for t, name in ((q, "q_proj"), (k, "k_proj"),
+                                                                          (v, "v_proj")))
+        q = q.view(1, N, self.num_heads, self.head_dim).transpose(1, 2)  # (1, nh, N, hd)
+        k = k.view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+        v = v.view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        outs = []
+        for seg in segments:  # each session attends over its own cache
+            B, T, end = seg.batch, seg.tokens, seg.offset + seg.tokens
+            qs = q[0, :, seg.rows].view(self.num_heads, B, T, self.head_dim).transpose(0, 1)  # (B, nh, T, hd)
+            k_cache, v_cache = seg.kv  # (B, nkv, max_len, hd)
+            k_cache[:, :, seg.offset : end] = k[0, :, seg.rows].view(self.num_kv_heads, B, T, -1).transpose(0, 1)
+            v_cache[:, :, seg.offset : end] = v[0, :, seg.rows].view(self.num_kv_heads, B, T, -1).transpose(0, 1)
+            out = attend(qs, k_cache[:, :, :end], v_cache[:, :, :end], seg.mask)  # (B, nh, T, hd)
+            outs.append(out.transpose(1, 2).reshape(B * T, -1))  # (B·T, nh·hd)
+        out = torch.cat(outs)[None]  # (1, N, nh·hd)
+        o = project(self.o_proj, out)  # (1, N, H)
+        return _add_segments(o, "o_proj", out, segments) if any(s.lora is not None for s in segments) else o
+
 
 class MLP(nn.Module):
     def __init__(self, config: BlockConfig):
@@ -159,6 +215,15 @@ class MLP(nn.Module):
             gate, up = _add(gate, lora.delta("gate_proj", x)), _add(up, lora.delta("up_proj", x))
         h = F.silu(gate) * up  # SwiGLU, (B, T, I)
         return _add(project(self.down_proj, h), lora and lora.delta("down_proj", h))  # (B, T, H)
+
+    def forward_segments(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """``forward`` over the rows of a batched step (1, N, H), each segment with its own LoRA."""
+        if not any(seg.lora is not None for seg in segments):
+            return self(x)
+        gate, up = project(self.gate_up_proj, x).split(self.intermediate_size, dim=-1)  # 2 × (1, N, I)
+        gate, up = _add_segments(gate, "gate_proj", x, segments), _add_segments(up, "up_proj", x, segments)
+        h = F.silu(gate) * up  # (1, N, I)
+        return _add_segments(project(self.down_proj, h), "down_proj", h, segments)  # (1, N, H)
 
 
 class LlamaBlock(nn.Module):
@@ -185,6 +250,12 @@ class LlamaBlock(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, offset, mask, lora)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+    def forward_segments(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         segments: list[Segment]) -> torch.Tensor:
+        """``forward`` for a batched step of several sessions: x (1, N, H) -> (1, N, H)."""
+        x = x + self.self_attn.forward_segments(self.input_layernorm(x), cos, sin, segments)
+        return x + self.mlp.forward_segments(self.post_attention_layernorm(x), segments)
 
 
 def hf_block_state_dict(hf_tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

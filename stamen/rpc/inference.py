@@ -9,6 +9,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 
 from stamen import trace
 from stamen.errors import RemoteCallError, StamenError, request_error_from_code
@@ -93,6 +94,8 @@ class InferenceStream:
         self.closed = False
         self.server_compute_ms = 0.0
         """Total compute time the server reported for this session's steps."""
+        self.received_compressed = False
+        """Whether any output came through the lossy activation codec (audits allow for it)."""
         self._sent_mark, self._received_mark = f"c.out{blocks.start}", f"c.recv{blocks.start}"  # stamen/trace.py
 
     def _send(self, request: Request) -> None:
@@ -131,10 +134,10 @@ class InferenceStream:
             if isinstance(reply, ErrorReply):  # an error for no one in particular fails everything
                 for pending in self._pending.values():
                     if not pending.done():
-                        pending.set_exception(request_error_from_code(reply.code, reply.message))
+                        pending.set_exception(request_error_from_code(reply.code, reply.message, reply.retry_after))
             return
         if isinstance(reply, ErrorReply):
-            future.set_exception(request_error_from_code(reply.code, reply.message))
+            future.set_exception(request_error_from_code(reply.code, reply.message, reply.retry_after))
         else:
             future.set_result((reply, response))
 
@@ -236,6 +239,8 @@ class InferenceStream:
         if not isinstance(reply, StepDone) or len(response.tensors) != 1:
             raise RemoteCallError(f"unexpected reply from {self.peer}: {reply!r}")
         self.server_compute_ms += reply.compute_ms
+        if response.tensors[0].compression != runtime_pb2.CompressionType.NONE:
+            self.received_compressed = True
         return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, num_elements, compressed_ok=True)
 
     async def step(self, hidden: torch.Tensor, position: int, attention_mask: torch.Tensor | None = None,

@@ -22,7 +22,8 @@ def error_response(e: Exception, step_id: int | None = None) -> Response:
     if on_error is not None:
         on_error(e.code if isinstance(e, RequestError) else "internal")
     if isinstance(e, RequestError):
-        return Response(metadata=encode(ErrorReply(code=e.code, message=str(e), step_id=step_id)))
+        return Response(metadata=encode(ErrorReply(code=e.code, message=str(e), step_id=step_id,
+                                                   retry_after=getattr(e, "retry_after", None))))
     logger.exception("internal error while serving a request")
     return Response(metadata=encode(ErrorReply(code="internal", message=f"internal server error: {e!r}",
                                                step_id=step_id)))
@@ -30,7 +31,7 @@ def error_response(e: Exception, step_id: int | None = None) -> Response:
 
 def raise_if_error(reply) -> None:
     if isinstance(reply, ErrorReply):
-        raise request_error_from_code(reply.code, reply.message)
+        raise request_error_from_code(reply.code, reply.message, reply.retry_after)
 
 
 def check_complete(peer, what: str, messages: int, expected: int) -> None:

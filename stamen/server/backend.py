@@ -20,6 +20,7 @@ import torch
 from stamen import trace
 from stamen.errors import (
     InvalidRequestError,
+    ServerBusyError,
     ServerFullError,
     SessionClosedError,
     SessionLengthError,
@@ -30,7 +31,9 @@ from stamen.models.lora import BlockLoRA
 from stamen.models.span import KVCache, SpanModel
 from stamen.rpc.inputs import SpanGrads, SpanInputs, TensorLimits
 from stamen.server.adapters import AdapterCache
+from stamen.server.batching import StepBatcher, StepWork
 from stamen.server.compute import in_fresh_thread
+from stamen.server.limits import Limits
 from stamen.types import Span
 from stamen.wire.messages import AdapterMeta, AdapterRef, OpenSession, Step
 
@@ -40,6 +43,11 @@ INLINE_STEP_TOKENS = 8
 """Steps this small (decoding) run on the event loop itself: handing them to the compute thread
 and back costs two thread wake-ups, which on a loaded machine can take longer than the step. Larger
 work goes to the thread so the loop stays responsive."""
+INLINE_BATCH_TOKENS = 32
+"""Batched iterations of at most this many rows (decoding steps of up to 32 sequences) run inline
+too; a decoding step of 32 sequences through a span costs about three of one (docs/benchmarks.md)."""
+BUSY_RETRY_S = 1.0
+"""The retry hint of a peer refused for its share of sessions or cache: sessions end, caches free."""
 
 
 class CacheBudget:
@@ -99,7 +107,7 @@ class Session:
     """Replies to steps pushed on with ``hold_reply``, not yet sent to the client (``FlushReplies``)."""
     owner: str | None = None
     """The peer that opened the session: only it may step, flush or close it on its inference
-    streams (None: anyone, for in-process use)."""
+    streams (None: anyone, for in-process use). Its shares of this server are counted per owner."""
     closed: bool = False
     """Closed: no step runs from then on; a step that held it meanwhile drops its result and frees the cache."""
 
@@ -141,8 +149,10 @@ class TrainGraph:
 class SpanBackend:
     def __init__(self, model: SpanModel, dtype: torch.dtype, device: torch.device, max_cache_tokens: int,
                  max_step_tokens: int, adapter_cache_bytes: int = 256 << 20, max_train_graphs: int = 8,
-                 inline_compute: bool = False, long_threads: int | None = None):
+                 inline_compute: bool = False, long_threads: int | None = None, limits: Limits | None = None,
+                 batching: bool = False, max_batch_tokens: int = 256):
         self.model, self.dtype, self.device = model, dtype, device
+        self.limits = limits or Limits.default()
         self.span = model.span
         self.hidden_size = model.config.hidden_size
         self.max_step_tokens = max_step_tokens
@@ -164,6 +174,11 @@ class SpanBackend:
         self.train_graphs_held = 0
         self.kept_backwards = 0
         self.recomputed_backwards = 0
+        self.batcher = StepBatcher(self, max_batch_tokens, INLINE_BATCH_TOKENS, self.limits.max_peer_queued_steps) \
+            if batching else None
+        """Inference steps of concurrent sessions computed together (``server/batching.py``); None:
+        each on its own."""
+        self._tensor_limits = self._limits_of_span()
 
     @property
     def dtype_name(self) -> str:
@@ -193,6 +208,8 @@ class SpanBackend:
                 f"server full: {msg.batch_size}×{msg.max_length} tokens exceed the cache budget of "
                 f"{self.budget.capacity // self.budget.num_blocks} tokens"
             )
+        if owner is not None:
+            self._check_share(owner, msg.batch_size * msg.max_length * blocks.length)
         reserved = self.budget.reserve(msg.batch_size * msg.max_length, blocks.length)
         try:
             cache = KVCache(self.model.config, blocks.length, msg.batch_size, msg.max_length, self.dtype, self.device)
@@ -203,6 +220,24 @@ class SpanBackend:
                           owner=owner)
         self.sessions[msg.session_id] = session
         return session
+
+    def _check_share(self, owner: str, need: int) -> None:
+        """Refuse a peer over its share of this server (``ServerBusyError``): ``max_peer_sessions``,
+        and its share of the cache while other peers hold sessions (``Limits.peer_cache_limit``)."""
+        mine = [s for s in self.sessions.values() if s.owner == owner]
+        if len(mine) >= self.limits.max_peer_sessions:
+            raise ServerBusyError(f"server busy: {owner[-6:]} holds {len(mine)} sessions here, at most "
+                                  f"{self.limits.max_peer_sessions}", retry_after=BUSY_RETRY_S)
+        peers = len({s.owner for s in self.sessions.values()} | {owner})
+        if peers == 1:
+            return  # alone, a peer may take all the cache (the budget refuses what does not fit)
+        limit = self.limits.peer_cache_limit(self.budget.capacity, peers)
+        held = sum(s.reserved for s in mine)
+        if held + need > limit:
+            n = self.budget.num_blocks
+            raise ServerBusyError(f"server busy: {owner[-6:]} holds {held // n} tokens of cache and asks for "
+                                  f"{need // n} more; its share beside {peers - 1} other peers is {limit // n}",
+                                  retry_after=BUSY_RETRY_S)
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -320,6 +355,9 @@ class SpanBackend:
     def tensor_limits(self) -> TensorLimits:
         """What a request's tensors may hold: one step's tokens per hidden state, gradient, mask or
         ids, and that per block of the span for deep prompts."""
+        return self._tensor_limits
+
+    def _limits_of_span(self) -> TensorLimits:
         elements = self.max_step_tokens * self.hidden_size
         return TensorLimits(elements, elements * self.span.length)
 
@@ -345,6 +383,13 @@ class SpanBackend:
         if hypo_ids is not None:
             hypo_ids = hypo_ids.to(cache.tensor.device)
         session.last_used = time.monotonic()
+        if self.batcher is not None:
+            future = asyncio.get_running_loop().create_future()
+            out = await self.batcher.run(StepWork(session, hidden, attention_mask, position_ids, hypo_ids,
+                                                  session.owner or "", future))
+            if session.closed:
+                raise SessionClosedError(f"session {session.id} was closed during the step")
+            return out
         args = session, hidden, attention_mask, position_ids, hypo_ids
         if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS:  # decoding: a thread handoff costs more
             if not self._inline:
@@ -435,6 +480,14 @@ class SpanBackend:
         self.kept_backwards += 1
         return result
 
+    async def run_inline(self, fn, *args):
+        """Short work (batched decoding steps) on the loop's own thread, after the computation
+        before it (``server/compute.py``)."""
+        if not self._inline:
+            return fn(*args)
+        async with self._compute_lock:
+            return fn(*args)
+
     async def run_long(self, fn, *args):
         """Longer work (prefills, forwards, backwards, loading): after the computation before it, on
         a short-lived thread, so that the loop keeps answering meanwhile (``server/compute.py``)."""
@@ -452,12 +505,15 @@ class SpanBackend:
         max_tokens = self.budget.capacity // self.budget.num_blocks
         self.model, self.span = model, model.span
         self.budget.capacity, self.budget.num_blocks = max_tokens * model.span.length, model.span.length
+        self._tensor_limits = self._limits_of_span()
 
     def sessions_on_old_spans(self) -> list[str]:
         """Sessions still computing on a span this server moved away from."""
         return [s.id for s in self.sessions.values() if s.model is not None and s.model is not self.model]
 
     def shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         for session_id in list(self.sessions):
             self.close(session_id)
         if self._pool is not None:

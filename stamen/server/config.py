@@ -80,6 +80,19 @@ class ServerConfig(BaseModel):
     have in flight at once; more are refused ("server busy")."""
     max_peer_streams: int = Field(default=128, gt=0)
     """Inference and push streams one peer may hold open at once; more are refused ("server busy")."""
+    batching: bool = True
+    """Run the inference steps of concurrent sessions together, one forward through the span per
+    iteration (``server/batching.py``); ``--no-batching`` runs each step on its own."""
+    max_batch_tokens: int = Field(default=256, gt=0)
+    """Rows (sequences × new tokens) one batched iteration computes at most: decoding steps first,
+    then prefills in chunks that fill the rest, so a long prompt never stalls others' decoding."""
+    max_peer_sessions: int = Field(default=64, gt=0)
+    """Inference sessions one peer may hold open here at once; more are refused ("server busy")."""
+    peer_cache_share: float = Field(default=0.5, gt=0, le=1)
+    """While other peers hold sessions here, one peer may reserve at most this fraction of the KV
+    cache (or 1 / the number of such peers, if more); alone, all of it. Beyond: "server busy"."""
+    max_peer_queued_steps: int = Field(default=128, gt=0)
+    """Inference steps of one peer's sessions waiting for compute at once; more are refused ("server busy")."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = Field(default=0, ge=0, lt=65536)
@@ -104,6 +117,15 @@ class ServerConfig(BaseModel):
     closed (their clients then replay into other servers)."""
     placement: PlacementSettings = PlacementSettings()
     """Thresholds of the rebalancing decision."""
+    standby: bool = False
+    """Join as a standby: load the blocks the swarm can least afford to lose (or ``blocks``) without
+    serving them, watch their servers, and go online for them, without loading, when they lose
+    their last live server (``stamen/server/standby.py``)."""
+    standby_ping_period: float = Field(default=1.0, gt=0)
+    """Seconds between a standby's looks at the servers of its blocks (records and pings)."""
+    standby_jitter: float = Field(default=1.0, ge=0)
+    """A standby that finds its blocks uncovered waits uniform(0, this) seconds and looks again
+    before it claims them, so that of several standbys one takes the hole."""
     record_ttl: float = Field(default=60.0, gt=1, le=MAX_RECORD_TTL)
     """Seconds a DHT record lives (at most 300: peers refuse longer ones); the server re-announces every ttl/3."""
     metrics_port: int | None = Field(default=None, ge=0, lt=65536)

@@ -144,8 +144,16 @@ class SpanHandler:
             cache_tokens_left=b.budget.tokens_left, version=self.version, pushed_steps=engine.pushed_steps,
             kept_backwards=b.kept_backwards, recomputed_backwards=b.recomputed_backwards,
             train_graphs_held=b.train_graphs_held, compression=self.compression,
-            push_messages=engine.push_messages, push_bytes=engine.push_bytes,
+            push_messages=engine.push_messages, push_bytes=engine.push_bytes, **self._batch_info(),
         )))
+
+    def _batch_info(self) -> dict:
+        batcher = self.backend.batcher
+        if batcher is None:
+            return {}
+        stats = batcher.stats
+        return dict(batching=True, batch_iterations=stats.iterations, batch_steps=stats.steps,
+                    batch_chunks=stats.chunks)
 
     # --- forward and backward: stateless, tensors streamed in parts both ways ---
 

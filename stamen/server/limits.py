@@ -29,6 +29,9 @@ class Limits:
     max_request_bytes: int
     max_peer_calls: int
     max_peer_streams: int
+    max_peer_sessions: int
+    peer_cache_share: float
+    max_peer_queued_steps: int
 
     @classmethod
     def of(cls, config: ServerConfig) -> Limits:
@@ -41,6 +44,13 @@ class Limits:
     @property
     def drain_s(self) -> float:
         return min(DRAIN_S, self.read_timeout)
+
+    def peer_cache_limit(self, capacity: int, peers: int) -> int:
+        """Cache (block-tokens) one peer may reserve while ``peers`` peers (itself included) hold
+        sessions: all of it alone, else the larger of its share and 1 / ``peers``."""
+        if peers <= 1:
+            return capacity
+        return int(capacity * max(self.peer_cache_share, 1 / peers))
 
 
 class PeerSlots:

@@ -36,6 +36,12 @@ class ServerMetrics:
         self.cache_used = Gauge("stamen_cache_tokens_used", "KV cache tokens reserved by open sessions",
                                 registry=registry)
         self.cache_free = Gauge("stamen_cache_tokens_free", "KV cache tokens free for new sessions", registry=registry)
+        self.batch_size = Histogram("stamen_batch_steps", "Session steps (or prefill chunks) computed together "
+                                    "per batched iteration", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+                                    registry=registry)
+        self.batch_rows = Histogram("stamen_batch_rows", "Rows (sequences × new tokens) per batched iteration",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=registry)
+        self.queued = Gauge("stamen_queued_steps", "Inference steps waiting for compute", registry=registry)
         self.train_graphs = Gauge("stamen_train_graphs_held", "Training graphs held between forward and backward",
                                   registry=registry)
         self.span = Info("stamen_server", "The server's peer id, span, dtype and state", registry=registry)
@@ -48,6 +54,13 @@ class ServerMetrics:
         self.cache_free.set_function(lambda: backend.budget.tokens_left)
         self.cache_used.set_function(lambda: backend.budget.used // max(1, backend.budget.num_blocks))
         self.train_graphs.set_function(lambda: backend.train_graphs_held)
+        if backend.batcher is not None:
+            self.queued.set_function(lambda: backend.batcher.queued)
+            backend.batcher.observe = self.batched
+
+    def batched(self, steps: int, rows: int) -> None:
+        self.batch_size.observe(steps)
+        self.batch_rows.observe(rows)
 
     def set_state(self, state: str, start: int, end: int, dtype: str) -> None:
         self.span.info({"peer_id": self.peer_id, "start": str(start), "end": str(end), "dtype": dtype,

@@ -12,7 +12,9 @@ the servers hosting it, and the swarm serves at most its weakest block's through
   the move raises the weakest of the blocks it touches by at least ``min_gain`` × its own
   throughput, or covers a block nobody serves. Such a move strictly improves the swarm's sorted
   block throughputs, so servers moving one at a time never cycle.
-- ``standby_start``: where a standby server holds blocks to take over when their servers leave.
+- ``standby_start``, ``plan_standby``: where a standby server holds blocks to take over when their
+  servers leave; ``takeover_blocks``: which standby of several takes a hole; ``rest_of_hole``: where
+  a standby that took over moves when the hole reaches past its blocks.
 - ``upper_bound``: the best bottleneck any assignment could reach for the servers present.
 """
 
@@ -101,6 +103,27 @@ def plan_standby(counts: np.ndarray, standbys: np.ndarray, totals: np.ndarray, h
     fewer_servers = counts[proposed].min() <= (1 - margin) * counts[current].min() and \
         counts[proposed].min() < counts[current].min()
     return Span(start, start + held.length) if fewer_standbys or (same_standbys and fewer_servers) else None
+
+
+def takeover_blocks(held: Span, uncovered: Iterable[int], claims: Iterable[tuple[tuple[float, str], Span]],
+                    mine: tuple[float, str]) -> list[int]:
+    """The uncovered blocks of ``held`` that a standby claiming at ``mine`` (claim time, peer id)
+    should go online for: those no earlier claim (``claims``: other standbys' (claim time, peer id)
+    and spans) covers. Every standby that sees the same claims computes the same order, so of
+    several claiming one hole, only the earliest takes it."""
+    earlier = [span for key, span in claims if key < mine]
+    return [b for b in sorted(set(uncovered)) if held.start <= b < held.end
+            and not any(span.start <= b < span.end for span in earlier)]
+
+
+def rest_of_hole(others: np.ndarray, span: Span) -> Span | None:
+    """After a standby went online for ``span``, the window of its length that covers the most of
+    the hole (``others``: the live servers' throughput per block without it), if that is not
+    ``span``: it then loads the blocks it lacks there (a move). None when ``span`` is as good."""
+    if not (np.delete(others, range(span.start, span.end)) <= EPS).any():
+        return None
+    start = choose_start(np.maximum(others, 0.0), span.length, span.start)
+    return None if start == span.start else Span(start, start + span.length)
 
 
 def choose_span(num_blocks: int, length: int, spans: Iterable[tuple[Span, float]]) -> Span:

@@ -36,6 +36,7 @@ from stamen.server.limits import Limits
 from stamen.server.memory import available_memory, format_bytes, plan_blocks
 from stamen.server.metrics import ServerMetrics
 from stamen.server.placement import MoveDecision, block_throughputs, choose_span, plan_move
+from stamen.server.standby import Standby, choose_standby_span
 from stamen.server.throughput import (
     cache_key,
     cached_compute,
@@ -105,6 +106,8 @@ class Server:
         self._decode_ms: dict[int, float] = {}
         """The fastest decoding step measured per thread count (``_set_decode_threads``)."""
         self._metrics_of: ServerMetrics | None = None
+        self._backend: SpanBackend | None = None
+        """Set once serving: what the announcements read the load from."""
 
     def run(self) -> None:
         """The event loop runs on the main thread and computes decoding steps inline (``server/compute.py``)."""
@@ -150,11 +153,12 @@ class Server:
         try:  # from here on, every way out shuts the DHT process and its daemon down
             peer_id = PeerIDStr(dht.peer_id.to_base58())
             length = cfg.blocks.length if cfg.blocks else cfg.num_blocks or self._blocks_that_fit(block_config)
-            self.span = cfg.blocks or self._choose_span(dht, block_config, length)
+            self.span = cfg.blocks or self._choose_span(dht, block_config, length, cfg.standby)
             trace.set_role(f"server{self.span.start}")
-            logger.info("%s %s joining; visible at %s", peer_id[-6:], self.tag,
+            logger.info("%s %s joining%s; visible at %s", peer_id[-6:], self.tag, " as a standby" * cfg.standby,
                         " ".join(str(m) for m in dht.get_visible_maddrs()))
-            self._announce(dht, peer_id, ServerState.JOINING, self._expected_speed(block_config), 0)
+            self._announce(dht, peer_id, ServerState.STANDBY if cfg.standby else ServerState.JOINING,
+                           self._expected_speed(block_config), 0)
             # servers of one host load and measure one at a time: a load (reading, copying, laying
             # out weights) beside another server's measurement skewed it (server/compute.py)
             with host_measurement_lock():
@@ -162,23 +166,30 @@ class Server:
                 self._set_decode_threads(model)
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True,
-                                  long_threads=self.threads)
+                                  long_threads=self.threads, limits=Limits.of(cfg), batching=cfg.batching,
+                                  max_batch_tokens=cfg.max_batch_tokens)
             metrics = self._metrics(peer_id, backend)
+            self._backend = backend
             handler = SpanHandler(backend, peer_id, __version__, cfg.session_timeout, cfg.request_timeout,
                                   cfg.compression, Limits.of(cfg), metrics)
             p2p = await dht.replicate_p2p()
-            await handler.add_p2p_handlers(p2p)
+            if not cfg.standby:  # a standby registers its handlers when it goes online (server/standby.py)
+                await handler.add_p2p_handlers(p2p)
             speed = await self._measure(dht, p2p, peer_id, model, block_config)
             serving = _Serving(dht, p2p, peer_id, checkpoint, block_config, backend, speed)
-            logger.info("%s online: %.1f steps/s per block, cache budget %d tokens", self.tag, speed.throughput,
-                        cfg.max_cache_tokens)
-            rebalancer = asyncio.create_task(self._rebalance_loop(serving)) if self._may_move else None
-            await self._announce_loop(serving)
-            if rebalancer is not None:
-                rebalancer.cancel()
+            standby = Standby(self, serving, handler) if cfg.standby else None
+            online = standby is None or await standby.hold()  # a standby: once it took over a hole
+            if online:
+                logger.info("%s online: %.1f steps/s per block, cache budget %d tokens", self.tag, speed.throughput,
+                            cfg.max_cache_tokens)
+                rebalancer = asyncio.create_task(self._rebalance_loop(serving)) if self._may_move else None
+                await self._announce_loop(serving)
+                if rebalancer is not None:
+                    rebalancer.cancel()
             logger.info("%s leaving", self.tag)
             self._announce(dht, peer_id, ServerState.OFFLINE, speed, 0)
-            await handler.remove_p2p_handlers(p2p)
+            if online:
+                await handler.remove_p2p_handlers(p2p)
             backend.shutdown()
         finally:
             dht.shutdown()
@@ -215,8 +226,16 @@ class Server:
             cache_tokens_left=cache_left, dtype=cfg.dtype, version=__version__, public_name=cfg.public_name,
             next_pings=next_pings or {}, forward_throughput=speed.forward, network_bandwidth=speed.bandwidth,
             moving_to=(self.moving_to.start, self.moving_to.end) if self.moving_to else None,
-            quant=cfg.quant if cfg.quant != "none" else None,
+            quant=cfg.quant if cfg.quant != "none" else None, **self._load(),
         )
+
+    def _load(self) -> dict:
+        """Open sessions and queued steps (routing prefers less loaded servers)."""
+        backend = self._backend
+        if backend is None:
+            return {}
+        queued = backend.batcher.take_mean_queued() if backend.batcher is not None else 0.0
+        return dict(sessions=len(backend.sessions), queued_steps=round(queued, 3))
 
     def _metrics(self, peer_id: str, backend: SpanBackend) -> ServerMetrics:
         """This server's Prometheus metrics, served on ``--metrics-port`` if given."""
@@ -299,9 +318,14 @@ class Server:
         """Other servers' (span, throughput), moving ones at their target."""
         records = fetch_servers(dht, self.model_name, num_blocks)
         return [(r.placed_span, r.throughput) for p, r in records.items()
-                if r.state != ServerState.OFFLINE and p != peer_id]
+                if r.state not in (ServerState.OFFLINE, ServerState.STANDBY) and p != peer_id]
 
-    def _choose_span(self, dht: DHT, block_config: BlockConfig, length: int) -> Span:
+    def _choose_span(self, dht: DHT, block_config: BlockConfig, length: int, standby: bool = False) -> Span:
+        if standby:  # standbys count here (the pool spreads), unlike in ``_placements``
+            span = choose_standby_span(fetch_servers(dht, self.model_name, block_config.num_blocks),
+                                       block_config.num_blocks, length, dht.peer_id.to_base58())
+            logger.info("standby: chose blocks %s, the window the swarm can least afford to lose", span)
+            return span
         others = self._placements(dht, block_config.num_blocks, dht.peer_id.to_base58())
         span = choose_span(block_config.num_blocks, length, others)
         logger.info("chose blocks %s: the weakest window of %d blocks among %d servers", span, length, len(others))

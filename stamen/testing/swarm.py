@@ -66,13 +66,16 @@ class LocalSwarm:
         self.initial_peers = [line]
         return self.initial_peers
 
-    def add_server(self, model: str | Path, span: Span, *extra: str) -> ServerProcess:
+    def add_server(self, model: str | Path, span: Span, *extra: str, lie: str | None = None) -> ServerProcess:
+        """A server of ``span``; ``lie`` ("noise", "zero"): a lying one for audit tests (``testing/liar.py``)."""
         index = len(self.servers)
         log_path = self.log_dir / f"server{index}-{span.start}-{span.end}.log"
         args = [str(model), "--initial-peers", *self.initial_peers, "--blocks", f"{span.start}:{span.end}", *extra]
+        cmd = self._cmd("server", *args) if lie is None else \
+            [sys.executable, "-m", "stamen.testing.liar", lie, "server", *args]
         # each server leads its own process group: its hivemind DHT process and libp2p daemons
         # die with it when a test kills the group (as when a machine vanishes)
-        proc = subprocess.Popen(self._cmd("server", *args), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                 env=self.env, start_new_session=True)
         server = ServerProcess(str(model), span, proc, log_path, args)
         self.servers.append(server)

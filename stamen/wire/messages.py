@@ -153,6 +153,8 @@ class ErrorReply(_Msg):
     message: str
     step_id: int | None = None
     """The step that failed, when the error belongs to one."""
+    retry_after: float | None = Field(default=None, ge=0)
+    """Seconds after which a retry may succeed (``server_busy``)."""
 
 
 
@@ -315,6 +317,14 @@ class InfoReply(_Msg):
     """Steps this server pushed to next servers."""
     push_bytes: int = 0
     """Serialized bytes (protobuf size) of those pushes."""
+    batching: bool = False
+    """Whether the server batches the inference steps of concurrent sessions."""
+    batch_iterations: int = 0
+    """Batched iterations computed; ``batch_steps / batch_iterations`` is the mean batch size."""
+    batch_steps: int = 0
+    """Session steps (and prefill chunks) those iterations computed, summed."""
+    batch_chunks: int = 0
+    """Prefill chunks: parts of a step that did not fit one iteration."""
 
 
 # --- bandwidth probe ---

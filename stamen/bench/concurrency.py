@@ -1,0 +1,227 @@
+"""``stamen bench concurrency``: many users at once, with servers batching their steps and without.
+
+One random Llama (the 246M preset by default) split over 3 loopback servers. For each mode
+(``batching``: servers as by default; ``no batching``: every server started with
+``--no-batching``), in turn within the same run: greedy generations of ``new_tokens`` tokens by 1,
+2, 4, 8 and 16 concurrent sessions, through the Python client (one thread and session each, one
+client peer) and through ``stamen api`` (concurrent streamed completions). Reported per case:
+aggregate tokens/s (all sessions' new tokens over the wall time from the first request to the last
+token), p50 and p95 time per token (gaps between a session's consecutive tokens, all sessions
+pooled), and the mean batch size the servers ran (session steps per batched iteration, from their
+counters).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from stamen.bench.harness import even_spans
+from stamen.bench.timing import TokenClock, say_to
+from stamen.client import loop
+from stamen.client.model import AutoDistributedModelForCausalLM
+from stamen.dht.records import fetch_servers
+from stamen.rpc.calls import call_info
+from stamen.testing.models import PRESETS, save_random_llama
+from stamen.testing.swarm import LocalSwarm
+from stamen.types import default_dht_prefix
+
+MODES = {"batching": (), "no batching": ("--no-batching",)}
+PROMPT_TOKENS = 16
+
+
+def _visible_tokens(model_dir: str, vocab: int) -> None:
+    """Give every id of the random model's vocabulary a text (the test tokenizer has 512 tokens, the
+    246M preset 32000 ids): the API streams text, and ids without one would stream nothing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if len(tokenizer) < vocab:
+        tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), vocab)])
+        tokenizer.save_pretrained(model_dir)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _run_threads(jobs) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job):
+        try:
+            barrier.wait(timeout=60)
+            job()
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _python_case(model, sessions: int, new_tokens: int, vocab: int) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, gaps between consecutive tokens) of ``sessions`` concurrent generate calls."""
+    clocks = [TokenClock() for _ in range(sessions)]
+    prompts = [torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(i))
+               for i in range(sessions)]
+    start = [0.0]
+
+    def job(i):
+        def go():
+            if i == 0:
+                start[0] = time.perf_counter()
+            model.generate(prompts[i], max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           streamer=clocks[i])
+        return go
+
+    _run_threads([job(i) for i in range(sessions)])
+    tokens = sum(len(c.times) - 1 for c in clocks)  # times[0] is the prompt
+    end = max(c.times[-1] for c in clocks)
+    gaps = [b - a for c in clocks for a, b in zip(c.times[1:], c.times[2:], strict=False)]
+    return tokens / (end - start[0]), gaps
+
+
+def _api_case(client, model_id: str, sessions: int, new_tokens: int) -> tuple[float, list[float]]:
+    stamps: list[list[float]] = [[] for _ in range(sessions)]
+    counts = [0] * sessions
+    start = [0.0]
+
+    def job(i):
+        def go():
+            if i == 0:
+                start[0] = time.perf_counter()
+            stream = client.completions.create(model=model_id, prompt=f"Story {i}: once upon a time",
+                                               max_tokens=new_tokens, temperature=0, stream=True,
+                                               stream_options={"include_usage": True})
+            for chunk in stream:
+                if chunk.usage is not None:
+                    counts[i] = chunk.usage.completion_tokens
+                if chunk.choices and chunk.choices[0].text:
+                    stamps[i].append(time.perf_counter())
+            ends[i] = time.perf_counter()
+        return go
+
+    ends = [0.0] * sessions
+    _run_threads([job(i) for i in range(sessions)])
+    # a token without text of its own (a partial character) streams with the next one: the gaps
+    # are between text events, most of them one token apart on the bench model
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False)]
+    return sum(counts) / (max(ends) - start[0]), gaps
+
+
+def _batch_counters(swarm: LocalSwarm, model, model_id: str, num_blocks: int) -> tuple[int, int]:
+    """(iterations, session steps) summed over the servers."""
+    iterations = steps = 0
+    for peer in fetch_servers(swarm.client_dht(), model_id, num_blocks):
+        info = loop.run(call_info(model.swarm.p2p, model.swarm.peer(peer), timeout=30))
+        iterations, steps = iterations + info.batch_iterations, steps + info.batch_steps
+    return iterations, steps
+
+
+def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list[int] | None = None,
+                          new_tokens: int = 32, api: bool = True, json_only: bool = False) -> dict:
+    import openai  # a dev dependency: only the API half needs it
+
+    say = say_to(json_only)
+    sessions = sessions or [1, 2, 4, 8, 16]
+    workdir = Path(tempfile.mkdtemp(prefix="stamen-bench-concurrency-"))
+    say(f"creating a random {preset} Llama (float32) ...")
+    model_dir = str(save_random_llama(workdir / f"llama-{preset}", dict(PRESETS[preset])))
+    _visible_tokens(model_dir, PRESETS[preset].get("vocab_size", 0))
+    model_id = default_dht_prefix(model_dir)
+    num_blocks = PRESETS[preset]["num_hidden_layers"]
+    spans = even_spans(num_blocks, servers)
+    results: dict[str, dict] = {}
+    for mode, extra in MODES.items():
+        with LocalSwarm(log_dir=workdir / f"logs-{mode.replace(' ', '-')}") as swarm:
+            say(f"[{mode}] starting {servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
+            swarm.start_bootstrap()
+            for span in spans:
+                swarm.add_server(model_dir, span, *extra)
+            swarm.wait_online(model_id, num_blocks)
+            model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+            vocab = model.block_config.vocab_size
+            client = None
+            if api:
+                _, url = swarm.start_api(model_dir)
+                client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+            try:
+                _python_case(model, 1, 4, vocab)  # warm-up
+                cases = {}
+                for n in sessions:
+                    for path in ("python", "api") if api else ("python",):
+                        before = _batch_counters(swarm, model, model_id, num_blocks)
+                        if path == "python":
+                            tps, gaps = _python_case(model, n, new_tokens, vocab)
+                        else:
+                            tps, gaps = _api_case(client, model_id, n, new_tokens)
+                        after = _batch_counters(swarm, model, model_id, num_blocks)
+                        iterations, steps = after[0] - before[0], after[1] - before[1]
+                        case = dict(tokens_per_s=tps, p50_ms=1000 * statistics.median(gaps) if gaps else float("nan"),
+                                    p95_ms=1000 * _percentile(gaps, 0.95) if gaps else float("nan"),
+                                    mean_batch=steps / iterations if iterations else None)
+                        cases[f"{path}/{n}"] = case
+                        batch = f", mean batch {case['mean_batch']:.2f}" if case["mean_batch"] else ""
+                        say(f"[{mode}] {path} client, {n} sessions: {tps:.1f} tokens/s, p50 {case['p50_ms']:.0f} ms, "
+                            f"p95 {case['p95_ms']:.0f} ms per token{batch}")
+                results[mode] = cases
+            finally:
+                model.shutdown()
+    report = {"model": f"random {preset} Llama, float32", "servers": servers, "new_tokens": new_tokens,
+              "prompt_tokens": PROMPT_TOKENS, "sessions": sessions, "results": results}
+    report["targets"] = _targets(report)
+    if json_only:
+        print(json.dumps(report, indent=2))
+    else:
+        print(markdown(report))
+    return report
+
+
+def _targets(report: dict) -> dict:
+    """The issue's targets, where the run measured them (Python client)."""
+    on, off = report["results"]["batching"], report["results"]["no batching"]
+    out = {}
+    if "python/1" in on and "python/8" in on:
+        out["8_sessions_over_1"] = on["python/8"]["tokens_per_s"] / on["python/1"]["tokens_per_s"]
+        out["p95_8_over_p50_1"] = on["python/8"]["p95_ms"] / on["python/1"]["p50_ms"]
+    if "python/1" in on and "python/1" in off:
+        out["one_session_batching_over_off_ms"] = on["python/1"]["p50_ms"] / off["python/1"]["p50_ms"]
+    if "python/16" in on and "python/1" in on:
+        out["16_sessions_over_1"] = on["python/16"]["tokens_per_s"] / on["python/1"]["tokens_per_s"]
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = [f"{r['model']}, {r['servers']} loopback servers, {r['new_tokens']} new tokens per session "
+             f"(prompts of {r['prompt_tokens']} tokens)", "",
+             "| path | sessions | batching: tokens/s | p50 ms | p95 ms | mean batch | no batching: tokens/s | p50 ms "
+             "| p95 ms | tokens/s on / off |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    on, off = r["results"]["batching"], r["results"]["no batching"]
+    for key in on:
+        a, b = on[key], off.get(key)
+        path, n = key.split("/")
+        batch = f"{a['mean_batch']:.2f}" if a["mean_batch"] else "–"
+        if b is None:
+            lines.append(f"| {path} | {n} | {a['tokens_per_s']:.1f} | {a['p50_ms']:.0f} | {a['p95_ms']:.0f} | {batch} "
+                         "| | | | |")
+            continue
+        lines.append(f"| {path} | {n} | {a['tokens_per_s']:.1f} | {a['p50_ms']:.0f} | {a['p95_ms']:.0f} | {batch} "
+                     f"| {b['tokens_per_s']:.1f} | {b['p50_ms']:.0f} | {b['p95_ms']:.0f} "
+                     f"| {a['tokens_per_s'] / b['tokens_per_s']:.2f} |")
+    t = r.get("targets", {})
+    if t:
+        lines += ["", "Targets (Python client): " + ", ".join(f"{k} = {v:.2f}" for k, v in t.items())]
+    return "\n".join(lines)

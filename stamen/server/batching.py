@@ -1,0 +1,292 @@
+"""Iteration-level batching of inference steps across sessions (``stamen server``, on by default;
+``--no-batching`` turns it off).
+
+Every inference step of every session goes to one ``StepBatcher``. Its loop takes what is ready
+(it never waits for a batch to fill), runs it as one ``SpanModel.step_batch`` (each weight read
+once for all of them; attention per session over its own cache) and hands each session its output.
+Steps that arrive while an iteration computes wait for the next one.
+
+What one iteration takes (``_take``), in rounds over the peers that own queued steps, starting one
+peer further each iteration (round-robin admission, so one peer's many sessions cannot crowd out
+another peer's one):
+
+1. decoding steps (at most ``DECODE_ROWS`` rows: a few sequences × one new token), one per peer
+   and round, up to ``max_batch_tokens`` rows in all;
+2. then prefills, one per peer and round, in chunks that fill the rest of the budget: a long
+   prompt takes several iterations, and the decoding steps of other sessions go on between its
+   chunks instead of waiting for the whole prompt. A chunk's positions attend to the chunks before
+   it through the session's cache, so chunked and whole prefills give the same outputs.
+
+An iteration of at most ``inline_tokens`` rows (decoding) runs inline on the event loop, like a
+lone decoding step did before batching; a larger one (a prefill chunk) on a short-lived thread
+with every torch thread (``server/compute.py``). Both take the backend's compute lock, so
+iterations, stateless forwards and backwards run one at a time.
+
+A step whose iteration fails (a bug, an allocator refusal) is rerun alone, each session of the
+iteration from where it was, so one session's failure is that session's error only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from stamen import trace
+from stamen.errors import ServerBusyError, SessionClosedError
+from stamen.models.span import StepPart
+
+logger = logging.getLogger(__name__)
+
+DECODE_ROWS = 8
+"""Steps of at most this many rows (sequences × new tokens) count as decoding steps."""
+SETTLE_ROUNDS = 4
+"""Before an iteration, the loop runs this many rounds of its other work at most (reading the steps
+that already arrived), while each round brings new steps: cheap, and it never waits for more."""
+
+
+@dataclass(eq=False)
+class StepWork:
+    """One session's inference step, queued for the iterations that compute it."""
+
+    session: object
+    """The backend's ``Session``: its cache, deep prompts, adapters and span."""
+    hidden: torch.Tensor
+    """(B, T, H): the step's new positions."""
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    hypo_ids: torch.Tensor | None
+    owner: str
+    future: asyncio.Future
+    done: int = 0
+    """Positions computed so far (chunks of a prefill)."""
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows_left(self) -> int:
+        return self.hidden.shape[0] * (self.hidden.shape[1] - self.done)
+
+    def part(self, positions: int) -> StepPart:
+        """The next ``positions`` of this step as a part of an iteration."""
+        s, cut = self.session, slice(self.done, self.done + positions)
+        return StepPart(self.hidden[:, cut], s.cache,
+                        None if self.attention_mask is None else self.attention_mask[:, cut],
+                        None if self.position_ids is None else self.position_ids[:, cut],
+                        s.prompts, s.adapters)
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did (``rpc_info`` and the metrics report it)."""
+
+    iterations: int = 0
+    steps: int = 0
+    """Session steps (or prefill chunks) computed, summed over iterations: steps / iterations is
+    the mean batch size."""
+    rows: int = 0
+    chunks: int = 0
+    """Prefill chunks computed (parts of a step that did not fit one iteration)."""
+    largest: int = 0
+
+
+class StepBatcher:
+    """Queues the inference steps of a ``SpanBackend``'s sessions and computes them in iterations."""
+
+    def __init__(self, backend, max_batch_tokens: int, inline_tokens: int, max_peer_queued: int,
+                 observe: Callable[[int, int], None] | None = None):
+        self.backend = backend
+        self.max_batch_tokens = max_batch_tokens
+        self.inline_tokens = inline_tokens
+        self.max_peer_queued = max_peer_queued
+        self.observe = observe
+        """Called with (steps, rows) after every iteration (the server's metrics)."""
+        self.stats = BatchStats()
+        self._queues: dict[str, deque[StepWork]] = {}
+        self._turn = 0
+        self._queued_sum, self._queued_samples = 0, 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        """Steps waiting for (the rest of) their computation."""
+        return sum(len(q) for q in self._queues.values())
+
+    async def run(self, work: StepWork) -> torch.Tensor:
+        """Queue a step; its output (B, T, H) once its last chunk is computed."""
+        queue = self._queues.setdefault(work.owner, deque())
+        if len(queue) >= self.max_peer_queued:
+            raise ServerBusyError(f"server busy: {len(queue)} steps of {work.owner[-6:] or 'this peer'} are "
+                                  f"queued, at most {self.max_peer_queued}", retry_after=0.1)
+        queue.append(work)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+        self._wake.set()
+        return await work.future
+
+    def take_mean_queued(self) -> float:
+        """Steps left waiting by the iterations since the last call (then reset), on average: the
+        steps that did not fit the iteration they could have joined (the server's load)."""
+        mean = self._queued_sum / self._queued_samples if self._queued_samples else 0.0
+        self._queued_sum, self._queued_samples = 0, 0
+        return mean
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for queue in self._queues.values():
+            for work in queue:
+                if not work.future.done():
+                    work.future.set_exception(SessionClosedError("the server is shutting down"))
+        self._queues.clear()
+
+    # --- the loop ---
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queued_any():
+                self._wake.clear()
+                await self._wake.wait()
+            await self._settle()
+            batch = self._take()
+            self._queued_sum += self.queued - len(batch)  # left waiting for a later iteration
+            self._queued_samples += 1
+            if batch:
+                await self._iterate(batch)
+
+    def _queued_any(self) -> bool:
+        return any(self._queues.values())
+
+    async def _settle(self) -> None:
+        """Let the loop read steps that already arrived (a burst of pushes from the previous
+        server) so they join this iteration; stops at the first round that brought none."""
+        for _ in range(SETTLE_ROUNDS):
+            before = self.queued
+            await asyncio.sleep(0)
+            if self.queued == before:
+                return
+
+    def _take(self) -> list[tuple[StepWork, int]]:
+        """(work, positions) of the next iteration: decoding steps first, then prefill chunks,
+        each in rounds over the peers (see the module's docstring)."""
+        for owner in [o for o, q in self._queues.items() if not q]:
+            del self._queues[owner]
+        owners = list(self._queues)
+        if not owners:
+            return []
+        start = self._turn % len(owners)
+        self._turn += 1
+        order = owners[start:] + owners[:start]
+        budget, taken = self.max_batch_tokens, []
+        picked: set[int] = set()
+        for decoding in (True, False):
+            progress = True
+            while progress and budget > 0:
+                progress = False
+                for owner in order:
+                    work = next((w for w in self._queues[owner] if id(w) not in picked and self._live(w)
+                                 and (w.rows_left <= DECODE_ROWS) == decoding), None)
+                    if work is None:
+                        continue
+                    batch = work.hidden.shape[0]
+                    positions = min(work.hidden.shape[1] - work.done, budget // batch)
+                    if positions <= 0:
+                        if taken:
+                            continue
+                        positions = 1  # a lone step wider than the budget still moves
+                    taken.append((work, positions))
+                    picked.add(id(work))
+                    budget -= batch * positions
+                    progress = True
+        self._drop_dead()
+        return taken
+
+    @staticmethod
+    def _live(work: StepWork) -> bool:
+        return not work.future.done() and not work.session.closed
+
+    def _drop_dead(self) -> None:
+        """Forget steps whose caller went away or whose session closed meanwhile."""
+        for queue in self._queues.values():
+            for work in [w for w in queue if not self._live(w)]:
+                queue.remove(work)
+                if not work.future.done():
+                    work.future.set_exception(SessionClosedError(f"session {work.session.id} was closed"))
+
+    async def _iterate(self, batch: list[tuple[StepWork, int]]) -> None:
+        rows = sum(w.hidden.shape[0] * n for w, n in batch)
+        backend = self.backend
+        try:
+            if rows <= self.inline_tokens:
+                outs = await backend.run_inline(self._compute, batch)
+            else:
+                outs = await backend.run_long(self._compute, batch)
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch[0][0], e)
+                return
+            logger.warning("an iteration of %d steps failed (%r): computing them one by one", len(batch), e)
+            for item in batch:
+                await self._iterate([item])
+            return
+        stats = self.stats
+        stats.iterations += 1
+        stats.steps += len(batch)
+        stats.rows += rows
+        stats.largest = max(stats.largest, len(batch))
+        if self.observe is not None:
+            self.observe(len(batch), rows)
+        for (work, positions), out in zip(batch, outs, strict=True):
+            work.outputs.append(out)
+            work.done += positions
+            if work.done < work.hidden.shape[1]:
+                stats.chunks += 1
+                continue
+            queue = self._queues.get(work.owner)
+            if queue is not None and work in queue:
+                queue.remove(work)
+            if not work.future.done():
+                work.future.set_result(work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, 1))
+
+    def _fail(self, work: StepWork, error: Exception) -> None:
+        queue = self._queues.get(work.owner)
+        if queue is not None and work in queue:
+            queue.remove(work)
+        if not work.future.done():
+            work.future.set_exception(error)
+
+    def _compute(self, batch: list[tuple[StepWork, int]]) -> list[torch.Tensor]:
+        """One iteration (on the loop or a compute thread): the parts grouped by the span they run
+        on (sessions opened before the server moved keep their old span), each group one batch.
+        A failure restores every part's cache length, so a retry starts where the step was."""
+        lengths = [w.session.cache.length for w, _ in batch]
+        trace.mark("s.c0")
+        try:
+            with torch.inference_mode():
+                for work, _ in batch:
+                    if work.hypo_ids is not None:  # beam search: once, before the step's first chunk
+                        work.session.cache.reorder(work.hypo_ids)
+                        work.hypo_ids = None
+                groups: dict[tuple[int, int, int], list[int]] = {}
+                for i, (work, _) in enumerate(batch):
+                    s = work.session
+                    model = s.model or self.backend.model
+                    groups.setdefault((id(model), s.blocks.start, s.blocks.end), []).append(i)
+                outs: list[torch.Tensor | None] = [None] * len(batch)
+                for members in groups.values():
+                    s = batch[members[0]][0].session
+                    model = s.model or self.backend.model
+                    results = model.step_batch([batch[i][0].part(batch[i][1]) for i in members], s.blocks)
+                    for i, out in zip(members, results, strict=True):
+                        outs[i] = out
+        except BaseException:
+            for (work, _), length in zip(batch, lengths, strict=True):
+                if work.session.cache is not None:
+                    work.session.cache.length = length
+            raise
+        trace.mark("s.c1")
+        return outs  # type: ignore[return-value]
