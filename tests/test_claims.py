@@ -22,29 +22,15 @@ from stamen.client.session import InferenceSession
 from stamen.dht.records import ServerState
 from stamen.rpc.calls import call_info
 from stamen.testing.models import TRAINED_SPREAD, save_random_llama
+from stamen.testing.scores import ScoreRecorder
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span, default_dht_prefix
 
 pytestmark = pytest.mark.swarm
 
 
-class _Scores:
-    """A logits processor that records what it is given at every step."""
-
-    def __init__(self):
-        self.seen: list[torch.Tensor] = []
-
-    def __call__(self, input_ids, scores):
-        self.seen.append(scores.clone())
-        return scores
-
-    @property
-    def stacked(self) -> torch.Tensor:
-        return torch.stack(self.seen, 1)
-
-
 def _generate(model, ids, **settings) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = _Scores()
+    scores = ScoreRecorder()
     out = model.generate(ids, logits_processor=LogitsProcessorList([scores]), eos_token_id=None, **settings)
     return out, scores.stacked
 

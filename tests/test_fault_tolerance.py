@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 from stamen import AutoDistributedModelForCausalLM
 from stamen.errors import SwarmNotReadyError
 from stamen.testing.models import TRAINED_SPREAD, save_random_llama
+from stamen.testing.scores import ScoreRecorder
 from stamen.testing.swarm import LocalSwarm
 from stamen.types import Span
 
@@ -68,17 +69,8 @@ class Run:
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-class _Scores:
-    def __init__(self):
-        self.seen: list[torch.Tensor] = []
-
-    def __call__(self, input_ids, scores):
-        self.seen.append(scores.clone())
-        return scores
-
-
 def _run(ft: FT, ids: torch.Tensor, batch: int = 1, fault: _FaultAtStep | None = None, **settings) -> Run:
-    scores = _Scores()
+    scores = ScoreRecorder()
     processors = LogitsProcessorList([scores] + ([fault] if fault is not None else []))
     with ft.model.inference_session(max_length=ids.shape[1] + NEW_TOKENS, batch_size=batch) as session:
         if fault is not None:

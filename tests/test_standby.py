@@ -32,6 +32,7 @@ from stamen.client.health import read_health
 from stamen.dht.records import ServerState, fetch_servers
 from stamen.rpc.calls import ping
 from stamen.testing.models import TRAINED_SPREAD, save_random_llama
+from stamen.testing.scores import ScoreRecorder
 from stamen.testing.swarm import LocalSwarm, ServerProcess
 from stamen.types import Span
 
@@ -102,15 +103,6 @@ class Run:
     recoveries: int
 
 
-class _Scores:
-    def __init__(self):
-        self.seen: list[torch.Tensor] = []
-
-    def __call__(self, input_ids, scores):
-        self.seen.append(scores.clone())
-        return scores
-
-
 class _KillAt:
     """A logits processor that SIGKILLs ``victim`` at step ``at_step`` and, from then on, watches
     the DHT (on a thread) for ``standby`` to be announced online."""
@@ -139,7 +131,7 @@ class _KillAt:
 
 
 def _generate(model, prompt: torch.Tensor, fault: _KillAt | None = None) -> Run:
-    scores = _Scores()
+    scores = ScoreRecorder()
     processors = LogitsProcessorList([scores] + ([fault] if fault is not None else []))
     with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
         out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, logits_processor=processors)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from stamen import AutoDistributedModelForCausalLM
 from stamen.client import model as client_model
+from stamen.testing.scores import ScoreRecorder
 
 pytestmark = pytest.mark.swarm
 
@@ -41,24 +42,9 @@ def _prompt(vocab: int, batch: int = 1, length: int = 12, seed: int = 0) -> torc
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-class _Scores:
-    """A logits processor that records what it is given at every step (B, vocab)."""
-
-    def __init__(self):
-        self.seen: list[torch.Tensor] = []
-
-    def __call__(self, input_ids, scores):
-        self.seen.append(scores.clone())
-        return scores
-
-    @property
-    def stacked(self) -> torch.Tensor:
-        return torch.stack(self.seen, 1)  # (B, steps, vocab)
-
-
 def _generate(model, ids, **settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Our generate: the tokens and every step's logits (as the logits processors get them)."""
-    scores = _Scores()
+    scores = ScoreRecorder()
     out = model.generate(ids, logits_processor=LogitsProcessorList([scores]), **settings)
     return out, scores.stacked
 

@@ -2,7 +2,8 @@
 
 One random Llama (the 246M preset by default) split over 3 loopback servers. For each mode
 (``batching``: servers as by default; ``no batching``: every server started with
-``--no-batching``), in turn within the same run: greedy generations of ``new_tokens`` tokens by 1,
+``--no-batching``; both swarms run side by side, idle while the other is measured, and each case
+alternates between them ``runs`` times, medians reported): greedy generations of ``new_tokens`` tokens by 1,
 2, 4, 8 and 16 concurrent sessions, through the Python client (one thread and session each, one
 client peer) and through ``stamen api`` (concurrent streamed completions). Reported per case:
 aggregate tokens/s (all sessions' new tokens over the wall time from the first request to the last
@@ -13,6 +14,7 @@ counters).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -45,6 +47,37 @@ def _visible_tokens(model_dir: str, vocab: int) -> None:
     if len(tokenizer) < vocab:
         tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), vocab)])
         tokenizer.save_pretrained(model_dir)
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process and every process under it, by role:
+    ``client`` (this process), ``servers``, ``daemons`` (p2pd), ``other`` (DHT processes, the API)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmd)
+    me = os.getpid()
+    out = {"client": 0.0, "servers": 0.0, "daemons": 0.0, "other": 0.0}
+    for pid, (_, cpu, cmd) in procs.items():
+        ancestor = pid
+        while ancestor not in (me, 0, 1) and ancestor in procs:
+            ancestor = procs[ancestor][0]
+        if ancestor != me and pid != me:
+            continue
+        role = "client" if pid == me else "daemons" if "p2pd" in cmd else "servers" if " server " in cmd else "other"
+        out[role] += cpu
+    return out
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -132,7 +165,7 @@ def _batch_counters(swarm: LocalSwarm, model, model_id: str, num_blocks: int) ->
 
 
 def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list[int] | None = None,
-                          new_tokens: int = 32, api: bool = True, json_only: bool = False) -> dict:
+                          new_tokens: int = 32, runs: int = 2, api: bool = True, json_only: bool = False) -> dict:
     import openai  # a dev dependency: only the API half needs it
 
     say = say_to(json_only)
@@ -144,50 +177,67 @@ def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list
     model_id = default_dht_prefix(model_dir)
     num_blocks = PRESETS[preset]["num_hidden_layers"]
     spans = even_spans(num_blocks, servers)
-    results: dict[str, dict] = {}
-    for mode, extra in MODES.items():
-        with LocalSwarm(log_dir=workdir / f"logs-{mode.replace(' ', '-')}") as swarm:
+    samples: dict[str, dict[str, list[dict]]] = {mode: {} for mode in MODES}
+    with contextlib.ExitStack() as stack:
+        # both swarms stay up (an idle swarm costs nothing) and the cases alternate between them
+        swarms, models, clients = {}, {}, {}
+        for mode, extra in MODES.items():
+            swarm = stack.enter_context(LocalSwarm(log_dir=workdir / f"logs-{mode.replace(' ', '-')}"))
             say(f"[{mode}] starting {servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
             swarm.start_bootstrap()
             for span in spans:
                 swarm.add_server(model_dir, span, *extra)
             swarm.wait_online(model_id, num_blocks)
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
-            vocab = model.block_config.vocab_size
-            client = None
+            stack.callback(model.shutdown)
+            swarms[mode], models[mode] = swarm, model
             if api:
                 _, url = swarm.start_api(model_dir)
-                client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-            try:
-                _python_case(model, 1, 4, vocab)  # warm-up
-                cases = {}
-                for n in sessions:
-                    for path in ("python", "api") if api else ("python",):
+                clients[mode] = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+            _python_case(model, 1, 4, model.block_config.vocab_size)  # warm-up
+        for n in sessions:
+            for path in ("python", "api") if api else ("python",):
+                for run in range(runs):
+                    for mode in (list(MODES) if run % 2 == 0 else list(MODES)[::-1]):
+                        swarm, model = swarms[mode], models[mode]
                         before = _batch_counters(swarm, model, model_id, num_blocks)
+                        cpu_before = _cpu_by_role()
                         if path == "python":
-                            tps, gaps = _python_case(model, n, new_tokens, vocab)
+                            tps, gaps = _python_case(model, n, new_tokens, model.block_config.vocab_size)
                         else:
-                            tps, gaps = _api_case(client, model_id, n, new_tokens)
+                            tps, gaps = _api_case(clients[mode], model_id, n, new_tokens)
+                        cpu = {k: v - cpu_before[k] for k, v in _cpu_by_role().items()}
                         after = _batch_counters(swarm, model, model_id, num_blocks)
                         iterations, steps = after[0] - before[0], after[1] - before[1]
                         case = dict(tokens_per_s=tps, p50_ms=1000 * statistics.median(gaps) if gaps else float("nan"),
                                     p95_ms=1000 * _percentile(gaps, 0.95) if gaps else float("nan"),
-                                    mean_batch=steps / iterations if iterations else None)
-                        cases[f"{path}/{n}"] = case
+                                    mean_batch=steps / iterations if iterations else None,
+                                    **{f"cpu_ms_per_token_{k}": 1000 * v / (n * new_tokens) for k, v in cpu.items()})
+                        samples[mode].setdefault(f"{path}/{n}", []).append(case)
                         batch = f", mean batch {case['mean_batch']:.2f}" if case["mean_batch"] else ""
-                        say(f"[{mode}] {path} client, {n} sessions: {tps:.1f} tokens/s, p50 {case['p50_ms']:.0f} ms, "
-                            f"p95 {case['p95_ms']:.0f} ms per token{batch}")
-                results[mode] = cases
-            finally:
-                model.shutdown()
+                        cpu_text = ", ".join(f"{k} {1000 * v / (n * new_tokens):.1f}" for k, v in cpu.items())
+                        say(f"[{mode}] {path} client, {n} sessions, run {run + 1}/{runs}: {tps:.1f} tokens/s, "
+                            f"p50 {case['p50_ms']:.0f} ms, p95 {case['p95_ms']:.0f} ms per token{batch}; "
+                            f"CPU ms per token: {cpu_text}")
+    results = {mode: {key: _median_case(runs_of) for key, runs_of in cases.items()} for mode, cases in samples.items()}
     report = {"model": f"random {preset} Llama, float32", "servers": servers, "new_tokens": new_tokens,
-              "prompt_tokens": PROMPT_TOKENS, "sessions": sessions, "results": results}
+              "prompt_tokens": PROMPT_TOKENS, "sessions": sessions, "runs": runs, "results": results,
+              "raw": samples}
     report["targets"] = _targets(report)
     if json_only:
         print(json.dumps(report, indent=2))
     else:
         print(markdown(report))
     return report
+
+
+def _median_case(cases: list[dict]) -> dict:
+    """Per field, the median over the runs."""
+    out = {}
+    for key in cases[0]:
+        values = [c[key] for c in cases if c[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
 
 
 def _targets(report: dict) -> dict:

@@ -151,6 +151,7 @@ def bench_concurrency(
     servers: BenchServersOpt = 3,
     sessions: Annotated[list[int], typer.Option(help="Concurrent session counts.")] = [1, 2, 4, 8, 16],  # noqa: B006
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per session.")] = 32,
+    runs: Annotated[int, typer.Option(help="Runs per case, alternating batching on and off (medians).")] = 2,
     api: Annotated[bool, typer.Option(help="Also generate through stamen api (streamed completions).")] = True,
     json_out: BenchJsonOpt = False,
 ) -> None:
@@ -159,8 +160,8 @@ def bench_concurrency(
     setup_logging("WARNING")
     from stamen.bench.concurrency import run_concurrency_bench
 
-    run_concurrency_bench(preset=preset, servers=servers, sessions=sessions, new_tokens=new_tokens, api=api,
-                          json_only=json_out)
+    run_concurrency_bench(preset=preset, servers=servers, sessions=sessions, new_tokens=new_tokens, runs=runs,
+                          api=api, json_only=json_out)
 
 
 @bench_app.command("failover")

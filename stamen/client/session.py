@@ -124,6 +124,9 @@ class _LiveHop:
     """Steps since this hop's last audit started (starts at a random phase: hops take turns)."""
     audit: asyncio.Task | None = None
     """The audit in flight (at most one per hop)."""
+    audit_started: int = 0
+    """The session's step count when that audit started (one still running ``audit_every`` / 2
+    steps later is awaited)."""
     joined_step: int = 0
     """The session's step count when this server joined the route (detection latency)."""
     extra_tolerance: float = 0.0
@@ -169,7 +172,8 @@ _CONNECT_TIMEOUT_S = 10.0
 """Most seconds to get a stream to a server when opening a session (the daemon may take 20 s to give
 up on a dead peer, whose DHT record can outlive its ban); the open's reply has ``request_timeout``."""
 _pings: set[asyncio.Task] = set()
-"""Pings of suspected servers that outlived their wait (held: the loop keeps tasks only weakly)."""
+"""Pings of suspected servers that outlived their wait, and accusations being published (held: the
+loop keeps tasks only weakly)."""
 
 
 async def _ping_within(swarm: Swarm, peer_id: PeerIDStr, timeout: float) -> float | None:
@@ -696,8 +700,9 @@ class InferenceSession:
         for live in self._hops:
             live.since_audit += 1
             now = self.verify == "strict" or live.hop.peer_id in accused  # every step, awaited
-            if now and live.audit is not None and not live.audit.done():
-                await asyncio.wait([live.audit])
+            lagging = self.steps_taken - live.audit_started >= max(1, every // 2)
+            if (now or lagging) and live.audit is not None and not live.audit.done():
+                await asyncio.wait([live.audit])  # bounds how many steps a lie can go unnoticed
             if (now or prefill or live.since_audit >= every) and (live.audit is None or live.audit.done()) \
                     and live.verified < self._wire_position:
                 self._start_audit(live)
@@ -710,7 +715,7 @@ class InferenceSession:
     def _start_audit(self, live: _LiveHop) -> None:
         if not self._auditors(live):
             return
-        live.since_audit = 0
+        live.since_audit, live.audit_started = 0, self.steps_taken
         live.audit = asyncio.ensure_future(self._audit(live, len(self._steps), self._epoch))
 
     def audit_all(self) -> None:
@@ -809,9 +814,9 @@ class InferenceSession:
             if server_wrong and not auditor_wrong:
                 record.verdict = "liar"
                 self.detections.append((peer, self.steps_taken - live.joined_step))
-                self._verdicts.append((live, start))
                 await self._convict(peer, blocks, hidden, claimed[:, start:], reference[:, start:],
                                     [auditor.peer_id, referee.peer_id], record)
+                self._verdicts.append((live, start))
             elif auditor_wrong and not server_wrong:
                 record.verdict = "auditor lied"
                 if epoch == self._epoch:
@@ -835,10 +840,13 @@ class InferenceSession:
         """Ban a server for good and accuse it in the DHT, signed by this client's key."""
         self.swarm.convict(PeerIDStr(peer_id), f"outputs for blocks {blocks} off by {record.error:.3g} "
                                                f"(tolerance {record.tolerance:.3g}) against {', '.join(witnesses)}")
-        await self.swarm.accuse(Accusation(
+        # published in a task of its own: replacing the liar cancels this audit, not the evidence
+        task = asyncio.ensure_future(self.swarm.accuse(Accusation(
             accused=peer_id, start=blocks.start, end=blocks.end, inputs_digest=digest(hidden),
             accused_digest=digest(wrong), majority_digest=digest(majority), witnesses=witnesses,
-            error=min(record.error, 1e30), tolerance=record.tolerance, at=get_dht_time()))
+            error=min(record.error, 1e30), tolerance=record.tolerance, at=get_dht_time())))
+        _pings.add(task)
+        task.add_done_callback(_pings.discard)
 
     async def _apply_verdicts(self) -> None:
         """Act on convicted hops: roll back to the earliest position since which a liar's outputs are

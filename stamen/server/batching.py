@@ -44,9 +44,10 @@ logger = logging.getLogger(__name__)
 
 DECODE_ROWS = 8
 """Steps of at most this many rows (sequences × new tokens) count as decoding steps."""
-SETTLE_ROUNDS = 4
-"""Before an iteration, the loop runs this many rounds of its other work at most (reading the steps
-that already arrived), while each round brings new steps: cheap, and it never waits for more."""
+SETTLE_ROUNDS = 6
+"""Before an iteration, the loop runs at most this many rounds of its other work (reading the steps
+that already arrived), stopping after two rounds that brought none: cheap (microseconds), and it
+never waits for steps that have not arrived."""
 
 
 @dataclass(eq=False)
@@ -164,10 +165,12 @@ class StepBatcher:
     async def _settle(self) -> None:
         """Let the loop read steps that already arrived (a burst of pushes from the previous
         server) so they join this iteration; stops at the first round that brought none."""
+        idle = 0
         for _ in range(SETTLE_ROUNDS):
             before = self.queued
             await asyncio.sleep(0)
-            if self.queued == before:
+            idle = idle + 1 if self.queued == before else 0
+            if idle == 2:  # a frame on its way takes a round or two from the socket to the queue
                 return
 
     def _take(self) -> list[tuple[StepWork, int]]:

@@ -50,6 +50,9 @@ The client needs the copy only to recover from a later failure. At most ``_REPLY
 the step's own compute time: the client takes the copies in route order, so a copy held longer
 than the rest of the route takes would delay the token (measured: docs/benchmarks.md, copy delay)."""
 _REPLY_DELAY_SHARE = 0.25
+PUSHED_IN_FLIGHT = 64
+"""Pushed steps of one push stream computing (or queued for the batcher) at once: the pushes of
+different sessions from one previous server run concurrently, so they can share an iteration."""
 PUSH_STEP_WINDOW = 1024
 """How far past a session's last step a pushed step id may be. A push comes from the previous hop
 of the owner's route, with the step id the owner gave that hop, so it is the next step or a few
@@ -157,7 +160,7 @@ class InferenceEngine:
                             return
                         if request is None:
                             return
-                        self.metrics.bytes_in.inc(request.ByteSize())
+                        self.metrics.bytes_in.inc(stream.last_size)  # the frame's length: no re-serializing
                         msg = decode_inference_request(request.metadata)
                         step_id = msg.step_id if isinstance(msg, Step) else None
                         trace.mark("s.recv", -1 if step_id is None else step_id)
@@ -307,6 +310,7 @@ class InferenceEngine:
     async def serve_push(self, stream: FrameStream) -> None:
         """Steps pushed by a previous server; only errors are answered (they are logged there)."""
         stream.budget = self.budget
+        running: set[asyncio.Task] = set()
         try:
             with self._streams.hold(stream.peer):
                 while True:
@@ -320,15 +324,20 @@ class InferenceEngine:
                             return
                         msg = decode_step(request.metadata)
                         trace.mark("s.recv_push", msg.step_id)
-                        await self._step(msg, list(request.tensors), pushed=True)
-                    except (UnknownSessionError, SessionClosedError):
-                        continue  # the client closed or moved its session: nothing to do
                     except (InvalidFrameError, StreamEnded):
                         raise
                     except Exception as e:
                         _send_quietly(stream, error_response(e))
-                    finally:
                         stream.release()
+                        continue
+                    # pushes of different sessions run at once (and batch); one session's steps
+                    # still run in order (its lock); the task holds the message's bytes until done
+                    task = asyncio.create_task(self._pushed_step(stream, msg, list(request.tensors),
+                                                                 stream.hand_over()))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    if len(running) >= PUSHED_IN_FLIGHT:
+                        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         except (InvalidFrameError, ServerFullError) as e:  # the framing is lost; the peer holds all its streams
             _send_quietly(stream, error_response(e))
             stream.end()
@@ -336,8 +345,22 @@ class InferenceEngine:
         except StreamEnded as e:  # the pushing server failed its stream
             logger.info("%s", e)
         finally:
+            if running:  # their errors go back on this stream: end it after them (bounded)
+                await asyncio.wait(running, timeout=self.limits.read_timeout)
             stream.end()
 
+    async def _pushed_step(self, stream: FrameStream, msg: Step, tensors: list[runtime_pb2.Tensor],
+                           held: int) -> None:
+        """One pushed step; errors go back on the push stream (logged by the pushing server)."""
+        try:
+            await self._step(msg, tensors, pushed=True)
+        except (UnknownSessionError, SessionClosedError):
+            pass  # the client closed or moved its session: nothing to do
+        except Exception as e:
+            _send_quietly(stream, error_response(e))
+        finally:
+            if held:
+                self.budget.give(held)
 
     def _open_prompts(self, msg: OpenSession, protos: list[runtime_pb2.Tensor]):
         """A session's deep prompts (n_blocks, P, H), if it sends them."""

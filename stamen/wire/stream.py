@@ -91,6 +91,8 @@ class FrameStream:
                  budget: ByteBudget | None = None):
         self.reader, self.writer, self.peer = reader, writer, peer
         self.budget = budget
+        self.last_size = 0
+        """Bytes of the last message received (its frame's body)."""
         """Where received bodies take their bytes from (servers); None: not counted (clients)."""
         self.held = 0
         """Bytes this stream holds in ``budget``, until ``release``."""
@@ -145,6 +147,12 @@ class FrameStream:
             self.budget.give(self.held)
             self.held = 0
 
+    def hand_over(self) -> int:
+        """The bytes of the messages received so far, now held by whoever processes them (who
+        gives them back to the budget when done) instead of this stream."""
+        held, self.held = self.held, 0
+        return held
+
     def close(self) -> None:
         self.release()
         self.writer.close()
@@ -178,6 +186,7 @@ class FrameStream:
                         raise
                     self.held += length
                 body = await self.reader.readexactly(length) if length else b""
+                self.last_size = length
         except TimeoutError:
             if not begun:
                 raise  # no frame began: the stream is intact
