@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stamen.client.combine import RowCombiner
 from stamen.client.config import ClientConfig
 from stamen.client.generation import GenerationMixin
 from stamen.client.remote import RemoteBlocks, Tuning
@@ -265,6 +266,7 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
         self.lm_head = nn.Linear(block_config.hidden_size, block_config.vocab_size, bias=False)
         self._transposed_head: tuple[tuple, torch.Tensor] | None = None
         """(weight's identity and version, thread chunks; the weight transposed in chunks): see ``decode_logits``."""
+        self._head_rows = RowCombiner()
         self._active = threading.local()
         """The session of ``inference_session`` per thread: concurrent threads generate in their own sessions."""
 
@@ -330,7 +332,8 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
         matrix-vector product streams the weight from memory, and MKL's kernel over this layout
         streams it faster. The copy is cut into one column chunk per torch thread, multiplied as one
         batched product: MKL runs a matrix-vector product on one thread whatever torch's count,
-        while ``bmm`` gives each thread a chunk (docs/benchmarks.md has both speed-ups). Costs
+        while ``bmm`` gives each thread a chunk (docs/benchmarks.md has both speed-ups). Threads
+        that decode at the same time share one product (``client/combine.py``). Costs
         one more copy of the head in client memory; heads that fit in cache (under
         ``TRANSPOSED_HEAD_MIN_BYTES``), GPUs, and anything that needs gradients use the head as it is.
         """
@@ -340,9 +343,11 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
             return self.lm_head(hidden)
         chunks = max(1, min(torch.get_num_threads(), MAX_HEAD_CHUNKS))
         key = (weight.data_ptr(), weight._version, weight.dtype, chunks)
-        if self._transposed_head is None or self._transposed_head[0] != key:
-            self._transposed_head = (key, chunked_transpose(weight.detach(), chunks))
-        return chunked_matmul(hidden, self._transposed_head[1], weight.shape[0])
+        head = self._transposed_head
+        if head is None or head[0] != key:
+            head = self._transposed_head = (key, chunked_transpose(weight.detach(), chunks))
+        # threads decoding at the same time (sessions of the API) share one product (``combine.py``)
+        return self._head_rows(hidden, lambda rows: chunked_matmul(rows, head[1], weight.shape[0]))
 
     def shutdown(self) -> None:
         self.swarm.shutdown()
