@@ -5,67 +5,101 @@ A decoding step's LM head multiplies a few hidden states by the whole head weigh
 on the 246M Llama: 8.3 ms for one row here, 25 ms for eight). Threads that need it at the same
 time join one product: the first caller leads and computes for every caller queued by then;
 callers that arrive while it computes queue for the next product, led by the first of them. A
-lone caller computes its own at once, as before. Besides the saved reads of the weight, the
-threads leave together: their next steps reach the servers together and batch there too.
+lone caller computes its own at once, as before.
+
+Keeping sessions in step: replies that left a server's iteration together carry a ``Burst``
+(``wire/messages.py``). A leader whose own reply came in a burst waits (at most
+``GROUP_WAIT_S``) until the other members of that burst have queued, so their product is one and
+their next steps leave together, again as a burst (``take_burst``), which the first
+server takes into one iteration.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from collections.abc import Callable
 
 import torch
 
+from stamen.wire.messages import Burst
+
+GROUP_WAIT_S = 0.010
+"""Longest a leader waits for the other members of its reply's burst (they were answered
+together and are being decoded by their threads)."""
+
 
 class _Call:
-    __slots__ = ("rows", "result", "error", "done", "lead")
+    __slots__ = ("rows", "group", "result", "error", "done", "lead", "burst")
 
-    def __init__(self, rows: torch.Tensor):
-        self.rows, self.result, self.error = rows, None, None
+    def __init__(self, rows: torch.Tensor, group: str | None):
+        self.rows, self.group, self.result, self.error = rows, group, None, None
         self.done = threading.Event()
         self.lead = False
+        self.burst: Burst | None = None
 
 
 class RowCombiner:
     """Runs ``fn`` over the rows (dimension 0) of concurrent callers at once; each gets its own rows back."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._queue: list[_Call] = []
         self._running = False
+        self._local = threading.local()
         self.products = 0
+        self.group_misses = 0
+        """Products whose leader stopped waiting before every member of its burst queued."""
         self.rows = 0
         """Products computed and rows they covered (rows / products: the mean rows per product)."""
 
-    def __call__(self, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        call = _Call(rows)
-        with self._lock:
+    def take_burst(self) -> Burst | None:
+        """The burst of this thread's last product, if it was shared (the steps its callers send
+        next leave together); forgotten once taken."""
+        burst, self._local.burst = getattr(self._local, "burst", None), None
+        return burst
+
+    def __call__(self, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+                 expect: Burst | None = None) -> torch.Tensor:
+        """``fn(rows)``, computed with the rows of callers queued at the same time. ``expect``: the
+        burst this caller's input came in; a leader waits briefly for its other members."""
+        call = _Call(rows, expect.id if expect is not None else None)
+        with self._cond:
             self._queue.append(call)
             call.lead = not self._running
             self._running = True
+            self._cond.notify_all()
         if not call.lead:
             call.done.wait()
-            if not call.lead:  # computed by a leader
-                if call.error is not None:
-                    raise call.error
-                return call.result
-        self._lead(fn)
+        if call.lead:
+            self._lead(fn, expect)
+        self._local.burst = call.burst
         if call.error is not None:
             raise call.error
         return call.result
 
-    def _lead(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        with self._lock:
+    def _lead(self, fn: Callable[[torch.Tensor], torch.Tensor], expect: Burst | None) -> None:
+        with self._cond:
+            if expect is not None and expect.size > 1:
+                deadline = time.monotonic() + GROUP_WAIT_S
+                while sum(c.group == expect.id for c in self._queue) < expect.size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.group_misses += 1
+                        break
+                    self._cond.wait(left)
             batch, self._queue = self._queue, []
+        burst = Burst(id=uuid.uuid4().hex, size=len(batch)) if len(batch) > 1 else None
         try:
             out = fn(batch[0].rows if len(batch) == 1 else torch.cat([c.rows for c in batch]))
             parts = [out] if len(batch) == 1 else out.split([c.rows.shape[0] for c in batch])
             for c, part in zip(batch, parts, strict=True):
-                c.result = part
+                c.result, c.burst = part, burst
         except BaseException as e:  # every caller of the product gets its error
             for c in batch:
                 c.error = e
-        with self._lock:
+        with self._cond:
             self.products += 1
             self.rows += sum(c.rows.shape[0] for c in batch)
             nxt = self._queue[0] if self._queue else None
@@ -74,7 +108,6 @@ class RowCombiner:
             else:
                 nxt.lead = True  # the next product is led by the first caller that queued for it
         for c in batch:
-            if c.done is not None:
-                c.done.set()
+            c.done.set()
         if nxt is not None:
             nxt.done.set()

@@ -24,6 +24,7 @@ from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning, TuningM
 from stamen.models import BlockConfig, load_client_parts, load_config, open_checkpoint
 from stamen.models.llama import RMSNorm
 from stamen.types import ModelName, PeerIDStr, Span, default_dht_prefix
+from stamen.wire.messages import Burst
 
 logger = logging.getLogger(__name__)
 
@@ -321,14 +322,18 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
     def step_logits(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask=None,
                     position_ids=None, hypo_ids=None) -> torch.Tensor:
         """Send new tokens through the session; logits (B, vocab) of the last one."""
+        session.reply_burst = None
         hidden = session.step(self.embed_tokens(input_ids), attention_mask, position_ids, hypo_ids)
-        return self.decode_logits(self.norm(hidden[:, -1]))
+        logits = self.decode_logits(self.norm(hidden[:, -1]), session.reply_burst)
+        session.next_burst = self._head_rows.take_burst()
+        return logits
 
-    def decode_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, hidden: torch.Tensor, burst: Burst | None = None) -> torch.Tensor:
         """The LM head of a decoding step: logits (B, vocab) of normed hidden states (B, hidden).
 
         A large head on CPU multiplies by a transposed copy of its weight (hidden × vocab, built
-        once and rebuilt if the weight or torch's thread count changes): there, the
+        once and rebuilt if the weight or torch's thread count changes; ``burst``: the one the
+        hidden states came back in, see ``client/combine.py``): there, the
         matrix-vector product streams the weight from memory, and MKL's kernel over this layout
         streams it faster. The copy is cut into one column chunk per torch thread, multiplied as one
         batched product: MKL runs a matrix-vector product on one thread whatever torch's count,
@@ -347,7 +352,7 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
         if head is None or head[0] != key:
             head = self._transposed_head = (key, chunked_transpose(weight.detach(), chunks))
         # threads decoding at the same time (sessions of the API) share one product (``combine.py``)
-        return self._head_rows(hidden, lambda rows: chunked_matmul(rows, head[1], weight.shape[0]))
+        return self._head_rows(hidden, lambda rows: chunked_matmul(rows, head[1], weight.shape[0]), burst)
 
     def shutdown(self) -> None:
         self.swarm.shutdown()

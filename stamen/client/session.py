@@ -34,7 +34,7 @@ from stamen.rpc.calls import call_forward, ping
 from stamen.rpc.inference import InferenceStream, WireCounter
 from stamen.rpc.inputs import SpanInputs
 from stamen.types import PeerIDStr, Span
-from stamen.wire.messages import AdapterRef, PushTarget
+from stamen.wire.messages import AdapterRef, Burst, PushTarget
 from stamen.wire.tensors import STREAM_PART_BYTES
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,10 @@ class InferenceSession:
         self.prefix_length = tuning.prefix.shape[0] if tuning is not None and tuning.prefix is not None else 0
         """Positions taken by trained prompt embeddings before the caller's first token."""
         self.session_id = uuid.uuid4().hex
+        self.next_burst: Burst | None = None
+        """Sent with the next decoding step: the steps that leave with it (``client/combine.py``)."""
+        self.reply_burst: Burst | None = None
+        """Came with the last step's reply: the replies that left the last server with it."""
         self._hops: list[_LiveHop] = []
         self._steps: list[_StepInputs] = []
         self._next_step_id = 0
@@ -477,9 +481,10 @@ class InferenceSession:
         out = None
         try:
             first.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(sent), self._push_chain(1),
-                                   hold_reply=True)
+                                   hold_reply=True, burst=self.next_burst)
             if await last.stream.answered_within(inputs.step_id, grace):
                 out = await last.stream.result(inputs.step_id, hidden.numel())
+                self.reply_burst = last.stream.last_burst
         except Exception as e:
             logger.info("session %s: chained step %d failed (%s); going hop by hop", self.session_id[:8],
                         inputs.step_id, e)
@@ -515,6 +520,7 @@ class InferenceSession:
 
     async def _hop_by_hop_step(self, hidden: torch.Tensor, inputs: _StepInputs, decoding: bool) -> torch.Tensor:
         i = 0
+        burst = self.next_burst  # the client forwards each hop's output in the burst it came back in
         while i < len(self._hops):
             live = self._hops[i]
             for attempt in range(self.swarm.config.max_retries + 1):
@@ -525,7 +531,7 @@ class InferenceSession:
                     late = grace is not None and not await live.stream.answered_within(inputs.step_id, grace)
                     if grace is None or late:
                         live.stream.send_step(inputs.step_id, inputs.position, inputs.span_inputs(hidden),
-                                              self._push_chain(i + 1))
+                                              self._push_chain(i + 1), burst=burst if attempt == 0 else None)
                     out = await self._reply(live, inputs.step_id, hidden.numel(), hidden.shape[0] * hidden.shape[1],
                                             start)
                     if decoding and i > 0 and attempt == 0:
@@ -543,7 +549,10 @@ class InferenceSession:
                         new.stream.expect(inputs.step_id)
             live.history.append(hidden)
             hidden = out
+            came = live.stream.last_burst
+            burst = None if came is None else Burst(id=f"{came.id[:60]}.fwd", size=came.size)
             i += 1
+        self.reply_burst = live.stream.last_burst
         return hidden
 
     async def _replace(self, i: int) -> _LiveHop:

@@ -19,6 +19,7 @@ from stamen.rpc.protocol import Request, Response
 from stamen.types import Compression, Span
 from stamen.wire.messages import (
     AdapterRef,
+    Burst,
     CloseSession,
     ErrorReply,
     FlushReplies,
@@ -93,6 +94,8 @@ class InferenceStream:
         self._next_step_id = 0
         self.closed = False
         self.server_compute_ms = 0.0
+        self.last_burst: Burst | None = None
+        """The burst of the last reply read (``Burst``): replies that left the server together."""
         """Total compute time the server reported for this session's steps."""
         self.received_compressed = False
         """Whether any output came through the lossy activation codec (audits allow for it)."""
@@ -199,13 +202,13 @@ class InferenceStream:
         return self._pending[step_id]
 
     def send_step(self, step_id: int, position: int, inputs: SpanInputs, push_to: list[PushTarget] | None = None,
-                  hold_reply: bool = False) -> None:
+                  hold_reply: bool = False, burst: Burst | None = None) -> None:
         """Send a step at ``position``; ``push_to``: the following hops, which this server's output is
         pushed on to; ``hold_reply``: servers of the push chain but the last may hold their replies."""
         self.expect(step_id)
         self._next_step_id = max(self._next_step_id, step_id + 1)
         msg = Step(session_id=self.session_id, step_id=step_id, position=position, push_to=push_to or [],
-                   hold_reply=hold_reply and bool(push_to), **inputs.fields(Step))
+                   hold_reply=hold_reply and bool(push_to), burst=burst, **inputs.fields(Step))
         self._send(Request(metadata=encode(msg), tensors=inputs.pack(self.compression)))
 
     def flush(self) -> None:
@@ -239,6 +242,7 @@ class InferenceStream:
         if not isinstance(reply, StepDone) or len(response.tensors) != 1:
             raise RemoteCallError(f"unexpected reply from {self.peer}: {reply!r}")
         self.server_compute_ms += reply.compute_ms
+        self.last_burst = reply.burst
         if response.tensors[0].compression != runtime_pb2.CompressionType.NONE:
             self.received_compressed = True
         return decode_tensor(response.tensors[0], "output", FLOAT_DTYPES, num_elements, compressed_ok=True)

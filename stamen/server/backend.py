@@ -108,6 +108,8 @@ class Session:
     owner: str | None = None
     """The peer that opened the session: only it may step, flush or close it on its inference
     streams (None: anyone, for in-process use). Its shares of this server are counted per owner."""
+    out_bursts: tuple = (None, None)
+    """(push, reply) ``Burst`` of the last step's output: the outputs of its iteration that went the same way."""
     closed: bool = False
     """Closed: no step runs from then on; a step that held it meanwhile drops its result and frees the cache."""
 
@@ -363,7 +365,9 @@ class SpanBackend:
 
     # --- compute ---
 
-    async def step(self, session: Session, msg: Step, inputs: SpanInputs) -> torch.Tensor:
+    async def step(self, session: Session, msg: Step, inputs: SpanInputs, sender: str = "") -> torch.Tensor:
+        """One inference step of ``session`` (``sender``: the peer it came from, the owner or the
+        server that pushed it)."""
         cache = session.cache
         hidden = self.check_hidden(inputs.hidden, cache.batch_size)
         hypo_ids = inputs.hypo_ids
@@ -385,8 +389,9 @@ class SpanBackend:
         session.last_used = time.monotonic()
         if self.batcher is not None:
             future = asyncio.get_running_loop().create_future()
-            out = await self.batcher.run(StepWork(session, hidden, attention_mask, position_ids, hypo_ids,
-                                                  session.owner or "", future))
+            out = await self.batcher.run(StepWork(
+                session, hidden, attention_mask, position_ids, hypo_ids, session.owner or "", future, msg.burst,
+                msg.push_to[0].peer_id if msg.push_to else None, sender))
             if session.closed:
                 raise SessionClosedError(f"session {session.id} was closed during the step")
             return out

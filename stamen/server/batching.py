@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,11 +40,15 @@ import torch
 from stamen import trace
 from stamen.errors import ServerBusyError, SessionClosedError
 from stamen.models.span import StepPart
+from stamen.wire.messages import Burst
 
 logger = logging.getLogger(__name__)
 
 DECODE_ROWS = 8
 """Steps of at most this many rows (sequences × new tokens) count as decoding steps."""
+BURST_WAIT_S = 0.010
+"""Longest an iteration waits for the members of a burst (``Burst``) it holds some of: they were
+sent together and are on their way, a few hundred microseconds behind the first."""
 SETTLE_ROUNDS = 6
 """Before an iteration, the loop runs at most this many rounds of its other work (reading the steps
 that already arrived), stopping after two rounds that brought none: cheap (microseconds), and it
@@ -63,6 +68,12 @@ class StepWork:
     hypo_ids: torch.Tensor | None
     owner: str
     future: asyncio.Future
+    burst: Burst | None = None
+    """The burst this step arrived in."""
+    push_peer: str | None = None
+    """The server its output is pushed to (None: it goes back to the client)."""
+    sender: str = ""
+    """The peer the step came from (the session's owner, or the server that pushed it)."""
     done: int = 0
     """Positions computed so far (chunks of a prefill)."""
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -92,6 +103,10 @@ class BatchStats:
     chunks: int = 0
     """Prefill chunks computed (parts of a step that did not fit one iteration)."""
     largest: int = 0
+    burst_waits: int = 0
+    """Iterations that waited for members of a burst on the wire."""
+    burst_misses: int = 0
+    """Bursts whose wait ended before every member arrived."""
 
 
 class StepBatcher:
@@ -109,6 +124,12 @@ class StepBatcher:
         self._queues: dict[str, deque[StepWork]] = {}
         self._turn = 0
         self._queued_sum, self._queued_samples = 0, 0
+        self._bursts: dict[str, list] = {}
+        """Bursts with members here: id -> [size, members arrived, deadline]."""
+        self._past_bursts: OrderedDict[str, None] = OrderedDict()
+        """Bursts recently waited for: a member arriving after its burst's iteration does not wait."""
+        self._burst_record: dict[str, list[int]] = {}
+        """Per sending peer: [bursts, missed]; a peer whose bursts keep missing members is not waited for."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -124,6 +145,12 @@ class StepBatcher:
             raise ServerBusyError(f"server busy: {len(queue)} steps of {work.owner[-6:] or 'this peer'} are "
                                   f"queued, at most {self.max_peer_queued}", retry_after=0.1)
         queue.append(work)
+        if work.burst is not None and work.burst.id not in self._past_bursts and self._trusted(work.sender):
+            entry = self._bursts.get(work.burst.id)
+            if entry is None:
+                entry = self._bursts[work.burst.id] = [work.burst.size, 0,
+                                                       asyncio.get_running_loop().time() + BURST_WAIT_S, work.sender]
+            entry[1] += 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
         self._wake.set()
@@ -153,6 +180,7 @@ class StepBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             await self._settle()
+            await self._await_bursts()
             batch = self._take()
             self._queued_sum += self.queued - len(batch)  # left waiting for a later iteration
             self._queued_samples += 1
@@ -172,6 +200,44 @@ class StepBatcher:
             idle = idle + 1 if self.queued == before else 0
             if idle == 2:  # a frame on its way takes a round or two from the socket to the queue
                 return
+
+    async def _await_bursts(self) -> None:
+        """Wait (at most ``BURST_WAIT_S`` after each burst's first member) for the rest of the
+        bursts whose members are here: they left their sender together and are on the wire."""
+        loop = asyncio.get_running_loop()
+        waited = False
+        while True:
+            now = loop.time()
+            waiting = [e[2] for e in self._bursts.values() if e[1] < e[0] and e[2] > now]
+            if not waiting:
+                break
+            waited = True
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(waiting) - now)
+            except TimeoutError:
+                pass
+            await self._settle()
+        self.stats.burst_waits += waited
+        for burst_id in list(self._bursts):  # this iteration takes them: later members do not wait
+            size, arrived, _, sender = self._bursts.pop(burst_id)
+            record = self._burst_record.setdefault(sender, [0, 0])
+            record[0] += 1
+            record[1] += arrived < size
+            self.stats.burst_misses += arrived < size
+            if record[0] >= 64:  # a moving window: halve the history
+                record[0], record[1] = record[0] // 2, record[1] // 2
+        while len(self._burst_record) > 4096:
+            self._burst_record.pop(next(iter(self._burst_record)))
+            self._past_bursts[burst_id] = None
+        while len(self._past_bursts) > 4096:
+            self._past_bursts.popitem(last=False)
+
+    def _trusted(self, sender: str) -> bool:
+        """Whether bursts of ``sender`` are waited for: not once most of its recent ones missed
+        members (a peer announcing bursts it does not send would delay every iteration)."""
+        bursts, missed = self._burst_record.get(sender, (0, 0))
+        return missed < 4 or 2 * missed < bursts
 
     def _take(self) -> list[tuple[StepWork, int]]:
         """(work, positions) of the next iteration: decoding steps first, then prefill chunks,
@@ -243,6 +309,7 @@ class StepBatcher:
         stats.largest = max(stats.largest, len(batch))
         if self.observe is not None:
             self.observe(len(batch), rows)
+        self._tag_bursts([w for (w, n) in batch if w.done + n >= w.hidden.shape[1]])
         for (work, positions), out in zip(batch, outs, strict=True):
             work.outputs.append(out)
             work.done += positions
@@ -254,6 +321,20 @@ class StepBatcher:
                 queue.remove(work)
             if not work.future.done():
                 work.future.set_result(work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, 1))
+
+    @staticmethod
+    def _tag_bursts(finished: list[StepWork]) -> None:
+        """The steps that finish in one iteration leave together: those pushed to the same server,
+        and those replied to the same client, each get a burst (``session.out_bursts``)."""
+        tag = uuid.uuid4().hex[:16]
+        groups: dict[tuple[str, str], list[StepWork]] = {}
+        for w in finished:
+            key = ("push", w.push_peer) if w.push_peer is not None else ("reply", w.owner)
+            groups.setdefault(key, []).append(w)
+        for (kind, whom), members in groups.items():
+            burst = Burst(id=f"{tag}.{kind}.{whom[-12:]}", size=len(members)) if len(members) > 1 else None
+            for w in members:
+                w.session.out_bursts = (burst, None) if kind == "push" else (None, burst)
 
     def _fail(self, work: StepWork, error: Exception) -> None:
         queue = self._queues.get(work.owner)

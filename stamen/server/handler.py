@@ -153,7 +153,7 @@ class SpanHandler:
             return {}
         stats = batcher.stats
         return dict(batching=True, batch_iterations=stats.iterations, batch_steps=stats.steps,
-                    batch_chunks=stats.chunks)
+                    batch_chunks=stats.chunks, burst_waits=stats.burst_waits, burst_misses=stats.burst_misses)
 
     # --- forward and backward: stateless, tensors streamed in parts both ways ---
 

@@ -216,7 +216,7 @@ class InferenceEngine:
         return None  # the step's reply went to the session's queue
 
     async def _step(self, msg: Step, tensors: list[runtime_pb2.Tensor], pushed: bool = False,
-                    owner: str | None = None) -> None:
+                    owner: str | None = None, sender: str | None = None) -> None:
         """Run a step unless it is a duplicate, push the output on, and queue the reply to the client.
         A step from a client stream must come from the session's owner (``owner``); a pushed one
         (from a server the owner named in ``push_to``, who knows the session's random id) at most
@@ -233,18 +233,21 @@ class InferenceEngine:
                 return
             inputs = SpanInputs.unpack(msg, tensors, self.backend.tensor_limits())
             start = time.perf_counter()
-            out = await self.backend.step(session, msg, inputs)
+            out = await self.backend.step(session, msg, inputs, sender=sender or owner or "")
             session.last_step_id = msg.step_id
             self.pushed_steps += pushed
         compute_ms = round(1000 * (time.perf_counter() - start), 3)
         tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
         self.metrics.served("decode" if tokens <= INLINE_STEP_TOKENS else "prefill", tokens, compute_ms / 1000)
         encoded = encode_tensor(out, session.compression)  # one encoding for the reply and the push
+        push_burst, reply_burst = session.out_bursts
+        session.out_bursts = (None, None)
         if msg.push_to:
-            pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:]))
+            pushed = msg.model_copy(update=dict(session_id=msg.push_to[0].session_id, push_to=msg.push_to[1:],
+                                                burst=push_burst))
             self._push(msg.push_to[0].peer_id, pushed, [encoded, *tensors[1:]])
         reply = StepDone(session_id=msg.session_id, step_id=msg.step_id, position=session.cache.length,
-                         compute_ms=compute_ms)
+                         compute_ms=compute_ms, burst=reply_burst)
         response = Response(metadata=encode(reply), tensors=[encoded])
         if msg.push_to and msg.hold_reply:  # the client waits for the chain's last hop only
             session.held.append(response)
@@ -353,7 +356,7 @@ class InferenceEngine:
                            held: int) -> None:
         """One pushed step; errors go back on the push stream (logged by the pushing server)."""
         try:
-            await self._step(msg, tensors, pushed=True)
+            await self._step(msg, tensors, pushed=True, sender=str(stream.peer))
         except (UnknownSessionError, SessionClosedError):
             pass  # the client closed or moved its session: nothing to do
         except Exception as e:

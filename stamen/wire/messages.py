@@ -73,6 +73,21 @@ class PushTarget(_Msg):
     session_id: str = Field(min_length=1, max_length=64)
 
 
+MAX_BURST = 256
+"""The most steps one burst may announce (``Burst.size``)."""
+
+
+class Burst(_Msg):
+    """Steps that left one sender together: the outputs of one batched iteration pushed to the
+    same next server (or replied to the same client), or the steps a client sent after one shared
+    LM-head product. A receiver that holds some members of a burst may take the rest, which are
+    already on their way, into the same batch (waiting a millisecond or two at most), so sessions
+    that move in step stay in step down the chain."""
+
+    id: str = Field(min_length=1, max_length=80)
+    size: int = Field(ge=1, le=MAX_BURST)
+
+
 class Step(_Msg):
     """Append new hidden states at ``position``; tensors: hidden (B, T, H), then optional
     attention_mask (B, T), position_ids (B, T) and hypo_ids (B,) as flagged. ``position`` below the server's
@@ -98,6 +113,8 @@ class Step(_Msg):
     """A (B,) tensor follows: reorder the cached sequences by it before this step (beam search)."""
     push_to: list[PushTarget] = Field(default_factory=list, max_length=256)
     hold_reply: bool = False
+    burst: Burst | None = None
+    """The burst this step left its sender in (``Burst``)."""
 
 
 class FlushReplies(_Msg):
@@ -138,6 +155,8 @@ class StepDone(_Msg):
     """The session's length after this step."""
     compute_ms: float = 0.0
     """Time the server spent computing this step (for latency breakdowns)."""
+    burst: Burst | None = None
+    """The replies to one client that left this server's iteration together (``Burst``)."""
 
 
 class Closed(_Msg):
@@ -325,6 +344,10 @@ class InfoReply(_Msg):
     """Session steps (and prefill chunks) those iterations computed, summed."""
     batch_chunks: int = 0
     """Prefill chunks: parts of a step that did not fit one iteration."""
+    burst_waits: int = 0
+    """Iterations that waited for members of a ``Burst`` still on the wire."""
+    burst_misses: int = 0
+    """Bursts whose wait ended before every member arrived."""
 
 
 # --- bandwidth probe ---
