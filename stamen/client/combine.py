@@ -12,10 +12,18 @@ Keeping sessions in step: replies that left a server's iteration together carry 
 ``GROUP_WAIT_S``) until the other members of that burst have queued, so their product is one and
 their next steps leave together, again as a burst (``take_burst``), which the first
 server takes into one iteration.
+
+Merging groups: sessions that fell out of step (two groups, one an iteration behind the other at
+every server) would stay apart. So a leader also waits, within the same bound, for the decoding
+steps of this process still in flight (``flying``: sent, reply not yet back): a group an
+iteration behind joins the product, and from then on the two move as one. A group too far behind
+to arrive within the bound still gains on the one that waited, so they meet within a few tokens;
+once together, nothing is waited for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -48,11 +56,27 @@ class RowCombiner:
         self._queue: list[_Call] = []
         self._running = False
         self._local = threading.local()
+        self._flying = 0
         self.products = 0
         self.group_misses = 0
         """Products whose leader stopped waiting before every member of its burst queued."""
         self.rows = 0
         """Products computed and rows they covered (rows / products: the mean rows per product)."""
+
+    @contextlib.contextmanager
+    def flying(self):
+        """Around a decoding step's round trip: a leader waits (briefly) for the steps in flight."""
+        with self._cond:
+            self._flying += 1
+            self._local.flying = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                if self._local.flying:  # not landed in a product (an error, or a head outside the combiner)
+                    self._local.flying = False
+                    self._flying -= 1
+                    self._cond.notify_all()
 
     def take_burst(self) -> Burst | None:
         """The burst of this thread's last product, if it was shared (the steps its callers send
@@ -67,6 +91,9 @@ class RowCombiner:
         call = _Call(rows, expect.id if expect is not None else None)
         with self._cond:
             self._queue.append(call)
+            if getattr(self._local, "flying", False):  # this thread's step is back: no longer in flight
+                self._local.flying = False
+                self._flying -= 1
             call.lead = not self._running
             self._running = True
             self._cond.notify_all()
@@ -81,14 +108,14 @@ class RowCombiner:
 
     def _lead(self, fn: Callable[[torch.Tensor], torch.Tensor], expect: Burst | None) -> None:
         with self._cond:
-            if expect is not None and expect.size > 1:
-                deadline = time.monotonic() + GROUP_WAIT_S
-                while sum(c.group == expect.id for c in self._queue) < expect.size:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.group_misses += 1
-                        break
-                    self._cond.wait(left)
+            deadline = time.monotonic() + GROUP_WAIT_S
+            while (expect is not None and sum(c.group == expect.id for c in self._queue) < expect.size) \
+                    or self._flying:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.group_misses += 1
+                    break
+                self._cond.wait(left)
             batch, self._queue = self._queue, []
         burst = Burst(id=uuid.uuid4().hex, size=len(batch)) if len(batch) > 1 else None
         try:
