@@ -24,6 +24,13 @@ iterations, stateless forwards and backwards run one at a time.
 
 A step whose iteration fails (a bug, an allocator refusal) is rerun alone, each session of the
 iteration from where it was, so one session's failure is that session's error only.
+
+Bursts (``wire.messages.Burst``): the steps that finish in one iteration and go the same way (pushed
+to the same next server, or replied to the same client) leave tagged as one burst. An iteration
+that holds some members of a burst waits for the rest, at most ``BURST_WAIT_S`` after the first
+arrived: they were sent together and are on the wire, so sessions that move in step stay in step
+down the chain. Untagged steps never wait; a sender whose bursts keep missing members is no longer
+waited for (``_trusted``).
 """
 
 from __future__ import annotations
@@ -192,7 +199,7 @@ class StepBatcher:
 
     async def _settle(self) -> None:
         """Let the loop read steps that already arrived (a burst of pushes from the previous
-        server) so they join this iteration; stops at the first round that brought none."""
+        server) so they join this iteration; stops after two rounds in a row that brought none."""
         idle = 0
         for _ in range(SETTLE_ROUNDS):
             before = self.queued
