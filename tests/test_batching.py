@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from stamen import AutoDistributedModelForCausalLM
+from stamen.bench.timing import run_together
 from stamen.client import loop
 from stamen.client.session import InferenceSession
 from stamen.client.tuning import LoraSettings
@@ -73,28 +74,6 @@ def _batch_stats(swarm, model) -> dict[str, tuple[int, int, int]]:
     return stats
 
 
-def _concurrently(jobs) -> list:
-    """Run the callables at once (a thread each); their results in order, or the first error."""
-    results, errors = [None] * len(jobs), []
-    barrier = threading.Barrier(len(jobs))
-
-    def run(i, job):
-        try:
-            barrier.wait(timeout=30)
-            results[i] = job()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    if errors:
-        raise errors[0]
-    return results
-
-
 def test_concurrent_sessions_batch_and_give_their_own_tokens(batch_swarm):
     """8 sessions of two peers (4 plain, 4 with deep prompts and LoRA), prompts of 3 to 40 tokens:
     run together, each gives the tokens and logits it gives alone, and the servers batched them."""
@@ -103,7 +82,7 @@ def test_concurrent_sessions_batch_and_give_their_own_tokens(batch_swarm):
            [(tuned, _prompt(n, 10 + i)) for i, n in enumerate((5, 12, 2, 25))]
     alone = [generate_with_scores(model, ids, max_new_tokens=NEW_TOKENS) for model, ids in jobs]
     before = _batch_stats(swarm, plain)
-    together = _concurrently([lambda m=m, ids=ids: generate_with_scores(m, ids, max_new_tokens=NEW_TOKENS)
+    together = run_together([lambda m=m, ids=ids: generate_with_scores(m, ids, max_new_tokens=NEW_TOKENS)
                               for m, ids in jobs])
     after = _batch_stats(swarm, plain)
     for (tokens, logits), (tokens_alone, logits_alone) in zip(together, alone, strict=True):
@@ -134,7 +113,7 @@ def test_a_peer_over_its_share_is_told_busy_while_others_generate(batch_swarm):
                 pass
         assert refused.value.retry_after and refused.value.retry_after > 0
         assert "holds 4 sessions" in str(refused.value)
-        results = _concurrently([lambda: tuned.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+        results = run_together([lambda: tuned.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None)
                                  for _ in range(2)])
         for out in results:
             assert torch.equal(out, expected)
@@ -179,13 +158,14 @@ def test_a_long_prefill_does_not_stall_decoding(batch_swarm):
         window.append(time.perf_counter())
 
     def start_prefill_after_a_few_tokens():
-        while min(len(s) for s in stamps) < 6:
+        deadline = time.monotonic() + 120  # a failed decode ends the test through its error
+        while min(len(s) for s in stamps) < 6 and time.monotonic() < deadline:
             time.sleep(0.005)
         go.set()
 
     before = _batch_stats(swarm, plain)
     threading.Thread(target=start_prefill_after_a_few_tokens, daemon=True).start()
-    _concurrently([lambda i=i: decode(i) for i in range(4)] + [prefill])
+    run_together([lambda i=i: decode(i) for i in range(4)] + [prefill])
     after = _batch_stats(swarm, plain)
     chunks = sum(after[p][2] - before[p][2] for p in after)
     assert chunks >= 2 * (1500 // 64) - 4  # both servers fed the prompt in chunks
@@ -219,12 +199,13 @@ def test_server_killed_under_batched_sessions(batch_swarm):
                 pass
 
         def killer():
-            while min(counted) < 8:
+            deadline = time.monotonic() + 120  # a failed generation ends the test through its error
+            while min(counted) < 8 and time.monotonic() < deadline:
                 time.sleep(0.005)
             swarm.signal_group(victim, signal.SIGKILL)
 
         threading.Thread(target=killer, daemon=True).start()
-        results = _concurrently([lambda i=i, m=m, ids=ids: m.generate(ids, max_new_tokens=20, eos_token_id=None,
+        results = run_together([lambda i=i, m=m, ids=ids: m.generate(ids, max_new_tokens=20, eos_token_id=None,
                                                                          streamer=Counter(i))
                                  for i, (m, ids) in enumerate(jobs)])
         assert victim.proc.wait(timeout=10) is not None

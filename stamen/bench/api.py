@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from stamen.bench.timing import TokenClock, say_to
+from stamen.bench.timing import TokenClock, run_together, say_to
 from stamen.client.model import AutoDistributedModelForCausalLM
 from stamen.models import BlockConfig, load_config
 from stamen.models.convert import default_model_dir
@@ -58,24 +57,9 @@ def _api_run(client, model_id: str, new_tokens: int) -> tuple[float, float, int]
 
 def _concurrent(client, model_id: str, streams: int, new_tokens: int) -> float:
     """Aggregate generated tokens per second with ``streams`` concurrent requests."""
-    counts: list[int] = []
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        try:
-            counts.append(_api_run(client, model_id, new_tokens)[2])
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one) for _ in range(streams)]
     start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return sum(counts) / (time.perf_counter() - start)
+    runs = run_together([lambda: _api_run(client, model_id, new_tokens) for _ in range(streams)])
+    return sum(tokens for _, _, tokens in runs) / (time.perf_counter() - start)
 
 
 def run_api_bench(new_tokens: int, runs: int, concurrency: list[int], json_only: bool) -> dict:

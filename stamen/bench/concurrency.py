@@ -18,14 +18,13 @@ import contextlib
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from stamen.bench.harness import even_spans
-from stamen.bench.timing import TokenClock, say_to
+from stamen.bench.timing import TokenClock, run_together, say_to
 from stamen.client import loop
 from stamen.client.model import AutoDistributedModelForCausalLM
 from stamen.dht.records import fetch_servers
@@ -85,26 +84,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _run_threads(jobs) -> None:
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs))
-
-    def run(job):
-        try:
-            barrier.wait(timeout=60)
-            job()
-        except BaseException as e:  # re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 def _python_case(model, sessions: int, new_tokens: int, vocab: int) -> tuple[float, list[float]]:
     """(aggregate tokens/s, gaps between consecutive tokens) of ``sessions`` concurrent generate calls."""
     clocks = [TokenClock() for _ in range(sessions)]
@@ -120,7 +99,7 @@ def _python_case(model, sessions: int, new_tokens: int, vocab: int) -> tuple[flo
                            streamer=clocks[i])
         return go
 
-    _run_threads([job(i) for i in range(sessions)])
+    run_together([job(i) for i in range(sessions)])
     tokens = sum(len(c.times) - 1 for c in clocks)  # times[0] is the prompt
     end = max(c.times[-1] for c in clocks)
     gaps = [b - a for c in clocks for a, b in zip(c.times[1:], c.times[2:], strict=False)]
@@ -148,7 +127,7 @@ def _api_case(client, model_id: str, sessions: int, new_tokens: int) -> tuple[fl
         return go
 
     ends = [0.0] * sessions
-    _run_threads([job(i) for i in range(sessions)])
+    run_together([job(i) for i in range(sessions)])
     # a token without text of its own (a partial character) streams with the next one: the gaps
     # are between text events, most of them one token apart on the bench model
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,30 @@ class TokenClock:
 
     def first_token_ms(self) -> float:
         return 1000 * (self.times[1] - self.starts[0])
+
+
+def run_together(jobs: list[Callable[[], object]], start_timeout: float = 60.0) -> list:
+    """Run the callables at once, a thread each, started together (a barrier); their results in
+    order, or the first error raised (after every thread ended)."""
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(jobs))
+
+    def run(i: int, job: Callable[[], object]) -> None:
+        try:
+            barrier.wait(timeout=start_timeout)
+            results[i] = job()
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def median_or_nan(values: list[float]) -> float:

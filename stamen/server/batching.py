@@ -106,10 +106,8 @@ class BatchStats:
     steps: int = 0
     """Session steps (or prefill chunks) computed, summed over iterations: steps / iterations is
     the mean batch size."""
-    rows: int = 0
     chunks: int = 0
     """Prefill chunks computed (parts of a step that did not fit one iteration)."""
-    largest: int = 0
     burst_waits: int = 0
     """Iterations that waited for members of a burst on the wire."""
     burst_misses: int = 0
@@ -312,8 +310,6 @@ class StepBatcher:
         stats = self.stats
         stats.iterations += 1
         stats.steps += len(batch)
-        stats.rows += rows
-        stats.largest = max(stats.largest, len(batch))
         if self.observe is not None:
             self.observe(len(batch), rows)
         self._tag_bursts([w for (w, n) in batch if w.done + n >= w.hidden.shape[1]])
