@@ -89,6 +89,20 @@ class UnknownAdapterError(RequestError):
     code = "unknown_adapter"
 
 
+class NotTrainingError(RequestError):
+    """The request asks a server to train its blocks (a microbatch, the stage's state), but it
+    serves them frozen (started without ``--train``)."""
+
+    code = "not_training"
+
+
+class StageEpochError(RequestError):
+    """A microbatch names another epoch than the one the stage's peer is in: the peer is behind
+    (it loads the stage's state, try another peer) or the stage already stepped past it."""
+
+    code = "stage_epoch"
+
+
 _REQUEST_ERRORS: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (
@@ -101,6 +115,8 @@ _REQUEST_ERRORS: dict[str, type[RequestError]] = {
         SessionClosedError,
         SessionLengthError,
         UnknownAdapterError,
+        NotTrainingError,
+        StageEpochError,
     )
 }
 

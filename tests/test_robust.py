@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stamen.train.robust import RobustAverager, centered_clip
+from stamen.train.averaging import RobustAverager
+from stamen.train.robust import centered_clip
 
 
 def _honest(n: int, dim: int, seed: int, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -259,9 +259,10 @@ def health(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print the swarm: servers with span, state, throughput, free cache, version; per-block coverage
-    by the live servers (online servers are pinged: one that does not answer is not counted)."""
+    by the live servers (online servers are pinged: one that does not answer is not counted); training
+    stages with their peers and epochs."""
     setup_logging("WARNING")
-    from stamen.client.health import read_health
+    from stamen.client.health import format_stages, read_health
     from stamen.dht.health import format_health
     from stamen.models import BlockConfig, load_config
     from stamen.server.server import start_dht
@@ -274,7 +275,8 @@ def health(
         report = read_health(node, name, num_blocks)
     finally:
         node.shutdown()
-    print(report.model_dump_json(indent=2) if json_out else format_health(report))
+    stages = format_stages(report.stages)
+    print(report.model_dump_json(indent=2) if json_out else format_health(report) + ("\n" + stages if stages else ""))
 
 
 SIM_FIELDS = {"num_servers": CliField(name="servers"), "num_blocks": CliField(name="blocks"),

@@ -33,6 +33,23 @@ class ServerState(enum.StrEnum):
     (``server/standby.py``); counts toward no route, no placement of others and no coverage."""
 
 
+class StageInfo(BaseModel):
+    """A training server's stage (``stamen server --train``): its peers share parameters and step
+    together (``server/stage.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    epoch: int = Field(ge=0)
+    """Optimizer steps the stage has taken."""
+    samples: int = Field(ge=0)
+    """Samples this peer accumulated towards the next step."""
+    target_batch_size: int = Field(gt=0)
+    averaging: str
+    """plain, powersgd or acp."""
+    optimizer: str
+    """sgd or adamw."""
+
+
 class ServerRecord(BaseModel):
     """What a server announces about itself for each block it hosts."""
 
@@ -72,6 +89,8 @@ class ServerRecord(BaseModel):
     queued_steps: float = Field(default=0.0, ge=0)
     """Inference steps waiting for compute, on average over the iterations since the last
     announcement (load; 0 for a server that does not batch or was idle)."""
+    stage: StageInfo | None = None
+    """Set by a server whose blocks train (``--train``); None: frozen blocks."""
     announced_at: float | None = None
     """DHT time (seconds since the epoch) of this announcement, set by ``announce``."""
     ttl: float | None = Field(default=None, gt=0)

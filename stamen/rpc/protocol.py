@@ -73,7 +73,12 @@ PUSH = Rpc("SpanHandler.push", Transport.LEAN, (m.Step,), (m.ErrorReply,))
 BANDWIDTH = Rpc("SpanHandler.rpc_bandwidth", Transport.STREAM_IN, (), (m.BandwidthDone,))
 """Random bytes streamed to a server to measure the link (no metadata); the reply counts them."""
 
-SPAN_SERVICE = (INFO, FORWARD, BACKWARD, TRAIN, PUT_ADAPTERS, INFERENCE, PUSH, BANDWIDTH)
+STAGE_STATE = Rpc("SpanHandler.rpc_stage_state", Transport.STREAMS, (m.StageStateRequest,),
+                  (m.StageState, m.ErrorReply))
+"""A training stage's parameters (and optimizer and averager state) at its current epoch, for a
+peer that joins the stage or a trainer that exports the model (``stamen server --train`` only)."""
+
+SPAN_SERVICE = (INFO, FORWARD, BACKWARD, TRAIN, PUT_ADAPTERS, INFERENCE, PUSH, BANDWIDTH, STAGE_STATE)
 """What every span server registers."""
 
 Handler = Callable[..., Awaitable[Response] | AsyncIterator[Response]]

@@ -18,6 +18,8 @@ from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import raise_if_error
 from stamen.types import Compression, Span
 from stamen.wire.messages import (
+    BackwardDone,
+    Microbatch,
     SpanRef,
     TrainBackward,
     TrainRequest,
@@ -36,6 +38,9 @@ class TrainStream:
         self._replies: AsyncIterator[Response] | None = None
         self.used = False
         """``backward`` was called (a kept graph serves one backward)."""
+        self.done: BackwardDone | None = None
+        """The backward's reply, once it came: for a microbatch, whether the server counted its weight
+        gradient (``accumulated``) and in which epoch of its stage (``stage_epoch``)."""
 
     async def _requests(self) -> AsyncIterator[Request]:
         while (request := await self._outbox.get()) is not None:
@@ -51,14 +56,17 @@ class TrainStream:
 
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, inputs: SpanInputs, *, timeout: float,
-                   train_lora_a: bool = True,
-                   compression: Compression | None = None) -> tuple[TrainStream, torch.Tensor]:
+                   train_lora_a: bool = True, compression: Compression | None = None,
+                   microbatch: Microbatch | None = None) -> tuple[TrainStream, torch.Tensor]:
         """Run the span forward on a server that keeps its graph; the stream and the span's outputs.
         ``ServerFullError``: the server holds as many graphs as it may (use ``call_forward``).
-        ``compression`` applies to hidden, the outputs and both gradients."""
+        ``compression`` applies to hidden, the outputs and both gradients. ``microbatch``: train the
+        span's own weights too (a ``--train`` server; ``NotTrainingError`` from others,
+        ``StageEpochError`` when its stage is in another epoch); ``done`` tells after ``backward``
+        whether the server counted it."""
         self = cls(peer, blocks, timeout, compression)
         msg = TrainRequest(blocks=SpanRef.of(blocks), parts=1, train_lora_a=train_lora_a, compression=compression,
-                           **inputs.fields(TrainRequest))
+                           microbatch=microbatch, **inputs.fields(TrainRequest))
         self._send(msg, inputs.tensors())
 
         async def call():
@@ -92,6 +100,7 @@ class TrainStream:
                 reply, protos = await read_reply(self._replies, decode_backward_reply, self.peer, "train backward")
             finally:
                 await self._replies.aclose()  # closes the stream: the server waits for that
+            self.done = reply if isinstance(reply, BackwardDone) else None
             return SpanGrads.unpack(reply, protos, max(grad_outputs.numel(), GRADIENT_ELEMENTS_FLOOR), self.peer)
 
         try:

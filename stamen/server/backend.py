@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,7 +35,7 @@ from stamen.server.batching import StepBatcher, StepWork
 from stamen.server.compute import in_fresh_thread
 from stamen.server.limits import Limits
 from stamen.types import Span
-from stamen.wire.messages import AdapterMeta, AdapterRef, OpenSession, Step
+from stamen.wire.messages import AdapterMeta, AdapterRef, Microbatch, OpenSession, Step
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,16 @@ class Replies(Protocol):
     def put_nowait(self, response: Any) -> None: ...
 
 
+class TrainingStage(Protocol):
+    """What the handlers ask of a ``--train`` server's stage (``server/stage.py: Stage``)."""
+
+    def check_epoch(self, epoch: int | None) -> None: ...
+
+    async def accumulate(self, mb: Microbatch, grads: Sequence[torch.Tensor | None]) -> tuple[bool, int]: ...
+
+    async def state(self, optimizer: bool = True) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]: ...
+
+
 @dataclass
 class Session:
     id: str
@@ -127,25 +137,97 @@ class _Checked:
 
 
 class TrainGraph:
-    """A span's output with the autograd graph back to the leaves whose gradients are wanted."""
+    """A span's output with the autograd graph back to the leaves whose gradients are wanted (and,
+    on a training server, to the span's own weights ``params``)."""
 
-    def __init__(self, out: torch.Tensor, wanted: list[torch.Tensor], has_prompts: bool):
+    def __init__(self, out: torch.Tensor, wanted: list[torch.Tensor], has_prompts: bool,
+                 params: list[torch.Tensor] | None = None):
         self.out, self.wanted, self.has_prompts = out, wanted, has_prompts
+        self.params = params or []
+        self.weight_grads: list[torch.Tensor | None] = []
+        """Set by ``grads``: the gradient of each of ``params`` (None: unused by the blocks run)."""
 
     def output(self) -> torch.Tensor:
         return self.out.detach()
 
     def grads(self, grad_outputs: torch.Tensor) -> SpanGrads:
-        """Input gradient, prompt gradient (if any) and LoRA gradients; frees the graph."""
-        out, wanted = self.out, self.wanted
+        """Input gradient, prompt gradient (if any) and LoRA gradients (and ``weight_grads``); frees the graph."""
+        out, wanted, params = self.out, self.wanted, self.params
+        if out is None:
+            raise SessionClosedError("the training graph was dropped (used, or dropped for a weight update)")
         self.drop()
         with torch.enable_grad():
-            grads = torch.autograd.grad(out, wanted, grad_outputs, allow_unused=True)
-        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=True)]
+            grads = torch.autograd.grad(out, wanted + params, grad_outputs, allow_unused=True)
+        self.weight_grads = list(grads[len(wanted):])
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=False)]
         return SpanGrads(grads[0], grads[1] if self.has_prompts else None, grads[1 + self.has_prompts:])
 
     def drop(self) -> None:
-        self.out, self.wanted = None, []  # type: ignore[assignment]
+        self.out, self.wanted, self.params = None, [], []  # type: ignore[assignment]
+
+
+class GraphGate:
+    """Kept training graphs against in-place updates of the weights they reach (a training stage's
+    optimizer step, or a load of its state): autograd refuses a backward through a tensor changed
+    since the forward. An update (``closed``) holds new graphs back and waits until none is held; a
+    graph still held after ``timeout`` is dropped (its backward is refused: ``SessionClosedError``)."""
+
+    def __init__(self) -> None:
+        self.held: set[TrainGraph | _Pending] = set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    async def enter(self, timeout: float) -> _Pending:
+        """Wait while an update runs; the caller holds a slot from then (``release`` it)."""
+        if not self._open.is_set():
+            try:
+                await asyncio.wait_for(self._open.wait(), timeout)
+            except TimeoutError:
+                raise ServerBusyError("server busy: the stage's weights are being updated",
+                                      retry_after=BUSY_RETRY_S) from None
+        pending = _Pending()
+        self.hold(pending)
+        return pending
+
+    def hold(self, graph: TrainGraph | _Pending) -> None:
+        self.held.add(graph)
+        self._empty.clear()
+
+    def release(self, graph: TrainGraph | _Pending | None) -> None:
+        self.held.discard(graph)
+        if not self.held:
+            self._empty.set()
+
+    @contextlib.asynccontextmanager
+    async def closed(self, timeout: float) -> AsyncIterator[None]:
+        self._open.clear()
+        try:
+            try:
+                await asyncio.wait_for(self._empty.wait(), timeout)
+            except TimeoutError:
+                logger.warning("%d training graphs still held after %.0f s: dropped for a weight update",
+                               len(self.held), timeout)
+                for graph in list(self.held):
+                    graph.drop()
+                    self.release(graph)
+            yield
+        finally:
+            self._open.set()
+
+
+class _Pending:
+    """A graph slot whose forward is still computing (dropping it drops the graph once it exists)."""
+
+    def __init__(self) -> None:
+        self.graph: TrainGraph | None = None
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+        if self.graph is not None:
+            self.graph.drop()
 
 
 class SpanBackend:
@@ -181,6 +263,12 @@ class SpanBackend:
         """Inference steps of concurrent sessions computed together (``server/batching.py``); None:
         each on its own."""
         self._tensor_limits = self._limits_of_span()
+        self.gate = GraphGate()
+        """Kept graphs against in-place weight updates (training servers only ever close it)."""
+        self.stage: TrainingStage | None = None
+        """The training stage of a ``--train`` server (``server/stage.py``); None: frozen weights."""
+        self.train_autocast: torch.dtype | None = None
+        """Autocast dtype of training graphs through the trainable weights (``--compute-dtype bfloat16``)."""
 
     @property
     def dtype_name(self) -> str:
@@ -440,8 +528,9 @@ class SpanBackend:
         self.recomputed_backwards += 1
         return graph.grads(grad_outputs)
 
-    def _graph(self, x: _Checked, train_lora_a: bool) -> TrainGraph:
-        """The span run with autograd: weights frozen, fresh leaves for the inputs, deep prompts and LoRA."""
+    def _graph(self, x: _Checked, train_lora_a: bool, weights: bool = False) -> TrainGraph:
+        """The span run with autograd: fresh leaves for the inputs, deep prompts and LoRA; weights frozen,
+        or (``weights``, a training server's microbatch) the span's own parameters among the leaves."""
         with torch.enable_grad():
             hidden = x.hidden.detach().requires_grad_()
             wanted = [hidden]
@@ -454,34 +543,53 @@ class SpanBackend:
                 leaf_adapter, leaves = adapter.leaves(train_lora_a)
                 leaf_adapters.append(leaf_adapter)
                 wanted.extend(leaves)
-            out = self.model(hidden, x.attention_mask, x.position_ids, x.blocks, prompts, leaf_adapters or None)
-        return TrainGraph(out, wanted, prompts is not None)
+            params = [p for p in self.model.parameters() if p.requires_grad] if weights else []
+            autocast = self.train_autocast if weights else None
+            with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                out = self.model(hidden, x.attention_mask, x.position_ids, x.blocks, prompts, leaf_adapters or None)
+            out = out.to(x.hidden.dtype)
+        return TrainGraph(out, wanted, prompts is not None, params)
 
     # --- training graphs kept within one rpc_train call ---
 
     @contextlib.asynccontextmanager
     async def train_graph(self, blocks: Span, inputs: SpanInputs, train_lora_a: bool,
-                          timeout: float) -> AsyncIterator[TrainGraph]:
+                          timeout: float, weights: bool = False) -> AsyncIterator[TrainGraph]:
         """The span run with autograd (within ``timeout`` seconds), its graph held until the block
-        ends: one of ``max_train_graphs`` slots (``ServerFullError`` when none is free)."""
+        ends: one of ``max_train_graphs`` slots (``ServerFullError`` when none is free). ``weights``:
+        the graph reaches the span's trainable parameters (``TrainGraph.weight_grads``)."""
         x = self.checked(blocks, inputs)
         if self.train_graphs_held >= self.max_train_graphs:
             raise ServerFullError(f"server full: {self.train_graphs_held} of {self.max_train_graphs} training "
                                   f"graphs held; use stateless forward and backward")
         self.train_graphs_held += 1
-        graph = None
+        graph, pending = None, None
         try:
-            graph = await asyncio.wait_for(self.run_long(self._graph, x, train_lora_a), timeout)
+            pending = await self.gate.enter(timeout)
+            graph = await asyncio.wait_for(self.run_long(self._graph, x, train_lora_a, weights), timeout)
+            self.gate.release(pending)
+            if pending.dropped:
+                raise SessionClosedError("the training graph was dropped for a weight update")
+            pending = None
+            self.gate.hold(graph)
             yield graph
         finally:
+            self.gate.release(pending)
             if graph is not None:
                 graph.drop()
+                self.gate.release(graph)
             self.train_graphs_held -= 1
 
     async def train_backward(self, graph: TrainGraph, grad_outputs: torch.Tensor) -> SpanGrads:
-        """``backward``'s gradients from a kept graph (no recomputation); the graph is consumed."""
+        """``backward``'s gradients from a kept graph (no recomputation); the graph is consumed (and
+        no longer holds back weight updates)."""
+        if graph.out is None:
+            raise SessionClosedError("the training graph was dropped for a weight update")
         grad_outputs = self.check_grad(grad_outputs, tuple(graph.out.shape))
-        result = await self.run_long(graph.grads, grad_outputs)
+        try:
+            result = await self.run_long(graph.grads, grad_outputs)
+        finally:
+            self.gate.release(graph)
         self.kept_backwards += 1
         return result
 

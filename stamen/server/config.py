@@ -18,6 +18,35 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 """Where measured compute throughputs are cached (``server/throughput.py``)."""
 
 
+class TrainSettings(BaseModel):
+    """How a training server's stage learns and averages (``stamen server --train``; ``server/stage.py``)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, frozen=True)
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """The stage's optimizer (every peer of the stage runs the same step on the averaged gradient)."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Learning rate of the stage's optimizer."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Weight decay of the stage's optimizer (decoupled for adamw)."""
+    target_batch_size: int = Field(default=32, gt=0)
+    """Samples (sequences) the stage's peers accumulate together before they step."""
+    averaging: Literal["plain", "powersgd", "acp"] = "plain"
+    """How the stage's peers average gradients: whole tensors, PowerSGD or ACP-SGD low-rank factors."""
+    rank: int = Field(default=4, gt=0)
+    """Rank of the PowerSGD and ACP-SGD factors."""
+    aggregation: Literal["mean", "centered_clip"] = "mean"
+    """How each part of the all-reduce is reduced: the weighted mean, or CenteredClip (robust to outliers)."""
+    tau: float = Field(default=1.0, gt=0)
+    """CenteredClip's clipping radius."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of training forwards and backwards (bfloat16: autocast over the float32 master weights)."""
+    matchmaking_time: float = Field(default=1.0, gt=0)
+    """Seconds the stage's averager gathers peers for an all-reduce."""
+    averaging_timeout: float = Field(default=30.0, gt=0)
+    """Seconds an all-reduce of the stage may take before the round fails (its gradients are kept)."""
+
+
 class ServerConfig(BaseModel):
     """Everything a server is told; ``stamen server`` takes its options from these fields
     (``stamen/cli/options.py``): the attribute docstrings are their help."""
@@ -133,6 +162,13 @@ class ServerConfig(BaseModel):
     sessions, cache, refusals, pushes, bytes, span and state); None: no metrics server."""
     public_name: str | None = None
     """A human-readable name shown by health tools."""
+    train: bool = False
+    """Train the span's weights (float32) with the other training servers of the same span, which form a
+    stage: gradients of trainers' microbatches accumulate, the stage's peers average them and step together
+    (``stamen train``). Needs ``dtype`` float32 and no ``quant``; inference keeps working from the current
+    weights."""
+    training: TrainSettings = TrainSettings()
+    """The stage's optimizer and averaging (used with ``train``)."""
     torch_threads: int | None = Field(default=None, gt=0)
     """torch intra-op threads of prefills, forwards and backwards (default: torch's choice)."""
     decode_threads: int | None = Field(default=None, gt=0)
@@ -157,6 +193,11 @@ class ServerConfig(BaseModel):
     def _one_of_blocks(self) -> ServerConfig:
         if self.blocks is not None and self.num_blocks is not None:
             raise ValueError("give at most one of blocks (--blocks A:B) or num_blocks (--num-blocks N)")
+        if self.train and (self.dtype != "float32" or self.quant != "none" or self.standby):
+            raise ValueError("--train keeps float32 master weights: it needs --dtype float32, no --quant and no "
+                             "--standby (--compute-dtype bfloat16 computes in bfloat16)")
+        if self.train and self.max_train_graphs == 0:
+            raise ValueError("--train needs --max-train-graphs above 0 (microbatches run on kept graphs)")
         return self
 
     @property

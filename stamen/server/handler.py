@@ -18,13 +18,13 @@ from typing import AsyncIterator  # noqa: UP035 (the handlers' stream types, as 
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 
-from stamen.errors import InvalidRequestError, SessionClosedError
+from stamen.errors import InvalidRequestError, NotTrainingError, SessionClosedError, WrongBlocksError
 from stamen.rpc import protocol
 from stamen.rpc.inputs import SpanInputs, decode_received
 from stamen.rpc.parts import CallRequests, NoMessageError, read_all, read_counted, reply_in_parts
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response
-from stamen.server.backend import SpanBackend
+from stamen.server.backend import SpanBackend, TrainingStage
 from stamen.server.inference import InferenceEngine
 from stamen.server.limits import Limits, PeerSlots
 from stamen.server.metrics import ServerMetrics
@@ -35,10 +35,12 @@ from stamen.wire.messages import (
     ForwardDone,
     InfoReply,
     SpanRef,
+    StageState,
     TrainForwardDone,
     decode_backward_request,
     decode_forward_request,
     decode_put_adapters,
+    decode_stage_state_request,
     decode_train_backward,
     decode_train_request,
     encode,
@@ -73,7 +75,8 @@ class SpanHandler:
         return {protocol.INFO: self.rpc_info, protocol.FORWARD: self.rpc_forward,
                 protocol.BACKWARD: self.rpc_backward, protocol.TRAIN: self.rpc_train,
                 protocol.PUT_ADAPTERS: self.rpc_put_adapters, protocol.INFERENCE: self.engine.serve_inference,
-                protocol.PUSH: self.engine.serve_push, protocol.BANDWIDTH: self.rpc_bandwidth}
+                protocol.PUSH: self.engine.serve_push, protocol.BANDWIDTH: self.rpc_bandwidth,
+                protocol.STAGE_STATE: self.rpc_stage_state}
 
     async def add_p2p_handlers(self, p2p: P2P) -> None:
         self.engine.p2p = p2p  # pushes go out through the same daemon
@@ -199,8 +202,12 @@ class SpanHandler:
             if msg is None:
                 return
             inputs = SpanInputs.unpack(msg, protos, self.backend.tensor_limits())
-            async with self.backend.train_graph(msg.blocks.span, inputs, msg.train_lora_a,
-                                                self.request_timeout) as graph:
+            mb = msg.microbatch
+            stage = self._stage() if mb is not None else None
+            if stage is not None and mb.accumulate:
+                stage.check_epoch(mb.epoch)  # before the forward: a peer behind fails fast
+            async with self.backend.train_graph(msg.blocks.span, inputs, msg.train_lora_a, self.request_timeout,
+                                                weights=stage is not None and mb.accumulate) as graph:
                 for response in reply_in_parts(TrainForwardDone(parts=1), [graph.output()], msg.compression):
                     yield response
                 grad_outputs = await self._grad_outputs(requests)
@@ -209,11 +216,21 @@ class SpanHandler:
                 with self._timed("train", inputs):
                     grads = await asyncio.wait_for(self.backend.train_backward(graph, grad_outputs),
                                                    self.request_timeout)
+                reply = grads.reply()
+                if stage is not None and mb.accumulate:
+                    accumulated, epoch = await stage.accumulate(mb, graph.weight_grads)
+                    reply = reply.model_copy(update=dict(accumulated=accumulated, stage_epoch=epoch))
         except Exception as e:
             yield error_response(e)
             return
-        for response in reply_in_parts(grads.reply(), grads.tensors(), msg.compression):
+        for response in reply_in_parts(reply, grads.tensors(), msg.compression):
             yield response
+
+    def _stage(self) -> TrainingStage:
+        stage = self.backend.stage
+        if stage is None:
+            raise NotTrainingError("this server's blocks do not train (started without --train)")
+        return stage
 
     async def _grad_outputs(self, requests: CallRequests):
         """Message 2 of ``rpc_train``: the gradient of the outputs, or None when the client ended the
@@ -231,6 +248,23 @@ class SpanHandler:
             raise InvalidRequestError(f"expected 1 tensor (grad_outputs), got {len(protos)}")
         return None if backward is None else decode_received(
             protos[0], "grad_outputs", FLOAT_DTYPES, self.backend.tensor_limits().elements, compressed_ok=True)
+
+    # --- a training stage's state, for joining peers and exports ---
+
+    async def rpc_stage_state(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
+        """The stage's parameters (and optimizer and averager state) at its current epoch, uncompressed."""
+        try:
+            msg, _ = await read_all(requests, decode_stage_state_request, 0, self.limits.request_read_timeout)
+            stage = self._stage()
+            if msg.blocks.span != self.backend.span:
+                raise WrongBlocksError(f"this stage trains blocks {self.backend.span}, not {msg.blocks.span}")
+            epoch, tensors, meta = await stage.state(msg.optimizer)
+        except Exception as e:
+            yield error_response(e)
+            return
+        reply = StageState(epoch=epoch, names=list(tensors), optimizer_meta=meta)
+        for response in reply_in_parts(reply, list(tensors.values()), "none"):
+            yield response
 
     # --- adapters: uploaded once per version of the weights, then named by content hash ---
 

@@ -6,7 +6,10 @@ import asyncio
 import logging
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from hivemind import DHT
@@ -47,7 +50,13 @@ from stamen.server.throughput import (
 from stamen.types import ModelName, PeerIDStr, Span, default_dht_prefix
 from stamen.version import __version__
 
+if TYPE_CHECKING:
+    from stamen.server.stage import Stage
+
 logger = logging.getLogger(__name__)
+
+WAKE_CHECK_S = 0.5
+"""How often a training server looks whether its stage stepped (its record then announces the new epoch)."""
 
 
 def start_dht(initial_peers: list[str], host: str, port: int, identity: str | None = None,
@@ -108,6 +117,8 @@ class Server:
         self._metrics_of: ServerMetrics | None = None
         self._backend: SpanBackend | None = None
         """Set once serving: what the announcements read the load from."""
+        self._stage: Stage | None = None
+        """A ``--train`` server's stage, once it joined it (``server/stage.py``)."""
 
     def run(self) -> None:
         """The event loop runs on the main thread and computes decoding steps inline (``server/compute.py``)."""
@@ -177,6 +188,8 @@ class Server:
                 await handler.add_p2p_handlers(p2p)
             speed = await self._measure(dht, p2p, peer_id, model, block_config)
             serving = _Serving(dht, p2p, peer_id, checkpoint, block_config, backend, speed)
+            if cfg.train:  # the stage's state comes from its live peers before this one goes online
+                self._stage = await self._start_stage(serving)
             standby = Standby(self, serving, handler) if cfg.standby else None
             online = standby is None or await standby.hold()  # a standby: once it took over a hole
             if online:
@@ -188,6 +201,8 @@ class Server:
                     rebalancer.cancel()
             logger.info("%s leaving", self.tag)
             self._announce(dht, peer_id, ServerState.OFFLINE, speed, 0)
+            if self._stage is not None:
+                await self._stage.shutdown()
             if online:
                 await handler.remove_p2p_handlers(p2p)
             backend.shutdown()
@@ -226,7 +241,8 @@ class Server:
             cache_tokens_left=cache_left, dtype=cfg.dtype, version=__version__, public_name=cfg.public_name,
             next_pings=next_pings or {}, forward_throughput=speed.forward, network_bandwidth=speed.bandwidth,
             moving_to=(self.moving_to.start, self.moving_to.end) if self.moving_to else None,
-            quant=cfg.quant if cfg.quant != "none" else None, **self._load(),
+            quant=cfg.quant if cfg.quant != "none" else None, stage=self._stage.info() if self._stage else None,
+            **self._load(),
         )
 
     def _load(self) -> dict:
@@ -261,7 +277,7 @@ class Server:
         while not self._stop.is_set():
             pings = await self._ping_next_servers(s.dht, s.p2p, s.peer_id, self.span, s.block_config.num_blocks)
             self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left, pings)
-            if await self._stopped_within(self.config.record_ttl / 3):
+            if await self._stopped_within(self.config.record_ttl / 3, self._stage_stepped()):
                 return
             rechecked = rechecked or self._recheck_decode_threads(s.backend)
 
@@ -284,12 +300,52 @@ class Server:
             logger.info("%s decoding threads changed from %d to %d", self.tag, before, torch.get_num_threads())
         return True
 
-    async def _stopped_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+    async def _stopped_within(self, seconds: float, wake: Callable[[], bool] | None = None) -> bool:
+        """Wait ``seconds`` (or until ``wake()``, checked every ``WAKE_CHECK_S``): whether asked to stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            left = deadline - loop.time() if wake is None else min(deadline - loop.time(), WAKE_CHECK_S)
+            try:
+                await asyncio.wait_for(self._stop.wait(), max(left, 0.0))
+            except TimeoutError:
+                if wake is None or loop.time() >= deadline or wake():
+                    return False
+                continue
+            return True
+
+    def _stage_stepped(self) -> Callable[[], bool] | None:
+        """For a training server: whether its stage's epoch changed since now (announced at once)."""
+        stage = self._stage
+        if stage is None:
+            return None
+        epoch = stage.epoch
+        return lambda: self._stage is not stage or stage.epoch != epoch
+
+    # --- training stage (--train) ---
+
+    async def _start_stage(self, s: _Serving) -> Stage:
+        """Join the stage of this span: load its state from a live peer (or keep the checkpoint's
+        weights when it has none), then average and step with it."""
+        from stamen.server.stage import Stage  # imports hivemind's averagers: training servers only
+
+        stage = Stage(s.backend, self.config.training, dht=s.dht, p2p=s.p2p, model_name=self.model_name,
+                      peers=partial(self._stage_peers, s), drain_timeout=self.config.session_timeout,
+                      label=self.tag)
+        await stage.join()
+        stage.start()
+        logger.info("%s training: stage epoch %d, target batch %d, %s averaging, %s lr %g", self.tag, stage.epoch,
+                    self.config.training.target_batch_size, self.config.training.averaging,
+                    self.config.training.optimizer, self.config.training.lr)
+        return stage
+
+    def _stage_peers(self, s: _Serving) -> list[tuple[PeerIDStr, int]]:
+        """The other live peers of this server's stage and their announced epochs (blocking DHT read)."""
+        span, averaging = self.span, self.config.training.averaging
+        records = fetch_servers(s.dht, self.model_name, s.block_config.num_blocks, [span.start])
+        return [(p, r.stage.epoch) for p, r in records.items()
+                if p != s.peer_id and r.state == ServerState.ONLINE and r.stage is not None and r.span == span
+                and r.stage.averaging == averaging]
 
     async def _ping_next_servers(self, dht: DHT, p2p, peer_id: str, span: Span, num_blocks: int,
                                  max_peers: int = 8) -> dict[str, float]:
@@ -405,15 +461,20 @@ class Server:
         logger.info("%s moving to %s: %s; loading %d blocks, keeping %d", self.tag, decision.target, decision.reason,
                     decision.target.length - kept, kept)
         self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left)
+        if self._stage is not None:  # leave the old stage; trained blocks are not reused for another stage
+            stage, self._stage = self._stage, None
+            await stage.shutdown()
         try:
             model = await s.backend.run_long(lambda: load_span(  # pings and steps go on meanwhile
-                s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device, reuse=old_model,
-                quant=cfg.quant))
+                s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device,
+                reuse=None if cfg.train else old_model, quant=cfg.quant))
         except Exception:
             self.moving_to = None
             raise
         s.backend.swap_model(model)
         self.span, self.moving_to = decision.target, None
+        if cfg.train:  # the new stage's state from its peers (the checkpoint's weights if it has none)
+            self._stage = await self._start_stage(s)
         self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left,
                        also_blocks=range(old_span.start, old_span.end))
         old = s.backend.sessions_on_old_spans()

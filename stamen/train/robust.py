@@ -8,23 +8,21 @@ while each outlier moves it by at most τ per iteration, whatever it sends.
 
 hivemind's all-reduce splits the averaged vector into parts, each reduced by one peer of the
 group (``TensorPartReducer``: a running weighted sum). ``CenteredClipReducer`` keeps the parts of
-every sender and reduces each with CenteredClip instead; ``RobustAverager`` (a mixin for any
-hivemind averager, e.g. ``GradientAverager`` or ``ACPSGDGradientAverager``) runs its all-reduces
-with it and keeps, per peer, how hard its parts were clipped.
+every sender and reduces each with CenteredClip instead. ``ExactAveraging(aggregation=
+"centered_clip")`` in train/averaging.py (a mixin for any hivemind averager, e.g. ``GradientAverager``
+or ``ACPSGDGradientAverager``; ``RobustAverager`` there is that mixin with CenteredClip fixed) runs
+its all-reduces with it, so CenteredClip composes with plain, PowerSGD and ACP-SGD averaging, and
+keeps, per peer, how hard its parts were clipped; a peer clipped hardest in several consecutive
+rounds is left out of the partitions that peer reduces from then on (``exclude_suspects``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 from collections.abc import Sequence
 
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
-from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
 
 
 def centered_clip(vectors: torch.Tensor, weights: torch.Tensor | None = None, tau: float = 1.0,
@@ -59,6 +57,9 @@ class CenteredClipReducer(TensorPartReducer):
         self.received: dict[int, tuple[torch.Tensor, float]] = {}
         self.clip_factors: list[list[float]] = [[] for _ in range(num_senders)]
         """Per sender, the clip factor of each partition it contributed to."""
+        self.excluded: set[int] = set()
+        """Senders whose parts are left out of the aggregate (peers found Byzantine in earlier
+        rounds); they still count as clipped to 0, so they stay suspects."""
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -90,6 +91,10 @@ class CenteredClipReducer(TensorPartReducer):
     def check_current_part_finished(self):
         if self.current_part_accumulated_from < self.num_current_senders:
             return
+        for s in self.excluded & self.received.keys():
+            if len(self.received) > 1:  # never leave a partition without any sender
+                del self.received[s]
+                self.clip_factors[s].append(0.0)
         if self.received:
             senders = sorted(self.received)
             vectors = torch.stack([self.received[s][0].flatten().float() for s in senders])
@@ -102,58 +107,3 @@ class CenteredClipReducer(TensorPartReducer):
         self.current_part_future.set_result(self.accumulator)
         self.reset_accumulators()
 
-
-class CenteredClipAllReduceRunner(AllReduceRunner):
-    def __init__(self, *, tau: float, iterations: int, **kwargs):
-        super().__init__(**kwargs)
-        self.tensor_part_reducer = CenteredClipReducer(self.tensor_part_reducer.part_shapes,
-                                                       self.tensor_part_reducer.num_senders, tau, iterations)
-
-
-class RobustAverager:
-    """Mixin for a hivemind averager: its all-reduces reduce each partition with CenteredClip.
-
-    The averager runs its all-reduces in its own process; what it saw comes back through a queue:
-    ``clip_history`` is, per peer id, the mean clip factor of that peer's parts in each round this
-    peer reduced some of them (1.0: never clipped), and ``suspects`` names the peers clipped hard in
-    several consecutive rounds. A peer only sees the partitions it reduces (hivemind sizes them by
-    announced bandwidth, and a peer may reduce none), so the evidence is local to each peer."""
-
-    def __init__(self, *args, tau: float = 1.0, clip_iterations: int = 20, **kwargs):
-        self.tau, self.clip_iterations = tau, clip_iterations
-        self._clip_reports = mp.SimpleQueue()  # created before the averager's process forks
-        self._clip_history: dict[str, list[float]] = {}
-        super().__init__(*args, **kwargs)
-
-    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
-                                      group_id: bytes | None = None, **kwargs):
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = CenteredClipAllReduceRunner(
-            tau=self.tau, iterations=self.clip_iterations, p2p=self._p2p, servicer_type=type(self),
-            prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
-        self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
-        reducer = runner.tensor_part_reducer
-        self._clip_reports.put({str(peer_id): sum(factors) / len(factors)
-                                for peer_id, factors in zip(runner.sender_peer_ids, reducer.clip_factors, strict=True)
-                                if factors})
-
-    @property
-    def clip_history(self) -> dict[str, list[float]]:
-        while not self._clip_reports.empty():
-            for peer, factor in self._clip_reports.get().items():
-                self._clip_history.setdefault(peer, []).append(factor)
-        return self._clip_history
-
-    def suspects(self, rounds: int = 3, threshold: float = 0.5) -> list[str]:
-        """Peers whose parts were clipped to at most ``threshold`` of their distance in each of the
-        last ``rounds`` rounds (an honest peer's ordinary noise stays within τ and is not clipped)."""
-        return sorted(peer for peer, history in self.clip_history.items()
-                      if len(history) >= rounds and max(history[-rounds:]) <= threshold)

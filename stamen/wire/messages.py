@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -237,11 +237,30 @@ class BackwardDone(_Msg):
     num_adapter_grads: int = Field(default=0, ge=0)
     parts: int = Field(default=1, ge=1, le=1 << 20)
     """Stream messages of the reply, as in ``ForwardDone``."""
+    accumulated: bool = False
+    """A training microbatch's weight gradient was added to the stage's accumulators by this call
+    (False: not asked, or this peer already held it)."""
+    stage_epoch: int | None = None
+    """The epoch the stage's peer was in when it counted the microbatch."""
 
 
 BackwardReply = Annotated[BackwardDone | ErrorReply, Field(discriminator="kind")]
 
 # --- training stream: forward with autograd, then backward on the kept graph, in one call ---
+
+
+class Microbatch(_Msg):
+    """A training microbatch on a server whose blocks train (``stamen server --train``): the backward
+    also adds the gradient of the span's weights to the stage's accumulators, once per ``id`` and
+    epoch, counting ``samples`` towards the stage's target batch."""
+
+    id: str = Field(min_length=1, max_length=128)
+    samples: int = Field(ge=1, le=1 << 20)
+    epoch: int | None = Field(default=None, ge=0)
+    """The stage epoch the trainer computed this microbatch for (synchronous training: another
+    epoch is a ``stage_epoch`` error); None: count it in the epoch the stage is in."""
+    accumulate: bool = True
+    """False: only the forward and backward (a rerun whose gradient this stage already holds)."""
 
 
 class TrainRequest(_Msg):
@@ -261,6 +280,8 @@ class TrainRequest(_Msg):
     compression: Compression | None = None
     """How the server sends the outputs and grad_inputs back (None: uncompressed, as for
     ``BackwardRequest``)."""
+    microbatch: Microbatch | None = None
+    """Train the span's own weights on this microbatch (servers started with ``--train`` only)."""
 
 
 class TrainForwardDone(_Msg):
@@ -280,6 +301,32 @@ class TrainBackward(_Msg):
 
 
 TrainForwardReply = Annotated[TrainForwardDone | ErrorReply, Field(discriminator="kind")]
+
+# --- a training stage's state: parameters, optimizer and averager state, for joiners and exports ---
+
+
+class StageStateRequest(_Msg):
+    kind: Literal["stage_state"] = "stage_state"
+    blocks: SpanRef
+    """The span whose state is asked for: the server's whole span."""
+    optimizer: bool = True
+    """Include the optimizer's and the averager's state (False: the parameters only, for exports)."""
+
+
+class StageState(_Msg):
+    """A stage's state at ``epoch``: ``len(names)`` tensors follow in ``parts`` stream messages, in
+    the order of ``names`` ("param.<name>" for the span's parameters in ``SpanModel`` naming,
+    "optim.<i>.<key>" and "averager.<i>" for the rest)."""
+
+    kind: Literal["stage_state_reply"] = "stage_state_reply"
+    epoch: int = Field(ge=0)
+    names: list[str] = Field(max_length=1 << 16)
+    optimizer_meta: dict[str, Any] = Field(default_factory=dict)
+    """The optimizer's non-tensor state (param groups, per-parameter step counts)."""
+    parts: int = Field(default=1, ge=1, le=1 << 20)
+
+
+StageStateReply = Annotated[StageState | ErrorReply, Field(discriminator="kind")]
 
 # --- LoRA adapters, content-addressed ---
 
@@ -410,6 +457,14 @@ def decode_train_forward_reply(raw: bytes) -> TrainForwardDone | ErrorReply:
 
 def decode_train_backward(raw: bytes) -> TrainBackward:
     return _parse(_adapter(TrainBackward), raw)
+
+
+def decode_stage_state_request(raw: bytes) -> StageStateRequest:
+    return _parse(_adapter(StageStateRequest), raw)
+
+
+def decode_stage_state_reply(raw: bytes) -> StageState | ErrorReply:
+    return _parse(_adapter(StageStateReply), raw)
 
 
 def decode_put_adapters(raw: bytes) -> PutAdapters:
