@@ -128,3 +128,84 @@ def _markdown(report: dict) -> str:
         f"{d['worst']} (worst) over {d['runs_with_liar']} generations that used it ({d['missed']} missed); tokens "
         f"equal an honest run's: {'yes' if report['tokens_equal_with_liar'] else 'NO'}.",
     ])
+
+
+# --- CenteredClip's cost per averaging round against the mean (``stamen bench audit --clip``) ---
+
+
+def _open_averagers(env: dict, prefix: str, elements: int, peers: int, tau: float) -> None:
+    """Two averagers over the same ``elements`` values on this worker: one reducing with the mean,
+    one with CenteredClip (separate groups)."""
+    import torch
+    from hivemind.averaging import DecentralizedAverager
+
+    from stamen.train.averaging import ExactAveraging
+
+    class _Averager(ExactAveraging, DecentralizedAverager):
+        pass
+
+    env["averagers"] = {
+        aggregation: _Averager([torch.zeros(elements)], dht=env["dht"], prefix=f"{prefix}_{aggregation}",
+                               aggregation=aggregation, tau=tau, target_group_size=peers, min_matchmaking_time=1.0,
+                               request_timeout=0.5, bandwidth=1000.0, start=True)
+        for aggregation in ("mean", "centered_clip")}
+    env.setdefault("closers", []).append(lambda: [a.shutdown() for a in env.pop("averagers", {}).values()])
+
+
+def _clip_round(env: dict, aggregation: str, rank: int, byzantine: bool, seed: int) -> float:
+    """Fill this peer's vector (honest: a shared direction plus noise; Byzantine: ×-100) and time one
+    all-reduce: matchmaking included, as a stage's round has it."""
+    import torch
+
+    averager = env["averagers"][aggregation]
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(averager.total_size, generator=g)
+    g.manual_seed(seed * 1000 + rank + 1)
+    with averager.get_tensors() as (t,):
+        t.copy_(base + 0.1 * torch.randn(t.shape, generator=g))
+        if byzantine:
+            t.mul_(-100)
+    start = time.perf_counter()
+    averager.step(timeout=60)
+    return time.perf_counter() - start
+
+
+def run_clip_cost(peers: int = 4, elements: int = 1 << 22, rounds: int = 5, tau: float = 1.0,
+                  json_only: bool = False) -> dict:
+    """Seconds per all-reduce round with the mean and with CenteredClip, ``peers`` worker processes on
+    127.0.0.1 (one Byzantine ×-100), interleaved rounds, medians; CPU time of the reduction is what
+    differs (CenteredClip keeps every sender's part and iterates over them)."""
+    import uuid
+
+    from stamen.testing.workers import on_all, start_workers, stop_workers
+
+    say = say_to(json_only)
+    say(f"CenteredClip vs mean: {peers} peers, {elements:,} float32 values each, {rounds} rounds per aggregation")
+    workers = start_workers(peers)
+    times: dict[str, list[float]] = {"mean": [], "centered_clip": []}
+    try:
+        on_all(workers, _open_averagers, f"clipcost{uuid.uuid4().hex[:8]}", elements, peers, tau)
+        for r in range(rounds + 1):  # the first round of each warms up and is not counted
+            order = ("mean", "centered_clip") if r % 2 == 0 else ("centered_clip", "mean")
+            for aggregation in order:
+                for rank, worker in enumerate(workers):
+                    worker.send(_clip_round, aggregation, rank, rank == peers - 1, r + 1)
+                spent = max(worker.recv(120) for worker in workers)
+                if r:
+                    times[aggregation].append(spent)
+                    say(f"round {r}/{rounds} {aggregation}: {spent * 1000:.0f} ms")
+    finally:
+        stop_workers(workers)
+    mean, clip = statistics.median(times["mean"]), statistics.median(times["centered_clip"])
+    report = {"bench": "clip_cost", "peers": peers, "elements": elements, "rounds": rounds, "tau": tau,
+              "seconds_per_round": {"mean": mean, "centered_clip": clip}, "ratio": clip / mean,
+              "raw": times, "machine": machine_info()}
+    if json_only:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"\nAll-reduce round, {peers} peers on 127.0.0.1 (one Byzantine), {elements:,} float32 values, "
+              f"medians of {rounds} interleaved rounds (matchmaking included)\n\n"
+              "| aggregation | ms per round |\n|---|---|\n"
+              f"| mean | {mean * 1000:.0f} |\n| CenteredClip (τ {tau}) | {clip * 1000:.0f} |\n\n"
+              f"CenteredClip / mean: {clip / mean:.2f}×")
+    return report

@@ -205,6 +205,22 @@ def bench_audit(
                                        detection_runs=detection_runs), json_only=json_out)
 
 
+@bench_app.command("clip-cost")
+def bench_clip_cost(
+    peers: Annotated[int, typer.Option(help="Averaging peers (one of them Byzantine).")] = 4,
+    elements: Annotated[int, typer.Option(help="float32 values each peer averages.")] = 1 << 22,
+    rounds: Annotated[int, typer.Option(help="Rounds per aggregation (interleaved; medians).")] = 5,
+    tau: Annotated[float, typer.Option(help="CenteredClip's clipping radius.")] = 1.0,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """CenteredClip's cost per all-reduce round against the mean: real hivemind averagers in separate
+    processes on 127.0.0.1, interleaved rounds, medians."""
+    setup_logging("ERROR")
+    from stamen.bench.audit import run_clip_cost
+
+    run_clip_cost(peers=peers, elements=elements, rounds=rounds, tau=tau, json_only=json_out)
+
+
 @bench_app.command("network")
 def bench_network(
     model: Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")] = None,
