@@ -94,6 +94,11 @@ def test_the_record_policy_refuses_records_no_key_owns_and_overlong_ones():
     assert not policy.validate(DHTRecord(b"key", MSGPackSerializer.dumps("QmPeer"), b"value", now + 60))
     assert not policy.validate(DHTRecord(b"key", MSGPackSerializer.dumps(None), b"value", now + 60))  # no subkey
     assert not policy.validate(DHTRecord(b"key", b"\xc1", b"value", now + 60))  # not msgpack
+    # hivemind's averagers key their (unsigned) records by the raw peer id: allowed for a minute only
+    bare = MSGPackSerializer.dumps(PeerID.from_base58("QmXx3xfRFbhC5KXWVCdQxvaVmSLiAzr5adxMrJJbU7vn3v").to_bytes())
+    assert policy.validate(DHTRecord(b"key", bare, b"value", now + 30))
+    assert not policy.validate(DHTRecord(b"key", bare, b"value", now + 120))
+    assert not policy.validate(DHTRecord(b"key", MSGPackSerializer.dumps(b"\x12\x20short"), b"value", now + 30))
 
 
 @pytest.mark.swarm

@@ -17,6 +17,7 @@ from stamen.cli.bench import bench_app
 from stamen.cli.logs import setup_logging
 from stamen.cli.options import CliField, config_options
 from stamen.cli.streamer import TimedTextStreamer
+from stamen.cli.train import train as train_command
 from stamen.client.config import ClientConfig
 from stamen.errors import StamenError
 from stamen.process import check_port_free
@@ -27,6 +28,7 @@ from stamen.types import parse_bytes
 app = typer.Typer(help="Stamen: run large language models over a swarm of peers.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 app.add_typer(bench_app, name="bench")
+app.command("train")(train_command)  # SWARM trainers (cli/train.py)
 
 
 PeersOpt = Annotated[list[str], typer.Option("--initial-peers", help="Multiaddrs of DHT peers to join.")]

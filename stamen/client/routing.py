@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from stamen.types import PeerIDStr, Span
@@ -142,3 +142,47 @@ def sample_route(candidates: Sequence[Candidate], blocks: Span, rng: random.Rand
         hops.append(Hop(chosen.peer_id, Span(b, e)))
         b = e
     return hops
+
+
+# --- SWARM training: stages and randomized pipelines (``client/swarm_train.py``) ---
+
+
+def stage_chain(spans: Sequence[Span], blocks: Span) -> list[Span] | None:
+    """Training stages (distinct spans of ``--train`` servers) that tile ``blocks`` end to end, fewest
+    stages first (a stage's peers hold its whole span: a microbatch runs each stage whole); None
+    if no chain of stages covers ``blocks`` exactly."""
+    by_start: dict[int, list[Span]] = {}
+    for span in set(spans):
+        by_start.setdefault(span.start, []).append(span)
+    best: dict[int, list[Span]] = {blocks.start: []}
+    frontier = [blocks.start]
+    while frontier:  # breadth first: fewest stages
+        nxt: list[int] = []
+        for b in frontier:
+            for span in sorted(by_start.get(b, []), key=lambda s: -s.end):
+                if span.end <= blocks.end and span.end not in best:
+                    best[span.end] = [*best[b], span]
+                    nxt.append(span.end)
+        frontier = nxt
+    return best.get(blocks.end)
+
+
+def stage_peer_weight(candidate: Candidate, inflight: int = 0) -> float:
+    """How likely a stage's peer is drawn for a microbatch: throughput / (1 + load), where load is its
+    announced queue (``Candidate.load``) plus the microbatches this trainer has in flight there."""
+    return max(0.0, candidate.throughput) / (1.0 + candidate.load + inflight)
+
+
+def draw_stage_peer(candidates: Sequence[Candidate], stage: Span, rng: random.Random,
+                    inflight: dict[PeerIDStr, int] | None = None,
+                    exclude: Collection[PeerIDStr] = ()) -> Candidate | None:
+    """One peer of ``stage`` (candidates hosting exactly that span, less ``exclude``) drawn with
+    probability ∝ ``stage_peer_weight``; None if the stage has no usable peer."""
+    inflight = inflight or {}
+    peers = [c for c in candidates if c.span == stage and c.peer_id not in exclude and c.throughput > 0]
+    if not peers:
+        return None
+    weights = [stage_peer_weight(c, inflight.get(c.peer_id, 0)) for c in peers]
+    if sum(weights) <= 0:
+        return rng.choice(peers)
+    return rng.choices(peers, weights=weights)[0]

@@ -7,6 +7,8 @@ subkey is not such an owner subkey, and every record that expires more than ``MA
 seconds ahead. Readers take a record's peer id from its subkey's key (``owner_peer_id``: a libp2p
 peer id is the hash of the peer's public key, and libp2p authenticates it on every connection),
 never from the value. So a peer can write records only for itself, for at most ``MAX_RECORD_TTL``.
+The one exception: records under a bare peer id for at most ``UNSIGNED_RECORD_TTL`` seconds,
+which hivemind's averaging writes unsigned (matchmaking) and no server or accusation reader trusts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from stamen.types import MAX_RECORD_TTL, PeerIDStr
+
+UNSIGNED_RECORD_TTL = 60.0
+"""Seconds an unsigned record (subkey: a bare peer id, as hivemind's averagers write) may live."""
 
 _OWNER = re.compile(rb"\[owner:(.+)\]", re.DOTALL)
 """hivemind's ``RSASignatureValidator.PUBLIC_KEY_FORMAT``, as the whole subkey."""
@@ -85,25 +90,41 @@ def create_dht(initial_peers: Sequence[str], *, host: str | None = None, port: i
 
 
 class RecordPolicy(RecordValidatorBase):
-    """Refuses a record unless its subkey is an owner subkey (``[owner:<RSA public key>]``: hivemind's
-    ``RSASignatureValidator`` then checks the owner's signature) and it expires at most ``max_ttl``
-    seconds from now. Runs before the signature check, so a malformed key is refused here."""
+    """Refuses a record unless it expires at most ``max_ttl`` seconds from now and its subkey is an
+    owner subkey (``[owner:<RSA public key>]``: hivemind's ``RSASignatureValidator`` then checks the
+    owner's signature), or, for at most ``unsigned_ttl`` seconds, a bare libp2p peer id: hivemind's
+    averaging records (matchmaking, state-sharing declarations) and training stages' progress are
+    keyed so, unsigned in hivemind itself. No reader of servers' records or accusations trusts a
+    subkey that is not an owner subkey, and a forged progress record can only start a round that the
+    group's gathered metadata then refuses. Runs before the signature check, so a malformed key is
+    refused here."""
 
-    def __init__(self, max_ttl: float = MAX_RECORD_TTL):
-        self.max_ttl = max_ttl
+    def __init__(self, max_ttl: float = MAX_RECORD_TTL, unsigned_ttl: float = UNSIGNED_RECORD_TTL):
+        self.max_ttl, self.unsigned_ttl = max_ttl, unsigned_ttl
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.expiration_time > get_dht_time() + self.max_ttl:
+        ttl = record.expiration_time - get_dht_time()
+        if ttl > self.max_ttl:
             return False
         try:
             subkey = MSGPackSerializer.loads(record.subkey)
         except Exception:  # not msgpack: not ours
             return False
-        return owner_peer_id(subkey) is not None
+        if owner_peer_id(subkey) is not None:
+            return True
+        return ttl <= self.unsigned_ttl and bare_peer_id(subkey) is not None
 
     @property
     def priority(self) -> int:
         return 20  # validated before RSASignatureValidator (10), which would raise on a malformed key
+
+
+def bare_peer_id(subkey: object) -> PeerIDStr | None:
+    """The peer id a subkey is, when it is the raw bytes of a libp2p peer id (a sha2-256 multihash),
+    as hivemind's averagers key their records; else None."""
+    if not isinstance(subkey, bytes) or len(subkey) != 34 or not subkey.startswith(b"\x12\x20"):
+        return None
+    return PeerIDStr(base58.b58encode(subkey).decode())
 
 
 def owner_peer_id(subkey: object) -> PeerIDStr | None:

@@ -120,12 +120,15 @@ def load_span(
     progress: bool = True,
     reuse: SpanModel | None = None,
     quant: QuantMethod = "none",
+    input_major_ok: bool = True,
 ) -> SpanModel:
     """Build a SpanModel holding only blocks ``span`` with weights read from the checkpoint.
 
     Blocks that ``reuse`` (a span already loaded, e.g. before a server moves) holds are shared with
     it instead of being read again. ``quant`` (int8, nf4) quantizes each block's projections as it
-    is loaded, from the checkpoint's own precision, so no more than one block is ever in float."""
+    is loaded, from the checkpoint's own precision, so no more than one block is ever in float.
+    ``input_major_ok=False`` keeps every weight contiguous (trained spans: their gradients and
+    hivemind's all-reduce, which flattens tensors with ``view``, want the plain layout)."""
     if span.end > config.num_blocks:
         raise CheckpointError(f"span {span} is past the model's {config.num_blocks} blocks")
     with torch.device("meta"):
@@ -144,7 +147,7 @@ def load_span(
         state = hf_block_state_dict(raw, f"{checkpoint.block_prefix}{index}.")
         keep = {f"{p}.weight" for p in PROJECTIONS} if quant != "none" else set()  # quantized from the original
         state = {k: v.to(device=device) if k in keep else v.to(device=device, dtype=dtype) for k, v in state.items()}
-        if quant == "none" and prefers_input_major(device, dtype):
+        if quant == "none" and input_major_ok and prefers_input_major(device, dtype):
             state.update({f"{p}.weight": input_major(state[f"{p}.weight"]) for p in PROJECTIONS})
         try:
             block.load_state_dict(state, strict=True, assign=True)

@@ -173,7 +173,8 @@ class Server:
             # servers of one host load and measure one at a time: a load (reading, copying, laying
             # out weights) beside another server's measurement skewed it (server/compute.py)
             with host_measurement_lock():
-                model = load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device, quant=cfg.quant)
+                model = load_span(checkpoint, block_config, self.span, cfg.torch_dtype, cfg.device, quant=cfg.quant,
+                                  input_major_ok=not cfg.train)
                 self._set_decode_threads(model)
             backend = SpanBackend(model, cfg.torch_dtype, torch.device(cfg.device), cfg.max_cache_tokens,
                                   cfg.max_step_tokens, max_train_graphs=cfg.max_train_graphs, inline_compute=True,
@@ -467,7 +468,7 @@ class Server:
         try:
             model = await s.backend.run_long(lambda: load_span(  # pings and steps go on meanwhile
                 s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device,
-                reuse=None if cfg.train else old_model, quant=cfg.quant))
+                reuse=None if cfg.train else old_model, quant=cfg.quant, input_major_ok=not cfg.train))
         except Exception:
             self.moving_to = None
             raise

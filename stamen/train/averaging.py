@@ -590,7 +590,10 @@ class StageAverager:
     # --- progress and the background loop ------------------------------------------------------
 
     def _publish(self) -> None:
-        self.dht.store(self._progress_key, subkey=self._peer, value=dict(epoch=self.epoch, samples=self.samples),
+        # keyed by the raw peer id, as hivemind's own averaging records are (a swarm's DHT accepts such
+        # unsigned records only when they are short-lived: dht/node.py RecordPolicy)
+        self.dht.store(self._progress_key, subkey=self.dht.peer_id.to_bytes(),
+                       value=dict(epoch=self.epoch, samples=self.samples),
                        expiration_time=get_dht_time() + 4 * self.progress_period)
 
     def _progress(self) -> dict[str, tuple[int, int]]:
@@ -605,7 +608,7 @@ class StageAverager:
                 continue
             epoch, samples = value.get("epoch"), value.get("samples")
             if isinstance(epoch, int) and isinstance(samples, int):
-                progress[str(peer)] = (epoch, samples)
+                progress[PeerID(peer).to_base58() if isinstance(peer, bytes) else str(peer)] = (epoch, samples)
         return progress
 
     def start(self) -> None:
