@@ -176,7 +176,8 @@ class SwarmTrainer:
             self._averager = StageAverager(
                 self.params, dht=self._avg_dht, prefix=f"{self.model_name}.trainers.{self.config.averaging}",
                 target_batch_size=target, optimizer=self._optimizer_factory(), averaging=self.config.averaging,
-                rank=self.config.rank, matchmaking_time=self.config.matchmaking_time,
+                rank=self.config.rank, aggregation=self.config.aggregation, tau=self.config.tau,
+                clip_iterations=self.config.clip_iterations, matchmaking_time=self.config.matchmaking_time,
                 averaging_timeout=self.config.averaging_timeout, apply=self._apply, label="trainers")
             self._averager.start()
         except BaseException:

@@ -30,6 +30,13 @@ class TrainerConfig(BaseModel):
     """How the trainers' group averages the client parts' gradients."""
     rank: int = Field(default=4, ge=1)
     """Rank of PowerSGD / ACP-SGD factors."""
+    aggregation: Literal["mean", "centered_clip"] = "mean"
+    """How the trainers' group reduces each averaged partition: the weighted mean, or CenteredClip
+    (Byzantine-robust; peers clipped hardest in consecutive rounds are left out)."""
+    tau: float = Field(default=1.0, gt=0)
+    """CenteredClip's clipping radius."""
+    clip_iterations: int = Field(default=20, ge=1, le=1000)
+    """CenteredClip's iterations at most per partition."""
     sync: bool = True
     """Send each stage's epoch with the microbatches and wait, after a step, until the trainers' group
     and every stage reached the next epoch (rerunning microbatches of stage peers that died)."""

@@ -39,6 +39,8 @@ class TrainSettings(BaseModel):
     """How each part of the all-reduce is reduced: the weighted mean, or CenteredClip (robust to outliers)."""
     tau: float = Field(default=1.0, gt=0)
     """CenteredClip's clipping radius."""
+    clip_iterations: int = Field(default=20, ge=1, le=1000)
+    """CenteredClip's iterations at most per partition."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of training forwards and backwards (bfloat16: autocast over the float32 master weights)."""
     matchmaking_time: float = Field(default=1.0, gt=0)

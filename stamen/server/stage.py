@@ -86,6 +86,7 @@ class Stage:
             [p for _, p in named], dht=dht, prefix=stage_prefix(model_name, self.span, settings.averaging),
             target_batch_size=settings.target_batch_size, optimizer=make_optimizer(settings),
             averaging=settings.averaging, rank=settings.rank, aggregation=settings.aggregation, tau=settings.tau,
+            clip_iterations=settings.clip_iterations,
             matchmaking_time=settings.matchmaking_time, averaging_timeout=settings.averaging_timeout,
             apply=self._apply_from_thread, fetch_state=self._fetch_from_thread, label=label,
             names=self.param_names)
