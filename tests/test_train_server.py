@@ -77,11 +77,12 @@ def _state(stage, who: str = "train", optimizer: bool = False) -> tuple[int, dic
     return epoch, tensors
 
 
-def _microbatch(stage, who: str, hidden: torch.Tensor, grad: torch.Tensor | None, mb: Microbatch | None):
+def _microbatch(stage, who: str, hidden: torch.Tensor, grad: torch.Tensor | None, mb: Microbatch | None,
+                recompute: bool = False):
     """One rpc_train call: (outputs, input gradient, BackwardDone)."""
     async def call():
         stream, out = await TrainStream.open(stage.client.swarm.p2p, _peer(stage, who), SPAN, SpanInputs(hidden),
-                                             timeout=30, microbatch=mb)
+                                             timeout=30, microbatch=mb, recompute=recompute)
         try:
             grads = await stream.backward(grad if grad is not None else torch.ones_like(out))
         finally:
@@ -158,6 +159,23 @@ def test_microbatch_counts_once_per_id_and_lone_stage_steps_as_local_sgd(stage):
     assert done2.accumulated
     after = _wait_epoch(stage, epoch + 1)
     _assert_params(after, _sgd_step(stage.path, before, [(h1, g1, 2), (h2, g2, 2)]))
+
+
+def test_recomputed_microbatches_give_the_same_outputs_gradients_and_step(stage):
+    """Activation recomputation (the server keeps only the inputs and runs the forward again with
+    autograd when the gradient arrives): the same outputs and input gradients as a kept graph, and
+    the weight gradients make the same step."""
+    epoch, before = _state(stage)
+    local = _local_span(stage.path, before)
+    (h1, g1), (h2, g2) = _batch(11), _batch(12)
+    out, grad_in, done = _microbatch(stage, "train", h1, g1, _mb(2, epoch), recompute=True)
+    assert done.accumulated
+    with torch.no_grad():
+        _close(out, local(h1))
+    _close(grad_in, _input_grad(local, h1, g1))
+    _, _, done2 = _microbatch(stage, "train", h2, g2, _mb(2, epoch), recompute=True)
+    assert done2.accumulated
+    _assert_params(_wait_epoch(stage, epoch + 1), _sgd_step(stage.path, before, [(h1, g1, 2), (h2, g2, 2)]))
 
 
 def test_training_server_gives_the_input_gradients_of_a_frozen_one(stage):

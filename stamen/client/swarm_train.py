@@ -404,7 +404,11 @@ class SwarmTrainer:
             try:
                 stream, out = await TrainStream.open(
                     self.swarm.p2p, self.swarm.peer(peer), span, SpanInputs(x),
-                    timeout=self.swarm.config.request_timeout, microbatch=mb)
+                    timeout=self.swarm.config.request_timeout, microbatch=mb,
+                    # ClientConfig's switches, as for fine-tuning: no kept graphs = recomputation on the
+                    # server; compressed activations between stages when asked for training too
+                    recompute=not self.swarm.config.train_streams,
+                    compression=self.swarm.config.compression if self.swarm.config.train_compression else None)
                 return peer, stream, out
             except Exception as e:
                 self._inflight[peer] -= 1

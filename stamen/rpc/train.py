@@ -57,16 +57,18 @@ class TrainStream:
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID, blocks: Span, inputs: SpanInputs, *, timeout: float,
                    train_lora_a: bool = True, compression: Compression | None = None,
-                   microbatch: Microbatch | None = None) -> tuple[TrainStream, torch.Tensor]:
+                   microbatch: Microbatch | None = None,
+                   recompute: bool = False) -> tuple[TrainStream, torch.Tensor]:
         """Run the span forward on a server that keeps its graph; the stream and the span's outputs.
         ``ServerFullError``: the server holds as many graphs as it may (use ``call_forward``).
         ``compression`` applies to hidden, the outputs and both gradients. ``microbatch``: train the
         span's own weights too (a ``--train`` server; ``NotTrainingError`` from others,
         ``StageEpochError`` when its stage is in another epoch); ``done`` tells after ``backward``
-        whether the server counted it."""
+        whether the server counted it. ``recompute``: the server keeps only the inputs and recomputes
+        the forward with autograd at the backward (activation recomputation)."""
         self = cls(peer, blocks, timeout, compression)
         msg = TrainRequest(blocks=SpanRef.of(blocks), parts=1, train_lora_a=train_lora_a, compression=compression,
-                           microbatch=microbatch, **inputs.fields(TrainRequest))
+                           microbatch=microbatch, recompute=recompute, **inputs.fields(TrainRequest))
         self._send(msg, inputs.tensors())
 
         async def call():

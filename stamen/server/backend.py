@@ -166,6 +166,28 @@ class TrainGraph:
         self.out, self.wanted, self.params = None, [], []  # type: ignore[assignment]
 
 
+class RecomputedGraph(TrainGraph):
+    """A training call with activation recomputation: the forward ran without autograd and only the
+    inputs are kept; the gradient's arrival runs the span again with autograd, then the backward."""
+
+    def __init__(self, out: torch.Tensor, rebuild):
+        super().__init__(out, [], False)
+        self._rebuild = rebuild
+
+    def grads(self, grad_outputs: torch.Tensor) -> SpanGrads:
+        if self.out is None:
+            raise SessionClosedError("the training graph was dropped (used, or dropped for a weight update)")
+        graph = self._rebuild()
+        self.drop()
+        result = graph.grads(grad_outputs)
+        self.weight_grads = graph.weight_grads
+        return result
+
+    def drop(self) -> None:
+        super().drop()
+        self._rebuild = None
+
+
 class GraphGate:
     """Kept training graphs against in-place updates of the weights they reach (a training stage's
     optimizer step, or a load of its state): autograd refuses a backward through a tensor changed
@@ -528,10 +550,11 @@ class SpanBackend:
         self.recomputed_backwards += 1
         return graph.grads(grad_outputs)
 
-    def _graph(self, x: _Checked, train_lora_a: bool, weights: bool = False) -> TrainGraph:
+    def _graph(self, x: _Checked, train_lora_a: bool, weights: bool = False, grad: bool = True) -> TrainGraph:
         """The span run with autograd: fresh leaves for the inputs, deep prompts and LoRA; weights frozen,
-        or (``weights``, a training server's microbatch) the span's own parameters among the leaves."""
-        with torch.enable_grad():
+        or (``weights``, a training server's microbatch) the span's own parameters among the leaves.
+        ``grad=False``: the same computation without autograd (the first forward of a recomputation)."""
+        with torch.enable_grad() if grad else torch.no_grad():
             hidden = x.hidden.detach().requires_grad_()
             wanted = [hidden]
             prompts = x.prompts
@@ -550,14 +573,19 @@ class SpanBackend:
             out = out.to(x.hidden.dtype)
         return TrainGraph(out, wanted, prompts is not None, params)
 
+    def _recomputed(self, x: _Checked, train_lora_a: bool, weights: bool = False) -> RecomputedGraph:
+        out = self._graph(x, train_lora_a, weights, grad=False).out
+        return RecomputedGraph(out, lambda: self._graph(x, train_lora_a, weights))
+
     # --- training graphs kept within one rpc_train call ---
 
     @contextlib.asynccontextmanager
     async def train_graph(self, blocks: Span, inputs: SpanInputs, train_lora_a: bool,
-                          timeout: float, weights: bool = False) -> AsyncIterator[TrainGraph]:
+                          timeout: float, weights: bool = False, recompute: bool = False) -> AsyncIterator[TrainGraph]:
         """The span run with autograd (within ``timeout`` seconds), its graph held until the block
         ends: one of ``max_train_graphs`` slots (``ServerFullError`` when none is free). ``weights``:
-        the graph reaches the span's trainable parameters (``TrainGraph.weight_grads``)."""
+        the graph reaches the span's trainable parameters (``TrainGraph.weight_grads``). ``recompute``:
+        run without autograd now and again with it at the backward (``RecomputedGraph``)."""
         x = self.checked(blocks, inputs)
         if self.train_graphs_held >= self.max_train_graphs:
             raise ServerFullError(f"server full: {self.train_graphs_held} of {self.max_train_graphs} training "
@@ -566,7 +594,8 @@ class SpanBackend:
         graph, pending = None, None
         try:
             pending = await self.gate.enter(timeout)
-            graph = await asyncio.wait_for(self.run_long(self._graph, x, train_lora_a, weights), timeout)
+            build = self._recomputed if recompute else self._graph
+            graph = await asyncio.wait_for(self.run_long(build, x, train_lora_a, weights), timeout)
             self.gate.release(pending)
             if pending.dropped:
                 raise SessionClosedError("the training graph was dropped for a weight update")

@@ -207,7 +207,8 @@ class SpanHandler:
             if stage is not None and mb.accumulate:
                 stage.check_epoch(mb.epoch)  # before the forward: a peer behind fails fast
             async with self.backend.train_graph(msg.blocks.span, inputs, msg.train_lora_a, self.request_timeout,
-                                                weights=stage is not None and mb.accumulate) as graph:
+                                                weights=stage is not None and mb.accumulate,
+                                                recompute=msg.recompute) as graph:
                 for response in reply_in_parts(TrainForwardDone(parts=1), [graph.output()], msg.compression):
                     yield response
                 grad_outputs = await self._grad_outputs(requests)

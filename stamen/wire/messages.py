@@ -282,6 +282,9 @@ class TrainRequest(_Msg):
     ``BackwardRequest``)."""
     microbatch: Microbatch | None = None
     """Train the span's own weights on this microbatch (servers started with ``--train`` only)."""
+    recompute: bool = False
+    """Keep only the inputs between the messages and recompute the forward with autograd when the
+    gradient arrives (activation recomputation: less memory held, one more forward)."""
 
 
 class TrainForwardDone(_Msg):
