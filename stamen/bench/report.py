@@ -122,3 +122,60 @@ def train_table(s: dict) -> str:
         lines.append(f"| {name} | {m['peak_rss_mb']:.0f} | {m['training_overhead_mb']:.0f} | "
                      f"{m['lora_grads_mb']:.2f} | {m['optimizer_state_mb']:.2f} |")
     return "\n".join(lines)
+
+
+_SWARM_TRAIN_NAMES = {
+    "local": "one local process (transformers, float32)",
+    "swarm": "swarm: kept graphs, no compression, float32 (baseline)",
+    "recompute": "swarm, activation recomputation (stateless forwards recomputed in backward)",
+    "compression": "swarm, 8-bit activation compression between stages (blockwise8)",
+    "bf16": "swarm, bf16 compute on the servers (float32 master weights; a second swarm)",
+}
+
+
+def swarm_train_markdown(report: dict) -> str:
+    """The tables of ``stamen bench swarm-train``: averaging per cell and kind; throughput and the
+    optimisations one at a time."""
+    lines: list[str] = []
+    if "averaging" in report:
+        a = report["averaging"]
+        lines += [f"### Averaging one stage's gradients (blocks {a['span']}: {a['tensors']} tensors, "
+                  f"{a['values'] / 1e6:.1f}M float32 values; {a['group_size']} peers, each its own process; "
+                  f"rank {a['rank']}; medians of {a['rounds']} rounds per kind, kinds alternating)", "",
+                  "| link | averager | all-reduces / round | all-reduce s | step s (matchmaking incl.) | "
+                  "MB sent / peer / round, averager's count | on the interface |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for cell in a["cells"]:
+            for kind, k in cell["kinds"].items():
+                measured = f"{k['sent_mb_measured']:.3f}" if "sent_mb_measured" in k else "–"
+                lines.append(f"| {cell['bandwidth']} | {kind} | {k['allreduces_per_round']} | {k['allreduce_s']:.3f} | "
+                             f"{k['step_s']:.2f} | {k['sent_mb_counted']:.3f} | {measured} |")
+        lines.append("")
+        for cell in a["cells"]:
+            r = cell["ratios"]
+            if r:
+                lines.append(f"- {cell['bandwidth']}: " + ", ".join(f"{key.replace('_', ' ')} {v:.2f}×"
+                                                                    for key, v in r.items()))
+            for kind, errors in cell.get("failed_rounds", {}).items():
+                lines.append(f"- {cell['bandwidth']}: {len(errors)} {kind} round(s) failed and ran again "
+                             f"(first: {errors[0]})")
+        lines += ["", f"Namespaces: {a['namespaces']}. Bytes: {a['bytes']}. Seconds: {a['seconds']}.", ""]
+    if "throughput" in report:
+        t = report["throughput"]
+        lines += [f"### Training tokens/s: {t['stages']} stages × {t['peers_per_stage']} peers "
+                  f"({', '.join(t['spans'])}) vs one local process (global batch {t['batch']} × {t['seq_len']} "
+                  f"tokens in microbatches of {t['microbatch']}, {t['optimizer']}, {t['averaging']} averaging, "
+                  f"synchronous steps; medians of {t['steps']} steps)", "",
+                  "| contender | tokens/s | s/step | / local | / swarm baseline | kept streams | compressed |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in t["contenders"].items():
+            hops = f"{c['kept_streams']} | {c['compressed_streams']}" if "kept_streams" in c else "– | –"
+            note = "" if c.get("applied", True) else " (**not applied by the trainer**)"
+            lines.append(f"| {_SWARM_TRAIN_NAMES.get(name, name)}{note} | {c['tokens_per_s']:.1f} | "
+                         f"{c['seconds_per_step']:.2f} | {c['over_local']:.2f} | {c['over_swarm']:.2f} | {hops} |")
+        lines.append("")
+    if "machine" in report:
+        m = report["machine"]
+        lines.append(f"Machine: {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+                     f"load average at the end {m['load_average_at_end']}; wall {report.get('wall_s', '?')} s.")
+    return "\n".join(lines)

@@ -291,3 +291,53 @@ def bench_wire(
 
     run_wire_bench(model=model, preset=preset, num_servers=servers, new_tokens=new_tokens, dtypes=dtype,
                    json_only=json_out)
+
+
+@bench_app.command("swarm-train")
+def bench_swarm_train(
+    model: Annotated[str | None, typer.Option(help="Model directory (default: a random Llama of --preset).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset of the random model: 246m (default), small, tiny.")] = "246m",
+    averaging: Annotated[list[str] | None, typer.Option(help="Averagers to compare (default plain powersgd "
+                                                              "acp).")] = None,
+    rank: Annotated[int, typer.Option(help="PowerSGD / ACP-SGD rank.")] = 4,
+    rounds: Annotated[int | None, typer.Option(help="Averaging rounds per kind and link (default 4; medians).")] = None,
+    bandwidth: Annotated[list[str] | None, typer.Option(help="tc rates of the namespace averaging cells "
+                                                             "(default 100mbit; needs root).")] = None,
+    loopback: Annotated[bool, typer.Option(help="Skip namespaces: average on 127.0.0.1 only.")] = False,
+    batch: Annotated[int | None, typer.Option(help="Global batch of a training step (default 32).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default 128).")] = None,
+    microbatch: Annotated[int | None, typer.Option(help="Sequences per microbatch (default 4).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Measured training steps per contender (default 3; "
+                                                   "medians).")] = None,
+    ablations: Annotated[bool, typer.Option(help="Also measure recomputation, compression and bf16, one at a "
+                                                 "time.")] = True,
+    averaging_part: Annotated[bool, typer.Option("--averaging-part/--no-averaging-part",
+                                                 help="Measure the averagers.")] = True,
+    throughput_part: Annotated[bool, typer.Option("--throughput-part/--no-throughput-part",
+                                                  help="Measure swarm vs local training.")] = True,
+    server_threads: Annotated[int | None, typer.Option(help="torch threads per server (default: torch's).")] = None,
+    peers_per_stage: Annotated[int, typer.Option(help="Training servers per stage (and averaging peers).")] = 2,
+    quick: Annotated[bool, typer.Option(help="A smoke run: tiny model, 2 rounds, one short step.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Directory for swarm_train.json and swarm_train.md.")] = None,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Training the model's own weights in a SWARM: averager bytes and seconds per round (plain, PowerSGD,
+    ACP-SGD) on loopback and at 100 Mbit/s between namespaces; a 2-stage × 2-peer swarm's training
+    tokens/s vs one local process; recomputation, 8-bit activation compression and bf16 one at a time."""
+    setup_logging("WARNING")
+    from stamen.bench.swarm_train import SwarmTrainSettings, run_swarm_train_bench
+
+    settings = SwarmTrainSettings.quick(model) if quick else SwarmTrainSettings(model=model, preset=preset)
+    settings.rank, settings.loopback_only, settings.ablations = rank, loopback, ablations
+    settings.averaging_part, settings.throughput_part = averaging_part, throughput_part
+    settings.peers_per_stage = peers_per_stage
+    for name, value in (("averaging", averaging), ("rounds", rounds), ("bandwidths", bandwidth), ("batch", batch),
+                        ("seq_len", seq_len), ("microbatch", microbatch), ("steps", steps),
+                        ("server_threads", server_threads)):
+        if value:
+            setattr(settings, name, list(value) if isinstance(value, list) else value)
+    unknown = [k for k in settings.averaging if k not in ("plain", "powersgd", "acp")]
+    if unknown:
+        raise typer.BadParameter(f"unknown averager {unknown[0]!r}: use plain, powersgd or acp",
+                                 param_hint="--averaging")
+    run_swarm_train_bench(settings, json_only=json_out, out=out)
