@@ -33,7 +33,6 @@ model does not start from it).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import statistics
@@ -49,7 +48,7 @@ from transformers import AutoConfig
 from stamen.bench.harness import even_spans
 from stamen.bench.network_model import network_ms, predict
 from stamen.bench.network_swarm import NetSwarm
-from stamen.bench.timing import TokenClock, say_to
+from stamen.bench.timing import TokenClock, emit_report, say_to
 from stamen.client import loop
 from stamen.client.model import AutoDistributedModelForCausalLM
 from stamen.models import BlockConfig, KVCache, load_config, load_span, open_checkpoint
@@ -304,16 +303,7 @@ def run_network_bench(settings: NetworkSettings, json_only: bool = False, out: P
         "wall_s": round(time.monotonic() - started, 1),
         "cells": cells,
     }
-    table = markdown(summary)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "network.json").write_text(json.dumps(summary, indent=2))
-        (out / "network.md").write_text(table + "\n")
-    if json_only:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(table)
-        print(json.dumps(summary), file=sys.stderr)
+    emit_report(summary, markdown(summary), out, "network", json_only)
     return summary
 
 

@@ -53,7 +53,7 @@ import torch
 
 from stamen.bench.harness import even_spans
 from stamen.bench.report import swarm_train_markdown
-from stamen.bench.timing import machine_info, say_to
+from stamen.bench.timing import emit_report, machine_info, say_to
 from stamen.testing.models import PRESETS, save_random_llama
 from stamen.testing.netns import Topology, cleanup_stale, namespaces_unavailable
 from stamen.types import Span
@@ -660,16 +660,7 @@ def run_swarm_train_bench(settings: SwarmTrainSettings, json_only: bool = False,
             shutil.rmtree(workdir, ignore_errors=True)
     report["machine"] = machine_info()
     report["wall_s"] = round(time.monotonic() - started, 1)
-    table = swarm_train_markdown(report)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "swarm_train.json").write_text(json.dumps(report, indent=2))
-        (out / "swarm_train.md").write_text(table + "\n")
-    if json_only:
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
-        print(json.dumps(report), file=sys.stderr)
+    emit_report(report, swarm_train_markdown(report), out, "swarm_train", json_only)
     return report
 
 

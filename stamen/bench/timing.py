@@ -71,6 +71,22 @@ def run_together(jobs: list[Callable[[], object]], start_timeout: float = 60.0) 
     return results
 
 
+def emit_report(report: dict, table: str, out, stem: str, json_only: bool) -> None:
+    """A benchmark's result: ``out``/``stem``.json and .md when ``out`` is set; on stdout the JSON
+    (``json_only``) or the Markdown table, with the JSON on stderr."""
+    import json
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+        (out / f"{stem}.md").write_text(table + "\n")
+    if json_only:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table)
+        print(json.dumps(report), file=sys.stderr)
+
+
 def median_or_nan(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stamen.client import loop
-from stamen.client.retry import backoff_delay, is_retryable
+from stamen.client.retry import RetryBudget, backoff_delay, is_retryable
 from stamen.client.routing import Hop
 from stamen.client.swarm import Swarm
 from stamen.client.tuning import ClientLoRA
@@ -112,19 +112,6 @@ class Tuning:
     def adapters_for(self, blocks: Span) -> dict[str, BlockLoRA]:
         return {self._hashes[b]: self._blocks[b] for b in range(blocks.start, blocks.end)} \
             if self.lora is not None else {}
-
-
-@dataclass
-class _Budget:
-    """Retries left to one sub-batch (network faults and re-uploads together)."""
-
-    max_retries: int
-    used: int = 0
-
-    def spend(self, error: BaseException) -> None:
-        if self.used >= self.max_retries:
-            raise error
-        self.used += 1
 
 
 @dataclass
@@ -245,10 +232,10 @@ class _ChainRun:
     async def _forward_all(self, hidden: torch.Tensor, rows: list[slice]):
         budget = self.swarm.config.max_retries
         return await asyncio.gather(*(
-            self._forward_span(Span(0, self.num_blocks), hidden[r], r, _Budget(budget), self.train) for r in rows
+            self._forward_span(Span(0, self.num_blocks), hidden[r], r, RetryBudget(budget), self.train) for r in rows
         ))
 
-    async def _forward_span(self, blocks: Span, x: torch.Tensor, rows: slice, budget: _Budget,
+    async def _forward_span(self, blocks: Span, x: torch.Tensor, rows: slice, budget: RetryBudget,
                             train: bool = False) -> tuple[torch.Tensor, list[_Trace]]:
         """Run ``x`` through ``blocks``; returns the output and each hop with its input (and its kept
         ``rpc_train`` stream when ``train``)."""
@@ -277,7 +264,7 @@ class _ChainRun:
         config = self.swarm.config
         return config.compression if not self.needs_grad or config.train_compression else None
 
-    async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: _Budget,
+    async def _forward_hop(self, hop: Hop, x: torch.Tensor, rows: slice, budget: RetryBudget,
                            train: bool) -> tuple[torch.Tensor, TrainStream | None]:
         inputs = self._inputs(hop.blocks, x, rows)
         peer, timeout = self.swarm.peer(hop.peer_id), self.swarm.config.request_timeout
@@ -314,18 +301,19 @@ class _ChainRun:
     async def _backward_all(self, grad_output: torch.Tensor, grads: _Grads) -> torch.Tensor:
         budget = self.swarm.config.max_retries
         results = await asyncio.gather(*(
-            self._backward_trace(trace, grad_output[rows], rows, grads, _Budget(budget)) for rows, trace in self.traces
+            self._backward_trace(trace, grad_output[rows], rows, grads, RetryBudget(budget))
+            for rows, trace in self.traces
         ))
         return torch.cat(results, dim=0)
 
     async def _backward_trace(self, trace: list[_Trace], grad: torch.Tensor, rows: slice,
-                              grads: _Grads, budget: _Budget) -> torch.Tensor:
+                              grads: _Grads, budget: RetryBudget) -> torch.Tensor:
         for step in reversed(trace):
             grad = await self._backward_hop(step, grad, rows, grads, budget)
         return grad
 
     async def _backward_hop(self, step: _Trace, grad: torch.Tensor, rows: slice, grads: _Grads,
-                            budget: _Budget) -> torch.Tensor:
+                            budget: RetryBudget) -> torch.Tensor:
         hop, x, stream = step.hop, step.input, step.stream
         if stream is not None and not stream.used:  # the server kept this hop's graph
             try:
@@ -360,7 +348,7 @@ class _ChainRun:
             return received.inputs.to(grad.dtype)
 
     async def _reroute_backward(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, rows: slice, grads: _Grads,
-                                budget: _Budget, error: Exception) -> torch.Tensor:
+                                budget: RetryBudget, error: Exception) -> torch.Tensor:
         """Ban the failed server, run a new chain over its blocks forward from the saved input
         (stateless, for the new hops' inputs), then backward through it."""
         budget.spend(error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from stamen.errors import (
     RemoteCallError,
@@ -23,6 +24,20 @@ fails a ping (``InferenceSession._reply``)."""
 
 def is_retryable(error: BaseException) -> bool:
     return isinstance(error, RETRYABLE)
+
+
+@dataclass
+class RetryBudget:
+    """Retries left to one piece of work (a sub-batch, a microbatch): network faults and re-uploads
+    together; ``spend`` raises the error once they are used up."""
+
+    max_retries: int
+    used: int = 0
+
+    def spend(self, error: BaseException) -> None:
+        if self.used >= self.max_retries:
+            raise error
+        self.used += 1
 
 
 def backoff_delay(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:

@@ -54,7 +54,7 @@ from torch import nn
 
 from stamen.client import loop
 from stamen.client.config import ClientConfig
-from stamen.client.retry import backoff_delay, is_retryable
+from stamen.client.retry import RetryBudget, backoff_delay, is_retryable
 from stamen.client.routing import Candidate, draw_stage_peer, load_of, stage_chain
 from stamen.client.swarm import Swarm
 from stamen.client.train_config import TrainerConfig
@@ -113,17 +113,6 @@ class StepResult:
     seconds: float
     reruns: int
     """Stage hops rerun this step (failed peers)."""
-
-
-@dataclass
-class _Budget:
-    max_retries: int
-    used: int = 0
-
-    def spend(self, error: BaseException) -> None:
-        if self.used >= self.max_retries:
-            raise error
-        self.used += 1
 
 
 @dataclass
@@ -327,7 +316,7 @@ class SwarmTrainer:
 
     async def _microbatch(self, mb: Microbatch, ids: torch.Tensor, chain: list[Span], stages: dict[Span, _Stage],
                           epochs: dict[Span, int]) -> tuple[float, list[torch.Tensor]]:
-        budget = _Budget(self.swarm.config.max_retries)
+        budget = RetryBudget(self.swarm.config.max_retries)
         x = await asyncio.to_thread(self._embed, ids)  # (b, T, H)
         hops: list[_Hop] = []
         try:
@@ -385,7 +374,7 @@ class SwarmTrainer:
         stages.update(fresh)
 
     async def _open(self, span: Span, x: torch.Tensor, mb: Microbatch, stages: dict[Span, _Stage],
-                    budget: _Budget, prefer: PeerIDStr | None = None,
+                    budget: RetryBudget, prefer: PeerIDStr | None = None,
                     exclude: set[PeerIDStr] | None = None) -> tuple[PeerIDStr, TrainStream, torch.Tensor]:
         """Run the stage forward on one of its peers (``prefer`` first), keeping the graph."""
         exclude = set(exclude or ())
@@ -448,7 +437,7 @@ class SwarmTrainer:
         return mb
 
     async def _backward(self, hop: _Hop, grad: torch.Tensor, mb: Microbatch, stages: dict[Span, _Stage],
-                        budget: _Budget) -> torch.Tensor:
+                        budget: RetryBudget) -> torch.Tensor:
         try:
             received = await hop.stream.backward(grad)
         except Exception as e:
@@ -460,7 +449,7 @@ class SwarmTrainer:
         return received.inputs.float()
 
     async def _rerun(self, span: Span, hidden: torch.Tensor, grad: torch.Tensor, mb: Microbatch,
-                     stages: dict[Span, _Stage], budget: _Budget, failed: PeerIDStr | None,
+                     stages: dict[Span, _Stage], budget: RetryBudget, failed: PeerIDStr | None,
                      error: Exception | None) -> torch.Tensor:
         """Run one stage's hop again (forward from the saved input, backward with the saved output
         gradient): on ``failed`` itself if it answers a ping (it counts the id at most once), else on
@@ -539,7 +528,7 @@ class SwarmTrainer:
         self.swarm.ban(dead, f"stage {span} peer died before its stage stepped")
 
         async def rerun(c: _Counted) -> None:
-            budget = _Budget(self.swarm.config.max_retries)
+            budget = RetryBudget(self.swarm.config.max_retries)
             try:
                 await self._rerun(span, c.hidden, c.grad, c.mb, stages, budget, failed=None, error=None)
             except StageEpochError:

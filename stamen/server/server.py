@@ -455,22 +455,26 @@ class Server:
 
     async def _move(self, s: _Serving, decision: MoveDecision) -> None:
         """Load the target's missing blocks (keeping the ones already resident), switch to them,
-        announce, and let sessions on the old span finish (or close them after ``move_grace``)."""
+        announce, and let sessions on the old span finish (or close them after ``move_grace``).
+        A training server first leaves its stage between steps (announced without it, so trainers
+        draw its other peers; ``Stage.leave``), then joins the target's stage, loading its state."""
         cfg, old_span, old_model = self.config, self.span, s.backend.model
         self.moving_to = decision.target
         kept = len(set(range(old_span.start, old_span.end)) & set(range(decision.target.start, decision.target.end)))
         logger.info("%s moving to %s: %s; loading %d blocks, keeping %d", self.tag, decision.target, decision.reason,
                     decision.target.length - kept, kept)
+        leaving, self._stage = self._stage, None
         self._announce(s.dht, s.peer_id, ServerState.ONLINE, s.speed, s.backend.budget.tokens_left)
-        if self._stage is not None:  # leave the old stage; trained blocks are not reused for another stage
-            stage, self._stage = self._stage, None
-            await stage.shutdown()
+        if leaving is not None:  # trained blocks are not reused for another stage
+            await leaving.leave(cfg.move_grace)
         try:
             model = await s.backend.run_long(lambda: load_span(  # pings and steps go on meanwhile
                 s.checkpoint, s.block_config, decision.target, cfg.torch_dtype, cfg.device,
                 reuse=None if cfg.train else old_model, quant=cfg.quant, input_major_ok=not cfg.train))
         except Exception:
             self.moving_to = None
+            if leaving is not None:  # back into the old stage (its state from its peers again)
+                self._stage = await self._start_stage(s)
             raise
         s.backend.swap_model(model)
         self.span, self.moving_to = decision.target, None

@@ -17,7 +17,8 @@ see whole steps only.
 
 A joining peer loads the stage's state (parameters, optimizer and averager state, epoch) from a live
 peer of the stage (``rpc_stage_state``) before it goes online; a peer left behind (a live peer at a
-higher epoch) is brought up to date by the averager through ``fetch_state``.
+higher epoch) is brought up to date by the averager through ``fetch_state``. A peer that moves to
+another span leaves between steps (``leave``): the microbatches it counted stay with the stage.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from stamen.dht.records import StageInfo
-from stamen.errors import StageEpochError
+from stamen.errors import ServerBusyError, StageEpochError
 from stamen.rpc.stage import fetch_stage_state
 from stamen.server.backend import SpanBackend
 from stamen.server.config import TrainSettings
@@ -51,6 +52,10 @@ FETCH_TIMEOUT = 300.0
 """Seconds a peer may take to send the stage's state."""
 APPLY_SLACK = 600.0
 """Seconds an update may compute once the kept graphs drained, before the averager stops waiting."""
+LEAVE_CHECK_S = 0.2
+"""How often a leaving peer looks whether its counted microbatches went into a step."""
+LEAVING_RETRY_S = 1.0
+"""The retry-after of a microbatch refused by a leaving peer (trainers draw another peer meanwhile)."""
 
 
 def stage_prefix(model: str, span: Span, averaging: str) -> str:
@@ -78,6 +83,8 @@ class Stage:
         self.label = label
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.current_thread()
+        self.leaving = False
+        """Set by ``leave``: new microbatches are refused (a retryable "busy"), counted ones still step."""
         model = backend.model
         model.requires_grad_(True)  # microbatch graphs reach the weights; inference runs without autograd
         named = list(model.named_parameters())
@@ -104,7 +111,10 @@ class Stage:
                          target_batch_size=s.target_batch_size, averaging=s.averaging, optimizer=s.optimizer)
 
     def check_epoch(self, epoch: int | None) -> None:
-        """A microbatch for another epoch than the stage's is refused before its forward."""
+        """A microbatch for another epoch than the stage's is refused before its forward; while this
+        peer leaves the stage, every counted microbatch is (trainers retry it on another peer)."""
+        if self.leaving:
+            raise ServerBusyError(f"this peer is leaving the stage of blocks {self.span}", retry_after=LEAVING_RETRY_S)
         if epoch is not None and epoch != self.averager.epoch:
             raise StageEpochError(f"the stage of blocks {self.span} is in epoch {self.averager.epoch}, "
                                   f"not {epoch}")
@@ -151,6 +161,22 @@ class Stage:
         """Serve microbatches and average with the stage from now on."""
         self.averager.start()
         self.backend.stage = self
+
+    async def leave(self, timeout: float) -> None:
+        """Leave the stage without taking trainers' gradients along (a peer that moves to another
+        span): refuse new microbatches, wait until no kept graph is held and the microbatches this
+        peer counted went into a step of the stage (at most ``timeout`` s: a trainer that died
+        mid-step leaves them waiting), then shut down. A trainer only reruns the microbatches of a
+        peer that stops answering; a peer that left alive with counted samples would stall its
+        stage in synchronous training."""
+        self.leaving = True
+        deadline = self.loop.time() + timeout
+        while (self.averager.samples or self.backend.gate.held) and self.loop.time() < deadline:
+            await asyncio.sleep(LEAVE_CHECK_S)
+        if self.averager.samples:
+            logger.warning("%s leaving the stage with %d counted samples that did not step after %.0f s",
+                           self.label, self.averager.samples, timeout)
+        await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop averaging (on a thread: the averager's thread may wait for this loop)."""
