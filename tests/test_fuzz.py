@@ -32,9 +32,11 @@ from stamen.wire.messages import (
     CloseSession,
     FlushReplies,
     ForwardRequest,
+    Microbatch,
     OpenSession,
     PutAdapters,
     SpanRef,
+    StageStateRequest,
     Step,
     TrainBackward,
     TrainRequest,
@@ -342,9 +344,13 @@ class _Fuzz:
             good = encode(ForwardRequest(blocks=blocks, **flags))
         elif rpc is protocol.BACKWARD:
             good = encode(BackwardRequest(blocks=blocks, **flags))
-        elif rpc is protocol.TRAIN:
-            good = encode(self.pick(TrainRequest(blocks=blocks, parts=r.choice([1, 2, 1 << 20]), **flags),
+        elif rpc is protocol.TRAIN:  # a microbatch asks a frozen server to train: refused
+            good = encode(self.pick(TrainRequest(blocks=blocks, parts=r.choice([1, 2, 1 << 20]), **flags,
+                                                 recompute=r.random() < 0.3,
+                                                 microbatch=self.pick(None, Microbatch(id="m", samples=2, epoch=0))),
                                     TrainBackward(parts=1)))
+        elif rpc is protocol.STAGE_STATE:  # a frozen server has no stage
+            good = encode(StageStateRequest(blocks=blocks, optimizer=r.random() < 0.5))
         elif rpc is protocol.PUT_ADAPTERS:
             good = encode(PutAdapters.model_validate(dict(adapters=[dict(
                 hash=r.randbytes(8).hex(), targets=r.choice([["q_proj"], ["v_proj", "q_proj"], ["nope"]]),
@@ -354,7 +360,7 @@ class _Fuzz:
         if rpc is protocol.PUT_ADAPTERS:
             rank = r.choice([1, 4])
             tensors = [self.mutate(_hidden(rank, HIDDEN)), self.mutate(_hidden(HIDDEN, rank))]
-        elif rpc is protocol.BANDWIDTH:
+        elif rpc in (protocol.BANDWIDTH, protocol.STAGE_STATE):
             tensors = self.tensors()
         else:
             tensors = self.span_tensors(flags, blocks.end, grads=rpc is protocol.BACKWARD)
@@ -395,7 +401,7 @@ class _Fuzz:
 
     def case(self, session: str):
         rpc = self.pick(protocol.FORWARD, protocol.BACKWARD, protocol.TRAIN, protocol.PUT_ADAPTERS,
-                        protocol.BANDWIDTH, protocol.INFERENCE, protocol.PUSH, protocol.INFO)
+                        protocol.BANDWIDTH, protocol.INFERENCE, protocol.PUSH, protocol.INFO, protocol.STAGE_STATE)
         if rpc is protocol.INFERENCE:
             return self.inference_case(session)
         if rpc is protocol.PUSH:
@@ -411,7 +417,7 @@ def test_fuzz_every_rpc(hostile):
     the server alive, answering pings, computing what it computed before, in bounded memory."""
     s, peer, server = hostile
     assert {protocol.FORWARD, protocol.BACKWARD, protocol.TRAIN, protocol.PUT_ADAPTERS, protocol.BANDWIDTH,
-            protocol.INFERENCE, protocol.PUSH, protocol.INFO} == set(protocol.SPAN_SERVICE)
+            protocol.INFERENCE, protocol.PUSH, protocol.INFO, protocol.STAGE_STATE} == set(protocol.SPAN_SERVICE)
     before = _good_forward(s, peer)
     rss = _rss_mib(server)
     fuzz = _Fuzz(seed=20)
@@ -450,7 +456,7 @@ def test_fuzz_every_rpc(hostile):
     unanswered = [r for r in results if r[2] and not r[1]]
     assert not unanswered, unanswered[:3]
     assert set(codes) <= {"invalid_request", "wrong_blocks", "server_full", "unknown_session", "session_closed",
-                          "session_length", "unknown_adapter"}, set(codes)
+                          "session_length", "unknown_adapter", "not_training"}, set(codes)
 
     assert loop.run(call_info(s.p2p, peer, timeout=5)).blocks.span == Span(0, 2)  # alive, answering pings
     assert torch.equal(_good_forward(s, peer), before)  # bitwise

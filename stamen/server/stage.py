@@ -170,13 +170,15 @@ class Stage:
         peer that stops answering; a peer that left alive with counted samples would stall its
         stage in synchronous training."""
         self.leaving = True
-        deadline = self.loop.time() + timeout
-        while (self.averager.samples or self.backend.gate.held) and self.loop.time() < deadline:
+        started = self.loop.time()
+        while (self.averager.samples or self.backend.gate.held) and self.loop.time() < started + timeout:
             await asyncio.sleep(LEAVE_CHECK_S)
         if self.averager.samples:
             logger.warning("%s leaving the stage with %d counted samples that did not step after %.0f s",
                            self.label, self.averager.samples, timeout)
         await self.shutdown()
+        logger.info("%s left the stage at epoch %d (waited %.1f s for its counted microbatches to step)",
+                    self.label, self.averager.epoch, self.loop.time() - started)
 
     async def shutdown(self) -> None:
         """Stop averaging (on a thread: the averager's thread may wait for this loop)."""
