@@ -59,7 +59,8 @@ def _stage(env: dict, prefix: str, aggregation: str, peers: int) -> StageAverage
                          matchmaking_time=1.0, averaging_timeout=10.0, progress_period=0.2, label=prefix[-12:],
                          # the group starts as soon as every peer joined; equal bandwidths and 16-byte parts:
                          # every peer reduces a share of the 17 values, so every honest peer sees every sender
-                         target_group_size=peers, bandwidth=1000.0, part_size_bytes=16)
+                         target_group_size=peers, bandwidth=1000.0, part_size_bytes=16,
+                         request_timeout=0.5)  # a matchmaking request to a peer busy elsewhere fails fast
 
 
 def _train(stage: StageAverager, rank: int, byzantine: bool) -> dict:

@@ -455,7 +455,7 @@ class LocalTrainer:
         for chunk in chunks:
             loss = self.model(input_ids=chunk, labels=chunk).loss / len(chunks)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return total
