@@ -159,7 +159,7 @@ class TrainGraph:
         with torch.enable_grad():
             grads = torch.autograd.grad(out, wanted + params, grad_outputs, allow_unused=True)
         self.weight_grads = list(grads[len(wanted):])
-        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted, strict=False)]
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads[:len(wanted)], wanted, strict=True)]
         return SpanGrads(grads[0], grads[1] if self.has_prompts else None, grads[1 + self.has_prompts:])
 
     def drop(self) -> None:
