@@ -70,18 +70,31 @@ def probe(swarm):
 
 
 def _busy_middle_server(swarm, probe):
-    """The live [10:20) server holding a session (less free cache than an idle one)."""
+    """The live [10:20) server of the request's route: it holds a session (less free cache than an
+    idle one) and computes the steps the [0:10) server pushes to it. (A spare [10:20) server may
+    hold the client's audit session of that hop too, whose steps are never pushed.)"""
     from stamen.client import loop
     from stamen.rpc.calls import call_info
 
+    def info(peer: str):
+        return loop.run(call_info(probe.p2p, probe.peer(peer), 10))
+
+    holding = []
     for server in swarm.servers:
         if server.span != Span(10, 20) or server.proc.poll() is not None:
             continue
         # a server logs its own address when it starts (its log may name other servers too)
         peer = re.search(r"visible at \S*/p2p/(\w+)", server.log_path.read_text()).group(1)
-        if loop.run(call_info(probe.p2p, probe.peer(peer), 10)).cache_tokens_left < 8192:
-            return server
-    return None
+        reply = info(peer)
+        if reply.cache_tokens_left < 8192:
+            holding.append((server, peer, reply.pushed_steps))
+    deadline = time.monotonic() + 1.0
+    while len(holding) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        grown = [server for server, peer, pushed in holding if info(peer).pushed_steps > pushed]
+        if len(grown) == 1:
+            return grown[0]
+    return holding[0][0] if holding else None
 
 
 def _stream_in_thread(url: str, max_tokens: int):

@@ -102,17 +102,20 @@ def audited(tmp_path_factory):
 def test_liar_detected_and_tokens_honest(audited, lie):
     """50 seeded generations of 64 tokens; the liar is allowed in about 3 of 4 (seeded) and then is
     every route's choice for [2:4). Whenever the route used it, it is caught within 32 decoding steps
-    and accused in the DHT; in every run the tokens equal the honest swarm's. (Only float32 servers
-    besides the liar, so that the tokens may be compared exactly.)"""
+    and accused in the DHT; in every run the tokens equal the honest swarm's (after the rollback, with
+    the other hops' audit sessions rewound; audits send the auditors only their new positions). (Only
+    float32 servers besides the liar, so that the tokens may be compared exactly.)"""
     rng = random.Random(f"audit-{lie}")
     liar = audited.ids[lie]
-    used_runs = 0
+    used_runs = incremental = 0
     for run in range(RUNS):
         allowed = rng.random() < 0.75
         blocked = [x for x in LIARS if x != lie or not allowed] + list(LOW_PRECISION)
         tokens, session, first_route = audited.generate(run, blocked)
         assert torch.equal(tokens, audited.expected(run)), f"run {run}: tokens differ from the honest swarm's"
         caught = [(peer, steps) for peer, steps in session.detections]
+        incremental += sum(a.verdict == "passed" and 0 < a.positions[0] and a.sent == a.positions[1] - a.positions[0]
+                           for a in session.audits)  # on an audit session: the new positions only
         assert all(peer == liar for peer, _ in caught), f"run {run}: an honest server was convicted: {caught}"
         if liar in first_route:
             used_runs += 1
@@ -122,7 +125,7 @@ def test_liar_detected_and_tokens_honest(audited, lie):
             assert liar not in [h.peer_id for h in session.route]
         else:
             assert not caught
-    assert used_runs >= RUNS // 2
+    assert used_runs >= RUNS // 2 and incremental >= RUNS
     accusations = [a for a in fetch_accusations(audited.swarm.client_dht(), NAME)
                    if a.accuser == audited.model.swarm.dht.peer_id.to_base58()]
     assert any(a.accusation.accused == liar and (a.accusation.start, a.accusation.end) == (2, 4)
@@ -178,3 +181,60 @@ def test_forged_accusation_does_not_ban(audited):
     checks = [a for a in session.audits if a.peer_id == honest]
     assert len(checks) >= NEW_TOKENS // 2 and all(a.verdict == "passed" for a in checks)
     assert honest not in swarm.convicted and not session.detections
+
+
+def _tiles(audits, end: int, start: int = 0) -> bool:
+    """Whether the audits' positions tile [start, end) in order, each sending exactly its own positions."""
+    at = start
+    for a in audits:
+        if a.positions[0] != at or a.sent != a.positions[1] - a.positions[0]:
+            return False
+        at = a.positions[1]
+    return at == end
+
+
+@pytest.mark.parametrize("verify", ["audit", "strict"])
+def test_audits_are_incremental(audited, verify):
+    """Each hop's auditor keeps an audit inference session: an audit sends it only the positions since
+    the last one, so over a generation the positions sent per hop add up to the generation's length
+    (a stateless audit sends every position so far: quadratic), in audit mode and in strict mode (every
+    step, one position each). The audit sessions are closed with the session."""
+    blocked = [*LIARS, *LOW_PRECISION]
+    tokens, session, first_route = audited.generate(11, blocked, verify=verify)
+    assert torch.equal(tokens, audited.expected(11))
+    stepped = PROMPT + NEW_TOKENS - 1  # the last token is never fed back
+    assert [h.peer_id for h in session.route] == first_route
+    for peer in first_route:
+        mine = [a for a in session.audits if a.peer_id == peer]
+        assert all(a.verdict == "passed" for a in mine), [(a.positions, a.verdict) for a in mine]
+        assert len({a.auditor for a in mine}) == 1  # sticks to one auditor
+        assert _tiles(mine, stepped), [(a.positions, a.sent) for a in mine]
+        assert sum(a.sent for a in mine) == stepped
+        assert len(mine) >= (NEW_TOKENS if verify == "strict" else 3)
+    assert all(h.auditor is None for h in session._hops)  # closed with the session
+
+
+def test_rollback_rewinds_audit_sessions(audited):
+    """A second generate that diverges from the first (``rollback`` to an earlier position) leaves the
+    auditors' caches ahead of the hops': the next audit of each hop is sent at the rolled-back
+    position, which rewinds the auditor's cache there (no fresh session, no position sent again
+    before it), every audit passes, and the tokens are the honest swarm's."""
+    swarm = audited.model.swarm
+    swarm.forget_verdicts()
+    swarm.config.blocked_servers = [audited.ids[n] for n in (*LIARS, *LOW_PRECISION)]
+    swarm.config.verify = "audit"
+    keep = PROMPT + 10
+    with audited.model.inference_session(max_length=PROMPT + NEW_TOKENS) as session:
+        first = audited.model.generate(audited.prompt(12), max_new_tokens=32, eos_token_id=None)
+        before = len(session.audits)
+        auditors = {h.hop.peer_id: h.auditor for h in session._hops}
+        assert all(a is not None and a.cached == PROMPT + 31 for a in auditors.values())
+        second = audited.model.generate(first[:, :keep], max_new_tokens=NEW_TOKENS - 10, eos_token_id=None)
+        assert {h.hop.peer_id: h.auditor for h in session._hops} == auditors  # the same audit sessions
+    expected = audited.expected(12)
+    assert torch.equal(first, expected[:, : PROMPT + 32]) and torch.equal(second, expected)
+    assert all(a.verdict == "passed" for a in session.audits), [(a.positions, a.verdict) for a in session.audits]
+    for peer in auditors:
+        after = [a for a in session.audits[before:] if a.peer_id == peer]
+        # from the rolled-back position on (its token was sent again), not from 0
+        assert _tiles(after, PROMPT + NEW_TOKENS - 1, keep - 1), [(a.positions, a.sent) for a in after]

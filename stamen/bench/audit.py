@@ -7,9 +7,11 @@ prefer when it is allowed (a higher announced throughput).
 
 Side by side in one run, interleaved: ms per generated token (the whole ``generate`` call: prompt,
 decoding, and the final audit before it returns) with ``verify="off"`` and with audits at the default
-rate, the liar left out of every route; then, with the liar allowed, how many decoding steps each
-generation took to catch it (``InferenceSession.detections``: steps from the liar joining the route to
-its conviction), and whether the tokens equal an honest run's.
+rate, the liar left out of every route, and the positions sent to auditors per generation (each hop's
+audit session gets only the positions since its last audit: about the generation's length per hop);
+then, with the liar allowed, how many decoding steps each generation took to catch it
+(``InferenceSession.detections``: steps from the liar joining the route to its conviction), and
+whether the tokens equal an honest run's.
 """
 
 from __future__ import annotations
@@ -71,13 +73,14 @@ def run_audit_bench(settings: AuditBenchSettings, json_only: bool) -> dict:
 
         expected, _, _ = generate("off", False)  # warm-up, and the honest tokens
         times: dict[str, list[float]] = {"off": [], "audit": []}
-        audits = []
+        audits, sent = [], []
         for run in range(settings.runs):
             for verify in (("off", "audit") if run % 2 == 0 else ("audit", "off")):
                 out, elapsed, session = generate(verify, False)
                 times[verify].append(elapsed * 1000 / settings.new_tokens)
                 if verify == "audit":
                     audits.append(len(session.audits))
+                    sent.append(sum(a.sent for a in session.audits))
             say(f"run {run + 1}/{settings.runs}: off {times['off'][-1]:.2f} ms/token, "
                 f"audit {times['audit'][-1]:.2f} ms/token")
         latencies, equal, used = [], True, 0
@@ -99,6 +102,7 @@ def run_audit_bench(settings: AuditBenchSettings, json_only: bool) -> dict:
         **header, "bench": "audit", "settings": vars(settings), "machine": machine_info(),
         "ms_per_token": {"off": off, "audit": audit}, "overhead": audit / off - 1,
         "audits_per_generation": statistics.median(audits) if audits else 0,
+        "positions_sent_per_generation": statistics.median(sent) if sent else 0,
         "detection_steps": {"median": statistics.median(caught) if caught else None,
                             "worst": max(caught) if caught else None, "runs_with_liar": used,
                             "missed": sum(x is None for x in latencies)},
@@ -119,10 +123,11 @@ def _markdown(report: dict) -> str:
         f"span + a lying one (1 % noise); {s['prompt']}-token prompt, {s['new_tokens']} new tokens, audit every "
         f"{s['audit_every']} steps; medians of {s['runs']} interleaved generations per mode",
         "",
-        "| verify | ms/token | audits per generation |",
-        "|---|---|---|",
-        f"| off | {ms['off']:.2f} | 0 |",
-        f"| audit | {ms['audit']:.2f} | {report['audits_per_generation']} |",
+        "| verify | ms/token | audits per generation | positions sent to auditors per generation |",
+        "|---|---|---|---|",
+        f"| off | {ms['off']:.2f} | 0 | 0 |",
+        f"| audit | {ms['audit']:.2f} | {report['audits_per_generation']} | "
+        f"{report['positions_sent_per_generation']} |",
         "",
         f"Overhead: {report['overhead'] * 100:+.1f} %. Liar caught after {d['median']} decoding steps (median), "
         f"{d['worst']} (worst) over {d['runs_with_liar']} generations that used it ({d['missed']} missed); tokens "

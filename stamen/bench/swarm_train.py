@@ -24,7 +24,9 @@ benchmark, 16 blocks, split into 2 stages; ``--quick``: the tiny preset and a fe
    ``stamen server --train`` processes on 127.0.0.1, ACP-SGD, a ``SwarmTrainer`` in this process,
    synchronous steps of a global batch of ``batch × seq_len`` tokens in microbatches) against one
    local process training the same checkpoint (transformers, float32, the same optimizer, gradients
-   accumulated over the same microbatches). One step each in turn, after a warm-up step; medians.
+   accumulated over the same microbatches). The local contender runs first, alone, and is freed
+   before the swarm starts (at 246M they do not fit in 24 GiB together); a warm-up step each, then
+   ``steps`` measured steps; medians.
 3. **Optimisations, one at a time** (same part), against the swarm baseline (kept ``rpc_train``
    graphs, no compression, float32): activation recomputation (``train_streams=False``), 8-bit
    activation compression between stages (``blockwise8``, also for training), bf16 compute on the
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import queue
 import signal
@@ -113,6 +116,10 @@ class SwarmTrainSettings:
     """Run the throughput part (and the optimisations)."""
     server_threads: int | None = None
     """torch threads per server (None: torch's choice)."""
+    inflight: int = 2
+    """Microbatches the trainer keeps in flight (its ``max_inflight``): each holds a graph on one peer
+    per stage, so this bounds the servers' activation memory (at 246M about 0.3 GB per graph of 4 × 128
+    tokens on a span of 8 blocks); 2 keep this machine's 2 cores busy."""
 
     @classmethod
     def quick(cls, model: str | None = None) -> SwarmTrainSettings:
@@ -476,7 +483,7 @@ class HopCounter:
     benchmark runs)."""
 
     def __init__(self):
-        self.kept = self.compressed = 0
+        self.kept = self.compressed = self.recomputed = 0
 
     @contextlib.contextmanager
     def installed(self):
@@ -488,6 +495,7 @@ class HopCounter:
         async def open_counted(cls, *args, **kwargs):
             counter.kept += 1
             counter.compressed += kwargs.get("compression") not in (None, "none")
+            counter.recomputed += bool(kwargs.get("recompute"))
             return await original.__func__(cls, *args, **kwargs)
 
         TrainStream.open = classmethod(open_counted)
@@ -533,7 +541,7 @@ def _trainer(model: str, peers: list[str], settings: SwarmTrainSettings, switche
     return SwarmTrainer(model, peers, microbatch=settings.microbatch, lr=settings.lr, optimizer=settings.optimizer,
                         averaging=settings.swarm_averaging, rank=settings.rank, sync=True,
                         matchmaking_time=settings.matchmaking_time,
-                        averaging_timeout=settings.averaging_timeout, max_inflight=2 * settings.peers_per_stage,
+                        averaging_timeout=settings.averaging_timeout, max_inflight=settings.inflight,
                         epoch_timeout=settings.epoch_timeout, request_timeout=900.0, **switches)
 
 
@@ -557,24 +565,42 @@ class _Contenders:
         self.seconds.setdefault(name, []).append(seconds)
         self.losses.setdefault(name, []).append(loss)
 
-    def swarm_steps(self, name: str, trainer, batches: list[torch.Tensor], local: LocalTrainer | None) -> None:
-        """A warm-up step, then one measured step per batch, alternating with the local contender."""
+    def local_steps(self, settings: SwarmTrainSettings, model: str, batches: list[torch.Tensor]) -> None:
+        """The local contender's measured steps, in a process of its own that exits before the swarm
+        starts (so its memory is the system's again, and no averager forks a copy of it)."""
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            seconds, losses = pool.apply(_local_contender, (model, settings.optimizer, settings.lr,
+                                                            settings.microbatch, batches))
+        self.seconds["local"], self.losses["local"] = seconds, losses
+        self.say("    local: " + ", ".join(f"{self.tokens / s:.0f}" for s in seconds) + " tokens/s")
+
+    def swarm_steps(self, name: str, trainer, batches: list[torch.Tensor]) -> None:
+        """A warm-up step, then one measured step per batch."""
         counter = HopCounter()
         with counter.installed():
             _timed(trainer.train_step, batches[0])
             for i, ids in enumerate(batches[1:]):
-                if local is not None:
-                    self.run("local", local.train_step, ids)
                 self.run(name, trainer.train_step, ids)
                 self.say(f"    {name} step {i + 1}/{len(batches) - 1}: " + ", ".join(
                     f"{n} {self.tokens / v[-1]:.0f} tokens/s" for n, v in self.seconds.items()))
-        self.hops[name] = {"kept_streams": counter.kept, "compressed_streams": counter.compressed}
+        self.hops[name] = {"kept_streams": counter.kept, "compressed_streams": counter.compressed,
+                           "recomputed_streams": counter.recomputed}
+
+
+def _local_contender(model: str, optimizer: str, lr: float, microbatch: int,
+                     batches: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """A warm-up step, then one measured step per batch (seconds, losses)."""
+    local = LocalTrainer(model, optimizer, lr, microbatch)
+    _timed(local.train_step, batches[0])
+    measured = [_timed(local.train_step, ids) for ids in batches[1:]]
+    return [s for s, _ in measured], [loss for _, loss in measured]
 
 
 def _applied(name: str, hops: dict[str, int]) -> bool:
     """Whether a variant's switch reached the wire (see ``HopCounter``)."""
     if name == "recompute":
-        return hops["kept_streams"] == 0
+        return hops["recomputed_streams"] > 0
     if name == "compression":
         return hops["compressed_streams"] > 0
     return True
@@ -591,22 +617,23 @@ def run_throughput(settings: SwarmTrainSettings, model: str, hf_config, workdir:
                for _ in range(settings.steps + 1)]
     c = _Contenders(tokens, say)
     variants = dict(VARIANTS) if settings.ablations else {"swarm": {}}
-    say("throughput: loading the local contender (transformers, float32) ...")
-    local = LocalTrainer(model, settings.optimizer, settings.lr, settings.microbatch)
-    _timed(local.train_step, batches[0])  # warm-up
+    # The local contender runs first, alone, in a process that exits before the swarm starts: the 4
+    # training servers (each with its span's weights, accumulators, the averager's buffers and held
+    # graphs), the trainer and a whole local model with its gradients do not fit in 24 GiB together at 246M.
+    say("throughput: the local contender (transformers, float32), alone, in its own process ...")
+    c.local_steps(settings, model, batches)
     with LocalSwarm(log_dir=workdir / "logs-float32") as swarm:
         _start_stages(swarm, model, settings, spans, "float32", num_blocks, say)
         for name, switches in variants.items():  # one trainer at a time: a step of one is a stage step
             say(f"  {name}: a trainer with {switches or 'the defaults'}")
             with _trainer(model, swarm.initial_peers, settings, switches) as trainer:
-                c.swarm_steps(name, trainer, batches, local)
+                c.swarm_steps(name, trainer, batches)
             time.sleep(3)  # the trainer's progress record expires before the next one starts at epoch 0
-    del local
     if settings.ablations:
         with LocalSwarm(log_dir=workdir / "logs-bfloat16") as swarm:
             _start_stages(swarm, model, settings, spans, "bfloat16", num_blocks, say)
             with _trainer(model, swarm.initial_peers, settings, {}) as trainer:
-                c.swarm_steps("bf16", trainer, batches, None)
+                c.swarm_steps("bf16", trainer, batches)
     medians = {name: statistics.median(v) for name, v in c.seconds.items()}
     contenders = {}
     for name, secs in medians.items():

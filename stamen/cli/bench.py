@@ -317,6 +317,8 @@ def bench_swarm_train(
                                                   help="Measure swarm vs local training.")] = True,
     server_threads: Annotated[int | None, typer.Option(help="torch threads per server (default: torch's).")] = None,
     peers_per_stage: Annotated[int, typer.Option(help="Training servers per stage (and averaging peers).")] = 2,
+    inflight: Annotated[int, typer.Option(min=1, help="Microbatches the trainer keeps in flight (bounds the "
+                                                      "servers' held graphs).")] = 2,
     quick: Annotated[bool, typer.Option(help="A smoke run: tiny model, 2 rounds, one short step.")] = False,
     out: Annotated[Path | None, typer.Option(help="Directory for swarm_train.json and swarm_train.md.")] = None,
     json_out: BenchJsonOpt = False,
@@ -330,7 +332,7 @@ def bench_swarm_train(
     settings = SwarmTrainSettings.quick(model) if quick else SwarmTrainSettings(model=model, preset=preset)
     settings.rank, settings.loopback_only, settings.ablations = rank, loopback, ablations
     settings.averaging_part, settings.throughput_part = averaging_part, throughput_part
-    settings.peers_per_stage = peers_per_stage
+    settings.peers_per_stage, settings.inflight = peers_per_stage, inflight
     for name, value in (("averaging", averaging), ("rounds", rounds), ("bandwidths", bandwidth), ("batch", batch),
                         ("seq_len", seq_len), ("microbatch", microbatch), ("steps", steps),
                         ("server_threads", server_threads)):

@@ -1,13 +1,14 @@
 """Inference audits: what a server's outputs may differ by from another server's, and how they compare.
 
-An audit sends a hop's saved inputs (every position so far) as one stateless forward to a second
-server of the same blocks and compares its outputs with those the hop returned, position by
-position: the error of a position is ‖claimed − audit‖ / ‖audit‖ over the hidden size, and a hop
-passes when the largest error of the audited positions is within the pair's tolerance. Honest
-servers differ by their precision: the tolerance is the sum of both servers' terms (dtype and
-quantization, ``SERVER_TOLERANCE``), of the rounding of the outputs as the client kept them, and of
-the activation codec when replies or inputs were compressed. The terms were calibrated on honest
-servers (docs/benchmarks.md, "Audit tolerance"): each is several times the largest error seen.
+An audit sends a hop's saved inputs to a second server of the same blocks, on an inference session
+kept there for the hop (the positions since the last audit; ``InferenceSession._audit``), and
+compares its outputs with those the hop returned, position by position: the error of a position is
+‖claimed − audit‖ / ‖audit‖ over the hidden size, and a hop passes when the largest error of the
+audited positions is within the pair's tolerance. Honest servers differ by their precision: the
+tolerance is the sum of both servers' terms (dtype and quantization, ``SERVER_TOLERANCE``), of the
+rounding of the outputs as the client kept them, and of the activation codec when replies or inputs
+were compressed. The terms were calibrated on honest servers (docs/benchmarks.md, "Audit
+tolerance"): each is several times the largest error seen.
 """
 
 from __future__ import annotations
@@ -83,3 +84,7 @@ class AuditRecord:
     """The session's step count when the audit started."""
     referee: str | None = None
     """The third server, when one decided."""
+    sent: int = 0
+    """Positions (per sequence) sent to the auditor: on its audit session, those since the positions
+    its cache held (``positions`` or a few more after a rollback; all of them for a fresh session);
+    for a stateless forward, every position so far."""

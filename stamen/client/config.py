@@ -69,12 +69,12 @@ class ClientConfig(BaseModel):
     Applies to inference sessions and forwards without gradients (see ``train_compression``)."""
     verify: Verify = "audit"
     """Check servers' work on other servers (inference sessions): "audit" sends a hop's saved inputs
-    as one stateless forward to a second server of the same blocks, on prefills, every
-    ``audit_every`` decoding steps and before a generation returns, and compares the outputs within a
-    tolerance for both servers' dtype, quantization and compression; on a mismatch a third server
-    decides, the liar is banned and accused in the DHT, and the affected steps are redone on honest
-    servers. "strict": every step of every hop, before the step returns. "off": no checks. A hop
-    without a second server is reported as unaudited in the route."""
+    since its last audit to an inference session kept on a second server of the same blocks, on
+    prefills, every ``audit_every`` decoding steps and before a generation returns, and compares
+    the outputs within a tolerance for both servers' dtype, quantization and compression; on a
+    mismatch a third server decides, the liar is banned and accused in the DHT, and the affected
+    steps are redone on honest servers. "strict": every step of every hop, before the step returns.
+    "off": no checks. A hop without a second server is reported as unaudited in the route."""
     audit_every: int = Field(default=32, ge=1)
     """Decoding steps between two audits of one hop (``verify="audit"``)."""
     train_compression: bool = False

@@ -10,6 +10,7 @@ their caches, and retries the step. Greedy output with a failure equals output w
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import random
@@ -104,6 +105,18 @@ class _Held:
 
 
 @dataclass
+class _AuditSession:
+    """A hop's audit inference session on its auditor: the hop's inputs fed in the same order, so
+    that an audit sends only the positions since the last one (``InferenceSession._audit``)."""
+
+    peer_id: str
+    stream: InferenceStream
+    cached: int = 0
+    """Wire positions of the hop's inputs that the auditor's cache holds for sure (a step sent at a
+    position below its length rewinds it there, as a route's hops are on a replay)."""
+
+
+@dataclass
 class _LiveHop:
     hop: Hop
     stream: InferenceStream
@@ -127,6 +140,8 @@ class _LiveHop:
     audit_started: int = 0
     """The session's step count when that audit started (one still running ``audit_every`` / 2
     steps later is awaited)."""
+    auditor: _AuditSession | None = None
+    """The audit inference session on this hop's auditor (at most one; kept while the auditor lives)."""
     joined_step: int = 0
     """The session's step count when this server joined the route (detection latency)."""
     extra_tolerance: float = 0.0
@@ -171,9 +186,21 @@ _FETCH_HELD_S = 10.0
 _CONNECT_TIMEOUT_S = 10.0
 """Most seconds to get a stream to a server when opening a session (the daemon may take 20 s to give
 up on a dead peer, whose DHT record can outlive its ban); the open's reply has ``request_timeout``."""
+_AUDIT_CACHE_ROOM = 2
+"""An audit session opens only on an auditor announcing cache for this many sessions of its size:
+it never takes the room of a server's last route session (else audits there are stateless)."""
 _pings: set[asyncio.Task] = set()
-"""Pings of suspected servers that outlived their wait, and accusations being published (held: the
-loop keeps tasks only weakly)."""
+"""Pings of suspected servers that outlived their wait, accusations being published, and audit
+sessions being opened or closed in the background (held: the loop keeps tasks only weakly)."""
+
+
+def _close_opened(opening: asyncio.Future) -> None:
+    """Close the stream of an audit session that opened after its audit was cancelled."""
+    _pings.discard(opening)
+    if not opening.cancelled() and opening.exception() is None:
+        task = asyncio.ensure_future(opening.result().close())
+        _pings.add(task)
+        task.add_done_callback(_pings.discard)
 
 
 async def _ping_within(swarm: Swarm, peer_id: PeerIDStr, timeout: float) -> float | None:
@@ -579,6 +606,7 @@ class InferenceSession:
         self._epoch += 1
         if failed.audit is not None:
             failed.audit.cancel()
+        self._drop_auditor(failed, "the hop was replaced")
         following = i + len(new_hops)
         if following < len(self._hops):  # its inputs that the failed server held: the replay's outputs
             history = self._hops[following].history
@@ -656,6 +684,8 @@ class InferenceSession:
         for live in self._hops:
             del live.history[len(keep):]
             live.verified = min(live.verified, wire_position)
+            if live.auditor is not None:  # its next audit step rewinds the auditor's cache to here or before
+                live.auditor.cached = min(live.auditor.cached, wire_position)
         del self._outputs[len(keep):]
         self._steps = keep
 
@@ -667,10 +697,15 @@ class InferenceSession:
             loop.run(self._close_streams())
 
     async def _close_streams(self) -> None:
+        auditors = []
         for live in self._hops:
             if live.audit is not None:
                 live.audit.cancel()
-        await asyncio.gather(*(h.stream.close() for h in self._hops), return_exceptions=True)
+            if live.auditor is not None:
+                auditors.append(live.auditor.stream)
+                live.auditor = None
+        await asyncio.gather(*(h.stream.close() for h in self._hops), *(s.close() for s in auditors),
+                             return_exceptions=True)
 
     # --- audits (``ClientConfig.verify``) ---
 
@@ -754,10 +789,124 @@ class InferenceSession:
         return await call_forward(self.swarm.p2p, self.swarm.peer(PeerIDStr(peer_id)), blocks, inputs,
                                   timeout=self.swarm.config.request_timeout, compression="none")
 
+    def _auditor_for(self, live: _LiveHop) -> str | None:
+        """The hop's auditor: the server its audit session is on while that one may audit (not
+        banned, convicted or gone; the session is dropped otherwise), else ``_pick``'s choice."""
+        candidates = self._auditors(live)
+        if live.auditor is not None:
+            if any(s.peer_id == live.auditor.peer_id for s in candidates):
+                return live.auditor.peer_id
+            self._drop_auditor(live, "no longer an auditor (banned, convicted or gone)")
+        choice = self._pick(candidates, live.hop.peer_id)
+        return None if choice is None else choice.peer_id
+
+    async def _open_auditor(self, live: _LiveHop, peer_id: str) -> _AuditSession | None:
+        """Open the hop's audit session on ``peer_id`` (the session's max length, batch size, deep
+        prompts and adapter, as the hop's own), closing one on another auditor. None when it cannot
+        be opened (full, busy, unreachable) or would take the room of the server's last session of
+        this size as announced (route sessions come first): that audit is a stateless forward, the
+        next tries again."""
+        self._drop_auditor(live, f"auditing on {peer_id[-6:]} from now on")
+        blocks = live.hop.blocks
+        need = (self.max_length + self.prefix_length) * self.batch_size
+        record = self.swarm.record_of(PeerIDStr(peer_id))
+        if record is not None and record.cache_tokens_left < _AUDIT_CACHE_ROOM * need:
+            logger.debug("session %s: %s announces %d tokens of cache left: auditing %s%s statelessly",
+                         self.session_id[:8], peer_id[-6:], record.cache_tokens_left, live.hop.peer_id[-6:], blocks)
+            return None
+        try:
+            prompts, adapter = await self.tuning.prepare(PeerIDStr(peer_id), blocks) if self.tuning else (None, None)
+            opening = asyncio.ensure_future(InferenceStream.open(
+                self.swarm.p2p, self.swarm.peer(PeerIDStr(peer_id)), blocks, uuid.uuid4().hex,
+                max_length=self.max_length + self.prefix_length, batch_size=self.batch_size,
+                timeout=self.swarm.config.request_timeout, prompts=prompts, adapter=adapter, compression="none",
+                connect_timeout=min(self.swarm.config.request_timeout, _CONNECT_TIMEOUT_S)))
+            try:
+                stream = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the session closed or the hop was replaced: close it once open
+                _pings.add(opening)
+                opening.add_done_callback(_close_opened)
+                raise
+        except Exception as e:
+            logger.info("session %s: cannot open an audit session for %s%s on %s (%s): a stateless forward "
+                        "stands in", self.session_id[:8], live.hop.peer_id[-6:], blocks, peer_id[-6:], e)
+            return None
+        live.auditor = _AuditSession(peer_id, stream)
+        logger.debug("session %s: audit session for %s%s opened on %s", self.session_id[:8], live.hop.peer_id[-6:],
+                     blocks, peer_id[-6:])
+        return live.auditor
+
+    def _drop_auditor(self, live: _LiveHop, why: str, session: _AuditSession | None = None) -> None:
+        """Close the hop's audit session (``session``: that one, whether or not it is still the hop's)
+        in the background; the next audit opens another, which first gets every position again."""
+        session = session or live.auditor
+        if session is None:
+            return
+        if live.auditor is session:
+            live.auditor = None
+        if session.stream.closed:
+            return
+        logger.info("session %s: closing the audit session of %s%s on %s: %s", self.session_id[:8],
+                    live.hop.peer_id[-6:], live.hop.blocks, session.peer_id[-6:], why)
+        task = asyncio.ensure_future(session.stream.close())
+        _pings.add(task)
+        task.add_done_callback(_pings.discard)
+
+    async def _audit_step(self, live: _LiveHop, session: _AuditSession, lo: int, hidden: torch.Tensor,
+                          mask: torch.Tensor | None, position_ids: torch.Tensor | None, epoch: int) -> torch.Tensor:
+        """The auditor's outputs for the hop's inputs from wire position ``lo`` on (``hidden`` and its
+        mask and position ids), sent on the audit session at ``lo``: a server rewinds a cache that
+        is ahead (rolled-back positions) to a step's position. Long inputs (a fresh session catching
+        up) go in parts like ``step``'s. A failed or cancelled step drops the session."""
+        session.cached = min(session.cached, lo)  # while the step runs, only [0, lo) is known
+        B, T, H = hidden.shape
+        chunk = max(1, STREAM_PART_BYTES * 2 // (B * H * 4))
+        outputs = []
+        try:
+            for a in range(0, T, chunk):
+                b = min(T, a + chunk)
+                outputs.append(await session.stream.step(hidden[:, a:b], lo + a, None if mask is None else mask[:, a:b],
+                                                         None if position_ids is None else position_ids[:, a:b]))
+        except BaseException as e:
+            self._drop_auditor(live, f"audit step failed: {e!r}", session)
+            raise
+        if epoch == self._epoch:
+            session.cached = lo + T
+            if epoch != self._epoch:  # rolled back (on the caller's thread) just now: what is cached is unsure
+                self._drop_auditor(live, "rolled back during the audit", session)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    @staticmethod
+    async def _inputs_from(steps: list[_StepInputs], entries: list, lo: int) -> tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Hidden states (``entries``, one per step, aligned with ``steps``), attention mask and
+        position ids (None when no step had them) for wire positions [lo, the end of ``steps``);
+        held entries are fetched from the step holding ``lo`` on only."""
+        k = max(0, bisect.bisect_right([s.position for s in steps], lo) - 1)
+        steps = steps[k:]
+        parts = [await e.fetch() if isinstance(e, _Held) else e for e in entries[k:]]
+        hidden = torch.cat(parts, dim=1)
+        batch, skip = hidden.shape[0], lo - steps[0].position
+        mask = position_ids = None
+        if any(s.attention_mask is not None for s in steps):
+            mask = torch.cat([s.attention_mask if s.attention_mask is not None
+                              else torch.ones(batch, x.shape[1], dtype=torch.long)
+                              for s, x in zip(steps, parts, strict=True)], 1)[:, skip:]
+        if any(s.position_ids is not None for s in steps):
+            position_ids = torch.cat([s.position_ids if s.position_ids is not None else
+                                      torch.arange(s.position, s.position + x.shape[1]).expand(batch, -1)
+                                      for s, x in zip(steps, parts, strict=True)], 1)[:, skip:]
+        return hidden[:, skip:], mask, position_ids
+
     async def _audit(self, live: _LiveHop, upto: int, epoch: int) -> None:
-        """Check the hop's outputs for positions [verified, the first ``upto`` steps) against a
-        stateless forward of all its inputs so far on another server; on a mismatch a third server
-        decides. Never raises: the verdict goes to ``self.audits`` (and ``_verdicts``)."""
+        """Check the hop's outputs for positions [verified, the first ``upto`` steps) on another
+        server. The hop's audit session there (``_AuditSession``: opened by its first audit, kept
+        while the auditor may audit) is fed the hop's inputs in order, so an audit sends only the
+        positions since the last one ([verified, total); all of them to a fresh session) and
+        costs the auditor as much as the hop's own steps. When the session cannot be opened or its
+        step fails, a stateless forward of all the inputs so far stands in. On a mismatch a third
+        server decides from a stateless forward of all the inputs. Never raises: the verdict goes
+        to ``self.audits`` (and ``_verdicts``)."""
         peer, blocks, start = live.hop.peer_id, live.hop.blocks, live.verified
         record = AuditRecord(peer, "", (blocks.start, blocks.end), (start, start), 0.0, 0.0, "failed", self.steps_taken)
         try:
@@ -768,37 +917,37 @@ class InferenceSession:
             steps, inputs, outputs = self._steps[:upto], list(live.history[:upto]), list(outputs_of[:upto])
             if len(inputs) < upto or len(outputs) < upto or not steps:
                 return
-            inputs = [await e.fetch() if isinstance(e, _Held) else e for e in inputs]
-            outputs = [await e.fetch() if isinstance(e, _Held) else e for e in outputs]
-            if epoch != self._epoch:
-                return  # rolled back or replaced meanwhile: the next audit covers it
-            hidden = torch.cat(inputs, dim=1)
-            claimed = torch.cat([o.float() for o in outputs], dim=1)
-            batch, total = hidden.shape[0], hidden.shape[1]
-            if start >= total:
-                return
-            mask = None
-            if any(s.attention_mask is not None for s in steps):
-                mask = torch.cat([s.attention_mask if s.attention_mask is not None
-                                  else torch.ones(batch, x.shape[1], dtype=torch.long) for s, x in zip(steps, inputs,
-                                                                                                    strict=True)], 1)
-            position_ids = None
-            if any(s.position_ids is not None for s in steps):
-                position_ids = torch.cat([s.position_ids if s.position_ids is not None else
-                                          torch.arange(s.position, s.position + x.shape[1]).expand(batch, -1)
-                                          for s, x in zip(steps, inputs, strict=True)], 1)
-            valid = None if mask is None else mask[:, start:].bool()
-            kept = min((o.dtype for o in outputs), key=lambda d: torch.finfo(d).bits)
-            compressed = live.stream.received_compressed or self.swarm.config.compression == "blockwise8"
-            auditor = self._pick(self._auditors(live), peer)
+            auditor = self._auditor_for(live)
             if auditor is None:
                 return
-            record.auditor, record.positions = auditor.peer_id, (start, total)
-            reference = (await self._forward_on(auditor.peer_id, blocks, hidden, mask, position_ids)).float()
-            tol = tolerance(self._precision(peer), self._precision(auditor.peer_id), kept, compressed) + \
-                live.extra_tolerance
+            session = live.auditor if live.auditor is not None and live.auditor.peer_id == auditor else \
+                await self._open_auditor(live, auditor)
+            lo = 0 if session is None else min(start, session.cached)
+            hidden, mask, position_ids = await self._inputs_from(steps, inputs, lo)
+            total = lo + hidden.shape[1]
+            if epoch != self._epoch or start >= total:
+                return  # rolled back or replaced meanwhile: the next audit covers it
+            claimed = (await self._inputs_from(steps, outputs, start))[0].float()
+            kept = min((o.dtype for o in outputs), key=lambda d: torch.finfo(d).bits)
+            valid = None if mask is None else mask[:, start - lo:].bool()
+            compressed = live.stream.received_compressed or self.swarm.config.compression == "blockwise8"
+            record.auditor, record.positions = auditor, (start, total)
+            reference = None
+            if session is not None:
+                try:
+                    reference = (await self._audit_step(live, session, lo, hidden, mask, position_ids, epoch)).float()
+                    reference, record.sent = reference[:, start - lo:], total - lo
+                except Exception as e:
+                    logger.info("session %s: audit session of %s%s on %s failed (%r): a stateless forward stands in",
+                                self.session_id[:8], peer[-6:], blocks, auditor[-6:], e)
+            full = (hidden, mask, position_ids) if lo == 0 else None
+            if reference is None:
+                full = full or await self._inputs_from(steps, inputs, 0)
+                reference = (await self._forward_on(auditor, blocks, *full)).float()[:, start:]
+                record.sent = total
+            tol = tolerance(self._precision(peer), self._precision(auditor), kept, compressed) + live.extra_tolerance
             record.tolerance = tol
-            record.error = relative_error(claimed[:, start:], reference[:, start:], valid)
+            record.error = relative_error(claimed, reference, valid)
             if record.error <= tol:
                 record.verdict = "passed"
                 if epoch == self._epoch:
@@ -806,36 +955,35 @@ class InferenceSession:
                 return
             logger.warning("session %s: audit of %s%s at positions [%d, %d) on %s: error %.3g over tolerance %.3g; "
                            "asking a third server", self.session_id[:8], peer[-6:], blocks, start, total,
-                           auditor.peer_id[-6:], record.error, tol)
-            referee = self._pick(self._auditors(live, (auditor.peer_id,)), peer)
+                           auditor[-6:], record.error, tol)
+            referee = self._pick(self._auditors(live, (auditor,)), peer)
             if referee is None:
                 record.verdict = "disputed"
                 logger.warning("session %s: %s and %s disagree on %s and no third server covers them: nobody banned",
-                               self.session_id[:8], peer[-6:], auditor.peer_id[-6:], blocks)
+                               self.session_id[:8], peer[-6:], auditor[-6:], blocks)
                 return
             record.referee = referee.peer_id
-            third = (await self._forward_on(referee.peer_id, blocks, hidden, mask, position_ids)).float()
+            full = full or await self._inputs_from(steps, inputs, 0)  # the rare path: every input, stateless
+            third = (await self._forward_on(referee.peer_id, blocks, *full)).float()[:, start:]
             referee_prec = self._precision(referee.peer_id)
-            server_wrong = relative_error(claimed[:, start:], third[:, start:], valid) > tolerance(
+            server_wrong = relative_error(claimed, third, valid) > tolerance(
                 self._precision(peer), referee_prec, kept, compressed) + live.extra_tolerance
-            auditor_wrong = relative_error(reference[:, start:], third[:, start:], valid) > tolerance(
-                self._precision(auditor.peer_id), referee_prec)
+            auditor_wrong = relative_error(reference, third, valid) > tolerance(self._precision(auditor), referee_prec)
             if server_wrong and not auditor_wrong:
                 record.verdict = "liar"
                 self.detections.append((peer, self.steps_taken - live.joined_step))
-                await self._convict(peer, blocks, hidden, claimed[:, start:], reference[:, start:],
-                                    [auditor.peer_id, referee.peer_id], record)
+                await self._convict(peer, blocks, full[0], claimed, reference, [auditor, referee.peer_id], record)
                 self._verdicts.append((live, start))
             elif auditor_wrong and not server_wrong:
                 record.verdict = "auditor lied"
                 if epoch == self._epoch:
                     live.verified = max(live.verified, total)
-                await self._convict(auditor.peer_id, blocks, hidden, reference[:, start:], third[:, start:],
-                                    [peer, referee.peer_id], record)
+                self._drop_auditor(live, "it returned wrong outputs")
+                await self._convict(auditor, blocks, full[0], reference, third, [peer, referee.peer_id], record)
             else:
                 record.verdict = "disputed"
                 logger.warning("session %s: no majority among %s, %s and %s on %s: nobody banned", self.session_id[:8],
-                               peer[-6:], auditor.peer_id[-6:], referee.peer_id[-6:], blocks)
+                               peer[-6:], auditor[-6:], referee.peer_id[-6:], blocks)
         except asyncio.CancelledError:
             record.verdict = "cancelled"
             raise

@@ -381,8 +381,9 @@ class StageAverager:
         """One round at a time (the background loop and direct calls)."""
         self._state_lock = threading.Lock()
         """Parameters, optimizer and the averager's shared state change together under it."""
-        self._grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
-        self._spare = [torch.zeros_like(g) for g in self._grads]
+        self._grads: list[torch.Tensor] | None = None
+        """The accumulators (float32 sums of samples × gradient), allocated at the first microbatch after
+        a round took them: one copy of the span's gradients between rounds, never a spare one."""
         self._samples = 0
         self._ids: set[str] = set()
         self._taken: _Taken | None = None
@@ -443,6 +444,8 @@ class StageAverager:
                                       f"{self.epoch}")
             if mb_id in self._ids or (self._taken is not None and mb_id in self._taken.ids):
                 return False
+            if self._grads is None:
+                self._grads = self._zeros()
             for acc, grad in zip(self._grads, grads, strict=True):
                 if grad is not None:
                     acc.add_(grad.detach().to(acc.device, torch.float32), alpha=samples)
@@ -453,8 +456,8 @@ class StageAverager:
     def _take(self) -> _Taken:
         """Move the accumulators out for a round; microbatches arriving meanwhile go to fresh ones."""
         with self._lock:
-            taken = _Taken(self._grads, self._samples, self._ids)
-            self._grads, self._spare = self._spare, []
+            taken = _Taken(self._grads if self._grads is not None else self._zeros(), self._samples, self._ids)
+            self._grads = None
             self._samples, self._ids = 0, set()
             self._taken = taken
             return taken
@@ -462,17 +465,18 @@ class StageAverager:
     def _settle(self, taken: _Taken, applied: bool) -> None:
         """End a round: an applied round's gradients are spent; otherwise they join what arrived since."""
         with self._lock:
-            if applied:
-                spent = taken.grads
+            if applied:  # spent: reused as the next accumulators unless microbatches came meanwhile
+                if self._grads is None:
+                    for buffer in taken.grads:
+                        buffer.zero_()
+                    self._grads = taken.grads
             else:
-                for acc, grad in zip(taken.grads, self._grads, strict=True):
-                    acc.add_(grad)
-                spent, self._grads = self._grads, taken.grads
+                if self._grads is not None:
+                    for acc, grad in zip(taken.grads, self._grads, strict=True):
+                        acc.add_(grad)
+                self._grads = taken.grads
                 self._samples += taken.samples
                 self._ids |= taken.ids
-            for buffer in spent:
-                buffer.zero_()
-            self._spare = spent
             self._taken = None
             self._changed.notify_all()
 
@@ -499,11 +503,12 @@ class StageAverager:
                 self.failed_rounds += 1
             return applied
 
+    def _zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+
     def _run_round(self, taken: _Taken) -> tuple[bool, int]:
-        if taken.samples > 0:
-            mean = [g / taken.samples for g in taken.grads]
-        else:
-            mean = [torch.zeros_like(g) for g in taken.grads]
+        # no copy of the span's gradients is made here: the mean goes straight into the averager's
+        # buffers, and a solo step divides the taken sums in place (an applied round spends them)
         self._publish()
         epochs = [epoch for peer, (epoch, _) in self._progress().items() if peer != self._peer]
         if any(epoch > self.epoch for epoch in epochs):
@@ -511,23 +516,27 @@ class StageAverager:
         if self.epoch not in epochs:
             if taken.samples < self.target_batch_size:
                 return False, 0
-            self._step(mean)
+            self._step([g.div_(taken.samples) for g in taken.grads])
             return True, 0
         before = self.averager.bytes_sent
-        averaged = self._average(mean, taken.samples)
+        averaged = self._average(taken.grads, taken.samples)
         if averaged is None:
             return False, 0
         self._step(averaged)
         return True, self.averager.bytes_sent - before
 
-    def _average(self, mean: list[torch.Tensor], samples: int) -> list[torch.Tensor] | None:
-        """The group's weighted mean gradients, or None if the round must not be applied (the averager's
-        state is then as before the round)."""
+    def _average(self, sums: list[torch.Tensor], samples: int) -> list[torch.Tensor] | None:
+        """The group's weighted mean gradients, written over ``sums`` (this peer's sums of ``samples``
+        weighted gradients), or None if the round must not be applied (``sums`` and the averager's state
+        are then as before the round)."""
         averager = self.averager
         saved = [b.clone() for b in averager.shared_buffers() + averager.local_buffers()]
         with averager.get_tensors() as buffers:
-            for buffer, grad in zip(buffers, mean, strict=True):
-                buffer.copy_(grad)
+            for buffer, grad in zip(buffers, sums, strict=True):
+                if samples > 0:
+                    torch.div(grad, samples, out=buffer)
+                else:
+                    buffer.zero_()
         gathered = control = None
         try:  # not GradientAverager.step: it would load its own accumulators into the averaged tensors
             control = DecentralizedAverager.step(
@@ -544,7 +553,9 @@ class StageAverager:
                 live.copy_(old)
             return None
         with averager.get_tensors() as buffers:
-            return [b.clone() for b in buffers]
+            for grad, buffer in zip(sums, buffers, strict=True):
+                grad.copy_(buffer)
+        return sums
 
     def _agreed(self, gathered: dict[PeerID, Any]) -> bool:
         """The group may apply: every member at this epoch, and the target batch among them."""
