@@ -127,7 +127,7 @@ def train_table(s: dict) -> str:
 _SWARM_TRAIN_NAMES = {
     "local": "one local process (transformers, float32)",
     "swarm": "swarm: kept graphs, no compression, float32 (baseline)",
-    "recompute": "swarm, activation recomputation (stateless forwards recomputed in backward)",
+    "recompute": "swarm, activation recomputation (servers keep the inputs only, forward again at the backward)",
     "compression": "swarm, 8-bit activation compression between stages (blockwise8)",
     "bf16": "swarm, bf16 compute on the servers (float32 master weights; a second swarm)",
 }
@@ -166,10 +166,11 @@ def swarm_train_markdown(report: dict) -> str:
                   f"({', '.join(t['spans'])}) vs one local process (global batch {t['batch']} × {t['seq_len']} "
                   f"tokens in microbatches of {t['microbatch']}, {t['optimizer']}, {t['averaging']} averaging, "
                   f"synchronous steps; medians of {t['steps']} steps)", "",
-                  "| contender | tokens/s | s/step | / local | / swarm baseline | kept streams | compressed |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| contender | tokens/s | s/step | / local | / swarm baseline | kept streams | compressed | "
+                  "recomputed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, c in t["contenders"].items():
-            hops = f"{c['kept_streams']} | {c['compressed_streams']}" if "kept_streams" in c else "– | –"
+            hops = (f"{c['kept_streams']} | {c['compressed_streams']} | {c.get('recomputed_streams', '–')}"
+                    if "kept_streams" in c else "– | – | –")
             note = "" if c.get("applied", True) else " (**not applied by the trainer**)"
             lines.append(f"| {_SWARM_TRAIN_NAMES.get(name, name)}{note} | {c['tokens_per_s']:.1f} | "
                          f"{c['seconds_per_step']:.2f} | {c['over_local']:.2f} | {c['over_swarm']:.2f} | {hops} |")

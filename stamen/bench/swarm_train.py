@@ -28,11 +28,12 @@ benchmark, 16 blocks, split into 2 stages; ``--quick``: the tiny preset and a fe
    before the swarm starts (at 246M they do not fit in 24 GiB together); a warm-up step each, then
    ``steps`` measured steps; medians.
 3. **Optimisations, one at a time** (same part), against the swarm baseline (kept ``rpc_train``
-   graphs, no compression, float32): activation recomputation (``train_streams=False``), 8-bit
-   activation compression between stages (``blockwise8``, also for training), bf16 compute on the
-   servers (``--compute-dtype bfloat16``: a second swarm, after the first). Client-side variants are
-   trainers on the same swarm, one after the other; ``HopCounter`` checks that a variant's switch
-   reached the wire, and the report marks one that did not.
+   graphs, no compression, float32): activation recomputation (``train_streams=False``: kept
+   streams with ``recompute``), 8-bit activation compression between stages (``blockwise8``, also
+   for training), bf16 compute on the servers (``--compute-dtype bfloat16``: a second swarm, after
+   the first). Client-side variants are trainers on the same swarm, one after the other;
+   ``HopCounter`` checks that a variant's switch reached the wire, and the report marks one that
+   did not.
 """
 
 from __future__ import annotations
