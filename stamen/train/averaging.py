@@ -483,7 +483,8 @@ class StageAverager:
     # --- rounds -------------------------------------------------------------------------------
 
     def round(self) -> bool:
-        """One attempt at a step (see the module doc); True if it was applied."""
+        """One attempt at a step (see the module doc); True if the group applied it (a peer whose own
+        optimizer step then failed is behind its stage and loads the stage's state)."""
         with self._round_lock:
             started = time.monotonic()
             taken = self._take()
@@ -516,13 +517,24 @@ class StageAverager:
         if self.epoch not in epochs:
             if taken.samples < self.target_batch_size:
                 return False, 0
-            self._step([g.div_(taken.samples) for g in taken.grads])
+            try:
+                self._step([g.div_(taken.samples) for g in taken.grads])
+            except BaseException:  # not applied: the sums go back to the accumulators
+                for g in taken.grads:
+                    g.mul_(taken.samples)
+                raise
             return True, 0
         before = self.averager.bytes_sent
         averaged = self._average(taken.grads, taken.samples)
         if averaged is None:
             return False, 0
-        self._step(averaged)
+        try:
+            self._step(averaged)
+        except Exception:
+            # the group applied these microbatches (every member agreed): they are spent even though this
+            # peer's own step failed; it is now behind its stage and loads the stage's state (``_tick``)
+            logger.exception("%s: the group stepped at epoch %d but this peer's optimizer step failed; it "
+                             "will load the stage's state", self.label, self.epoch)
         return True, self.averager.bytes_sent - before
 
     def _average(self, sums: list[torch.Tensor], samples: int) -> list[torch.Tensor] | None:
