@@ -99,3 +99,21 @@ def test_a_peer_whose_bursts_never_complete_is_no_longer_waited_for(span_model):
 
     stats = asyncio.run(run())
     assert stats.burst_misses == stats.burst_waits == 4
+
+
+def test_a_member_arriving_after_its_bursts_iteration_does_not_wait_again(span_model):
+    """The burst was taken by an earlier iteration: a straggler runs at once, and does not count as
+    another miss against its sender (which would soon stop every wait for that sender)."""
+
+    async def run():
+        backend = _backend(span_model)
+        early, late = _open(backend, "early", "client"), _open(backend, "late", "client")
+        burst = Burst(id="split", size=2)
+        await _step(backend, early, 0, burst)  # waits for its partner, which comes only afterwards
+        await _step(backend, late, 0, burst)
+        stats = backend.batcher.stats
+        backend.shutdown()
+        return stats
+
+    stats = asyncio.run(run())
+    assert (stats.iterations, stats.burst_waits, stats.burst_misses) == (2, 1, 1)

@@ -232,9 +232,9 @@ class StepBatcher:
             self.stats.burst_misses += arrived < size
             if record[0] >= 64:  # a moving window: halve the history
                 record[0], record[1] = record[0] // 2, record[1] // 2
+            self._past_bursts[burst_id] = None
         while len(self._burst_record) > 4096:
             self._burst_record.pop(next(iter(self._burst_record)))
-            self._past_bursts[burst_id] = None
         while len(self._past_bursts) > 4096:
             self._past_bursts.popitem(last=False)
 
