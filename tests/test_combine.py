@@ -65,35 +65,76 @@ def test_a_lone_caller_computes_at_once_and_errors_reach_every_caller():
     assert torch.equal(combiner(x, lambda rows: rows + 1), x + 1)  # still usable
 
 
-def test_a_leader_waits_briefly_for_steps_in_flight_and_for_its_burst():
-    """Sessions out of step merge: a leader waits (at most ``GROUP_WAIT_S``) while another thread's
-    decoding step is in flight, and both land in one product, which hands out a burst."""
+def _flight(combiner, seconds, weight, key="first", landed=None):
+    """One decoding step of this thread: in flight for ``seconds``, then its head product; its burst."""
+    with combiner.flying(key):
+        time.sleep(seconds)
+        if landed is not None:
+            landed.append(time.perf_counter())
+        combiner(torch.randn(1, weight.shape[0]), lambda rows: rows @ weight)
+    return combiner.take_burst()
+
+
+def _two_threads(leader_trip, follower_trip, keys=("first", "first")):
+    """Both threads learn a 0.4 s round trip (one flight each, one after the other), then send a
+    step at the same moment; the leader's reply is back after ``leader_trip``, the follower's
+    after ``follower_trip``. Returns the combiner, both bursts and when the leader's product ended."""
+    combiner, weight = RowCombiner(), torch.randn(8, 8)
+    learned, go = threading.Event(), threading.Barrier(2)
+    out = {}
+
+    def follower():
+        learned.wait(5)
+        _flight(combiner, 0.4, weight)
+        go.wait(5)
+        out["follower"] = _flight(combiner, follower_trip, weight, keys[1])
+
+    thread = threading.Thread(target=follower)
+    thread.start()
+    _flight(combiner, 0.4, weight)
+    learned.set()
+    time.sleep(0.5)  # the follower's learning flight is over
+    products = combiner.products
+    go.wait(5)
+    sent = time.perf_counter()
+    out["leader"] = _flight(combiner, leader_trip, weight, keys[0])
+    out["leader_s"] = time.perf_counter() - sent
+    thread.join(5)
+    return combiner, combiner.products - products, out
+
+
+def test_a_leader_waits_for_a_flight_due_soon_and_both_share_one_product():
+    """Two sessions out of step merge: the reply back first waits for the other, due within half a
+    round trip, and both leave one product in one burst (their next steps move together)."""
+    combiner, products, out = _two_threads(0.3, 0.4)
+    assert products == 1 and combiner.merge_waits == 1
+    assert out["leader"] is not None and out["leader"] == out["follower"] and out["leader"].size == 2
+    assert out["leader_s"] >= 0.38  # it waited for the follower
+
+
+def test_a_flight_due_late_is_not_waited_for():
+    """One-sided: a flight due more than half a round trip away is not waited for (its own leader
+    will find this thread's next step due soon instead)."""
+    combiner, products, out = _two_threads(0.1, 0.4)
+    assert products == 2 and combiner.merge_waits == 0
+    assert out["leader"] is None and out["follower"] is None
+    assert out["leader_s"] < 0.3  # did not wait for the follower's reply at 0.4 s
+
+
+def test_a_leader_does_not_wait_for_flights_to_another_server():
+    """As in the first case, but the two steps went to different first servers: no wait."""
+    combiner, products, out = _two_threads(0.3, 0.4, keys=("a", "b"))
+    assert products == 2 and combiner.merge_waits == 0
+    assert out["leader_s"] < 0.38
+
+
+def test_a_leader_waits_at_most_the_bound_for_its_burst():
     from stamen.client.combine import GROUP_WAIT_S
     from stamen.wire.messages import Burst
 
     combiner = RowCombiner()
     weight = torch.randn(8, 8)
-    landed = threading.Event()
-    bursts = {}
-
-    def late():
-        with combiner.flying():
-            landed.wait(5)  # its reply is on the way
-            time.sleep(GROUP_WAIT_S / 4)
-            combiner(torch.randn(1, 8), lambda rows: rows @ weight)
-            bursts["late"] = combiner.take_burst()
-
-    thread = threading.Thread(target=late)
-    thread.start()
-    time.sleep(0.05)  # the late thread is in flight
-    landed.set()
-    combiner(torch.randn(1, 8), lambda rows: rows @ weight)
-    bursts["leader"] = combiner.take_burst()
-    thread.join(5)
-    assert combiner.products == 1 and combiner.rows == 2
-    assert bursts["leader"] == bursts["late"] and bursts["leader"].size == 2
-    # a lone caller with a burst whose other members never come waits the bound, then goes on
     start = time.perf_counter()
     combiner(torch.randn(1, 8), lambda rows: rows @ weight, Burst(id="gone", size=3))
     assert GROUP_WAIT_S * 0.9 <= time.perf_counter() - start < GROUP_WAIT_S + 1.0
-    assert combiner.take_burst() is None
+    assert combiner.take_burst() is None and combiner.group_misses == 1

@@ -14,11 +14,17 @@ their next steps leave together, again as a burst (``take_burst``), which the fi
 server takes into one iteration.
 
 Merging groups: sessions that fell out of step (two groups, one an iteration behind the other at
-every server) would stay apart. So a leader also waits, within the same bound, for the decoding
-steps of this process still in flight (``flying``: sent, reply not yet back): a group an
-iteration behind joins the product, and from then on the two move as one. A group too far behind
-to arrive within the bound still gains on the one that waited, so they meet within a few tokens;
-once together, nothing is waited for.
+every server) would stay apart, each group paying for its own iterations on every server. So a
+leader also waits for the decoding steps of this process that are in flight to the same first
+server (``flying``: sent, reply not yet back) and are *due soon*: each thread keeps its round trip
+(an average), a flight is due at its send time plus its thread's round trip, and the leader waits
+for the flights due within ``MERGE_SHARE`` of its own round trip (and a little slack past their
+due time, never more than ``MERGE_WAIT_MAX_S``). The rule is one-sided on purpose: of two groups a
+round trip T apart in phase, the second is due within T/2 of the first, or the first within T/2
+of the second, never both. So exactly one group waits, once, for at most half a round trip, the
+two land in one product and from then on move as one, and nothing is waited for again. (A
+symmetric rule, where every leader waits a fixed bound for whatever is in flight, makes both
+groups wait in turn: neither gains on the other, and they stay apart.) A lone session never waits.
 """
 
 from __future__ import annotations
@@ -38,14 +44,37 @@ GROUP_WAIT_S = 0.010
 together and are being decoded by their threads)."""
 
 
+MERGE_SHARE = 0.5
+"""A leader waits for the flights (to its first server) due within this share of its round trip."""
+MERGE_SLACK = 0.25
+"""... and, past the latest of their due times, at most this share of its round trip more."""
+MERGE_WAIT_MAX_S = 0.25
+"""The longest a leader waits for flights, whatever the round trips say."""
+_RTT_WEIGHT = 0.3
+"""Weight of the newest round trip in a thread's average."""
+
+
 class _Call:
-    __slots__ = ("rows", "group", "result", "error", "done", "lead", "burst")
+    __slots__ = ("rows", "group", "result", "error", "done", "lead", "burst", "key", "rtt")
 
     def __init__(self, rows: torch.Tensor, group: str | None):
         self.rows, self.group, self.result, self.error = rows, group, None, None
         self.done = threading.Event()
         self.lead = False
         self.burst: Burst | None = None
+        self.key: str | None = None
+        """The first server of the caller's step, when it came from a flight."""
+        self.rtt: float | None = None
+        """The caller's round trip (average), when known."""
+
+
+class _Flight:
+    """A decoding step in flight: when it left, the round trip its thread usually sees, where it went."""
+
+    __slots__ = ("sent", "rtt", "key")
+
+    def __init__(self, sent: float, rtt: float | None, key: str | None):
+        self.sent, self.rtt, self.key = sent, rtt, key
 
 
 class RowCombiner:
@@ -56,7 +85,12 @@ class RowCombiner:
         self._queue: list[_Call] = []
         self._running = False
         self._local = threading.local()
-        self._flying = 0
+        self._flights: dict[int, _Flight] = {}
+        self._rtt: float | None = None
+        """Round trip of decoding steps, averaged over every thread (for threads without their own yet)."""
+        self.merge_waits = 0
+        """Products whose leader found flights due soon to wait for (members of its own group a
+        little behind, or another group merging in)."""
         self.products = 0
         self.group_misses = 0
         """Products whose leader stopped waiting before every member of its burst queued."""
@@ -64,18 +98,20 @@ class RowCombiner:
         """Products computed and rows they covered (rows / products: the mean rows per product)."""
 
     @contextlib.contextmanager
-    def flying(self):
-        """Around a decoding step's round trip: a leader waits (briefly) for the steps in flight."""
+    def flying(self, key: str | None = None):
+        """Around a decoding step's round trip (``key``: its first server): a leader waits for the
+        steps in flight that are due soon (see the module's docstring)."""
+        flight = _Flight(time.monotonic(), getattr(self._local, "rtt", None), key)
         with self._cond:
-            self._flying += 1
-            self._local.flying = True
+            self._flights[id(flight)] = flight
+            self._local.flight = flight
         try:
             yield
         finally:
             with self._cond:
-                if self._local.flying:  # not landed in a product (an error, or a head outside the combiner)
-                    self._local.flying = False
-                    self._flying -= 1
+                if getattr(self._local, "flight", None) is flight:  # not landed in a product (an error, or a head outside the combiner)
+                    self._local.flight = None
+                    self._flights.pop(id(flight), None)
                     self._cond.notify_all()
 
     def take_burst(self) -> Burst | None:
@@ -91,31 +127,46 @@ class RowCombiner:
         call = _Call(rows, expect.id if expect is not None else None)
         with self._cond:
             self._queue.append(call)
-            if getattr(self._local, "flying", False):  # this thread's step is back: no longer in flight
-                self._local.flying = False
-                self._flying -= 1
+            flight = getattr(self._local, "flight", None)
+            if flight is not None:  # this thread's step is back: no longer in flight
+                self._local.flight = None
+                self._flights.pop(id(flight), None)
+                took = time.monotonic() - flight.sent
+                rtt = getattr(self._local, "rtt", None)
+                self._local.rtt = took if rtt is None else (1 - _RTT_WEIGHT) * rtt + _RTT_WEIGHT * took
+                self._rtt = took if self._rtt is None else (1 - _RTT_WEIGHT) * self._rtt + _RTT_WEIGHT * took
+                call.key = flight.key
+            call.rtt = getattr(self._local, "rtt", None)
             call.lead = not self._running
             self._running = True
             self._cond.notify_all()
         if not call.lead:
             call.done.wait()
         if call.lead:
-            self._lead(fn, expect)
+            self._lead(fn, expect, call)
         self._local.burst = call.burst
         if call.error is not None:
             raise call.error
         return call.result
 
-    def _lead(self, fn: Callable[[torch.Tensor], torch.Tensor], expect: Burst | None) -> None:
+    def _lead(self, fn: Callable[[torch.Tensor], torch.Tensor], expect: Burst | None, lead: _Call) -> None:
         with self._cond:
-            deadline = time.monotonic() + GROUP_WAIT_S
-            while (expect is not None and sum(c.group == expect.id for c in self._queue) < expect.size) \
-                    or self._flying:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.group_misses += 1
+            start = time.monotonic()
+            burst_deadline = start + GROUP_WAIT_S
+            merge_deadline, awaited = self._due_soon(lead, start)
+            self.merge_waits += bool(awaited)
+            while True:
+                now = time.monotonic()
+                deadlines = []
+                missing = expect is not None and sum(c.group == expect.id for c in self._queue) < expect.size
+                if missing and now < burst_deadline:
+                    deadlines.append(burst_deadline)
+                if now < merge_deadline and any(id(f) in self._flights for f in awaited):
+                    deadlines.append(merge_deadline)
+                if not deadlines:
+                    self.group_misses += missing
                     break
-                self._cond.wait(left)
+                self._cond.wait(max(deadlines) - now)
             batch, self._queue = self._queue, []
         burst = Burst(id=uuid.uuid4().hex, size=len(batch)) if len(batch) > 1 else None
         try:
@@ -138,3 +189,22 @@ class RowCombiner:
             c.done.set()
         if nxt is not None:
             nxt.done.set()
+
+    def _due_soon(self, lead: _Call, now: float) -> tuple[float, list[_Flight]]:
+        """The flights a leader waits for (those to its first server due within ``MERGE_SHARE`` of
+        its round trip) and until when: past the latest due time by ``MERGE_SLACK`` of the round
+        trip, within ``MERGE_WAIT_MAX_S``."""
+        rtt = lead.rtt if lead.rtt is not None else self._rtt
+        if rtt is None or not self._flights:
+            return now, []
+        awaited, latest = [], now
+        for f in self._flights.values():
+            if lead.key is not None and f.key is not None and f.key != lead.key:
+                continue
+            due = f.sent + (f.rtt if f.rtt is not None else rtt)
+            if due - now <= MERGE_SHARE * rtt and due + MERGE_SLACK * rtt > now:
+                awaited.append(f)
+                latest = max(latest, due)
+        if not awaited:
+            return now, []
+        return min(now + MERGE_WAIT_MAX_S, latest + max(GROUP_WAIT_S, MERGE_SLACK * rtt)), awaited

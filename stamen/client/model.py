@@ -323,8 +323,9 @@ class DistributedModelForCausalLM(GenerationMixin, DistributedModelBase):
                     position_ids=None, hypo_ids=None) -> torch.Tensor:
         """Send new tokens through the session; logits (B, vocab) of the last one."""
         session.reply_burst = None
-        # a decoding step in flight is waited for (briefly) by a concurrent head product: sessions join up
-        with self._head_rows.flying() if input_ids.shape[1] == 1 else contextlib.nullcontext():
+        # a decoding step in flight and due soon is waited for by a concurrent head product: sessions join up
+        decoding = input_ids.shape[1] == 1
+        with self._head_rows.flying(session.first_server) if decoding else contextlib.nullcontext():
             hidden = session.step(self.embed_tokens(input_ids), attention_mask, position_ids, hypo_ids)
             logits = self.decode_logits(self.norm(hidden[:, -1]), session.reply_burst)
         session.next_burst = self._head_rows.take_burst()

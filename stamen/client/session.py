@@ -282,6 +282,11 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self._hops]
 
+    @property
+    def first_server(self) -> str | None:
+        """The peer the session's steps go to first (None before the route is open)."""
+        return str(self._hops[0].hop.peer_id) if self._hops else None
+
     def open(self) -> None:
         self._hops = loop.run(self._open_route(None))  # None: every block
         logger.info("session %s route: %s", self.session_id[:8], self.describe_route())
