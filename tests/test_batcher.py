@@ -117,3 +117,35 @@ def test_a_member_arriving_after_its_bursts_iteration_does_not_wait_again(span_m
 
     stats = asyncio.run(run())
     assert (stats.iterations, stats.burst_waits, stats.burst_misses) == (2, 1, 1)
+
+
+def test_prefills_get_a_share_of_the_budget_while_sessions_decode(span_model):
+    """Alone, a prompt runs in chunks of the whole budget (64 rows here); while a session decodes,
+    in chunks of ``PREFILL_SHARE_WHILE_DECODING`` of it, so the decoding steps between the chunks
+    wait for short iterations only."""
+    from stamen.server.batching import PREFILL_SHARE_WHILE_DECODING
+
+    def prompt(backend, session, positions):
+        msg = Step(session_id=session.id, step_id=0, position=0)
+        return backend.step(session, msg, SpanInputs(torch.randn(1, positions, 64)), sender="client")
+
+    async def run():
+        backend = _backend(span_model)
+        stats = backend.batcher.stats
+        await prompt(backend, _open(backend, "alone", "a"), 64)
+        alone = stats.iterations
+        decoding = _open(backend, "decoding", "b")
+        await _step(backend, decoding, 0)
+        before = stats.iterations
+        long = asyncio.create_task(prompt(backend, _open(backend, "long", "c"), 60))
+        for i in range(1, 4):
+            await _step(backend, decoding, i)
+        await long
+        shared = stats.iterations - before
+        backend.shutdown()
+        return alone, shared
+
+    alone, shared = asyncio.run(run())
+    share = int(64 * PREFILL_SHARE_WHILE_DECODING)
+    assert alone == 1  # 64 positions: one chunk of the whole budget
+    assert shared == -(-60 // share)  # every chunk of the second prompt a share, decoding steps beside them

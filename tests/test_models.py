@@ -283,3 +283,33 @@ def test_split_decoding_products_equal_the_plain_linear(threads, rows):
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, expected * 1.01, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 8, 33, 256])
+@pytest.mark.parametrize("layout", ["input_major", "row_major"])
+def test_onednn_products_equal_the_plain_linear(rows, layout):
+    """Products of several rows run as oneDNN inner products on CPU float32 (``kernels.project``):
+    the same output as ``nn.Linear`` for either weight layout; with autograd, the plain product
+    (gradients reach the input)."""
+    from stamen.models import kernels
+
+    if kernels._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(2, rows, 64)
+    expected = linear(x).detach()
+    if layout == "input_major":
+        with torch.no_grad():
+            linear.weight.data = kernels.input_major(linear.weight.data)
+    with torch.inference_mode():
+        got = kernels.project(linear, x)
+        direct = kernels.onednn_product(x.reshape(-1, 64), linear.weight)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(direct + linear.bias, expected.reshape(-1, 48), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, expected * 1.01, atol=1e-5, rtol=1e-5)
+    wanted = x.clone().requires_grad_(True)
+    kernels.project(linear, wanted).sum().backward()
+    torch.testing.assert_close(wanted.grad, linear.weight.detach().sum(0).expand_as(x), atol=1e-5, rtol=1e-5)
+    assert kernels.onednn_product(x[0, :1], linear.weight.detach()) is None  # one row: the split product's

@@ -225,6 +225,7 @@ def _targets(report: dict) -> dict:
     out = {}
     if "python/1" in on and "python/8" in on:
         out["8_sessions_over_1"] = on["python/8"]["tokens_per_s"] / on["python/1"]["tokens_per_s"]
+        out["p95_8_over_p95_1"] = on["python/8"]["p95_ms"] / on["python/1"]["p95_ms"]
         out["p95_8_over_p50_1"] = on["python/8"]["p95_ms"] / on["python/1"]["p50_ms"]
     if "python/1" in on and "python/1" in off:
         out["one_session_batching_over_off_ms"] = on["python/1"]["p50_ms"] / off["python/1"]["p50_ms"]

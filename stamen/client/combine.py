@@ -44,13 +44,13 @@ GROUP_WAIT_S = 0.010
 together and are being decoded by their threads)."""
 
 
-MERGE_SHARE = 0.5
+MERGE_SHARE = 0.75
 """A leader waits for the flights (to its first server) due within this share of its round trip."""
 MERGE_SLACK = 0.25
 """... and, past the latest of their due times, at most this share of its round trip more."""
 MERGE_WAIT_MAX_S = 0.25
 """The longest a leader waits for flights, whatever the round trips say."""
-_RTT_WEIGHT = 0.3
+_RTT_WEIGHT = 0.5
 """Weight of the newest round trip in a thread's average."""
 
 

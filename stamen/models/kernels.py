@@ -14,6 +14,14 @@ results differ at most by float rounding (the order of sums over the input dimen
   whatever torch's thread count, so a decoding step would read every weight with one core.
   ``project`` runs a product of a few rows over an input-major weight as one ``bmm`` over row
   blocks of the weight (one per thread, views, no copy) and a sum of the parts.
+- **oneDNN products for several rows** (``project``). For products of 2 rows or more (batched
+  decoding of several sessions, prefill chunks, stateless forwards) on CPU float32, oneDNN's
+  inner product (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own compiler emits for
+  CPU linears; it takes the dense weight as it is, input-major or not, and keeps no packed copy)
+  runs about twice as fast as MKL's ``sgemm`` on this AMD EPYC: the 246M Llama's gate/up
+  projection, 8 rows, 1.5 ms against 3.2 ms split, 256 rows 15 against 28 ms. A single row stays
+  with the split product, which streams the weight faster. Not used where autograd needs the
+  product (training), for other dtypes or devices, or where the op is missing.
 - **Grouped decoding attention** (``attend``). With one query per sequence, the query heads that
   share a key/value head attend as that many queries of it, so the cache is read once per
   key/value head; SDPA's ``enable_gqa`` path reads it as if expanded to every query head.
@@ -64,6 +72,9 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = linear.weight
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
+    if rows >= ONEDNN_MIN_ROWS and _onednn_fits(weight, x):
+        out = _ONEDNN_LINEAR(x.reshape(rows, in_features), weight, linear.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out_features)
     splits = _splits(in_features, torch.get_num_threads())
     if (splits == 1 or rows > SPLIT_ROWS or rows == 0 or weight.device.type != "cpu"
             or weight.stride() != (1, out_features)):
@@ -72,6 +83,37 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     parts = torch.bmm(x.reshape(rows, splits, in_features // splits).transpose(0, 1), blocks)  # (splits, rows, out)
     out = parts.sum(0).view(*x.shape[:-1], out_features)
     return out if linear.bias is None else out + linear.bias
+
+
+ONEDNN_MIN_ROWS = 2
+"""Products of at least this many rows run as oneDNN inner products (``project``) where they can."""
+
+
+def _find_onednn_linear():
+    try:
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def _onednn_fits(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``project`` may run this product through oneDNN: CPU float32, no autograd."""
+    return (_ONEDNN_LINEAR is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x`` (rows, in) times ``weight`` (out, in) transposed through oneDNN, where ``project``
+    would use it (at least ``ONEDNN_MIN_ROWS`` rows, CPU float32, no autograd); None elsewhere."""
+    if x.shape[0] < ONEDNN_MIN_ROWS or not _onednn_fits(weight, x):
+        return None
+    return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
 
 
 @functools.cache
