@@ -19,12 +19,15 @@ leader also waits for the decoding steps of this process that are in flight to t
 server (``flying``: sent, reply not yet back) and are *due soon*: each thread keeps its round trip
 (an average), a flight is due at its send time plus its thread's round trip, and the leader waits
 for the flights due within ``MERGE_SHARE`` of its own round trip (and a little slack past their
-due time, never more than ``MERGE_WAIT_MAX_S``). The rule is one-sided on purpose: of two groups a
-round trip T apart in phase, the second is due within T/2 of the first, or the first within T/2
-of the second, never both. So exactly one group waits, once, for at most half a round trip, the
-two land in one product and from then on move as one, and nothing is waited for again. (A
-symmetric rule, where every leader waits a fixed bound for whatever is in flight, makes both
-groups wait in turn: neither gains on the other, and they stay apart.) A lone session never waits.
+due time, never more than ``MERGE_WAIT_MAX_S``). Of two groups a round trip T apart in phase, the
+second is due within T/2 of the first, or the first within T/2 of the second: one of them waits,
+once, the other lands in its product, and from then on they move as one and nothing is waited
+for again. The share is 3/4 rather than 1/2 because the averages lag (the first decoding steps
+queue behind other sessions' prompts and overestimate the next round trips); if both groups find
+the other due soon, the first to land waits and the second joins it, the same outcome. (A
+symmetric rule, where every leader waits a short fixed bound for whatever is in flight, makes
+both groups wait in turn: neither gains on the other, and they stay apart.) A lone session never
+waits.
 """
 
 from __future__ import annotations
