@@ -112,7 +112,8 @@ class RowCombiner:
             yield
         finally:
             with self._cond:
-                if getattr(self._local, "flight", None) is flight:  # not landed in a product (an error, or a head outside the combiner)
+                # not landed in a product (an error, or a head outside the combiner)
+                if getattr(self._local, "flight", None) is flight:
                     self._local.flight = None
                     self._flights.pop(id(flight), None)
                     self._cond.notify_all()

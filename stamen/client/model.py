@@ -22,8 +22,8 @@ from stamen.client.session import InferenceSession, SessionTuning
 from stamen.client.swarm import Swarm
 from stamen.client.tuning import ClientLoRA, LoraSettings, PromptTuning, TuningMode
 from stamen.models import BlockConfig, load_client_parts, load_config, open_checkpoint
-from stamen.models.llama import RMSNorm
 from stamen.models.kernels import onednn_product
+from stamen.models.llama import RMSNorm
 from stamen.types import ModelName, PeerIDStr, Span, default_dht_prefix
 from stamen.wire.messages import Burst
 
