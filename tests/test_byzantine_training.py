@@ -6,13 +6,16 @@ training is wrecked. Both aggregations run side by side in the same peers (two g
 
 from __future__ import annotations
 
+import io
 import threading
 import uuid
 from functools import partial
 
 import pytest
 import torch
+from hivemind.utils import get_dht_time
 
+from stamen.errors import StageEpochError
 from stamen.testing.workers import start_workers, stop_workers
 from stamen.train.averaging import StageAverager  # imported before the workers fork
 
@@ -52,9 +55,27 @@ def _held_out_loss(params: list[torch.Tensor]) -> float:
     return float(_loss(params, x, y))
 
 
+def _publish_state(dht, prefix: str, stage: StageAverager) -> None:
+    """The stage's state in the DHT, for a partner that a partly failed all-reduce left one epoch behind
+    (a server serves it over RPC instead: ``server/stage.py``)."""
+    buffer = io.BytesIO()
+    torch.save(stage.state(), buffer)
+    dht.store(f"{prefix}.state", buffer.getvalue(), get_dht_time() + 120, subkey=str(dht.peer_id))
+
+
+def _fetch_state(dht, prefix: str):
+    """The newest state a partner published (``StageAverager``'s ``fetch_state``), or None."""
+    found = dht.get(f"{prefix}.state", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return None
+    states = [torch.load(io.BytesIO(entry.value), weights_only=False) for entry in found.value.values()]
+    return max(states, key=lambda state: state[0], default=None)
+
+
 def _stage(env: dict, prefix: str, aggregation: str, peers: int) -> StageAverager:
     params = [torch.nn.Parameter(torch.zeros(DIM, 1)), torch.nn.Parameter(torch.zeros(1))]
     return StageAverager(params, dht=env["dht"], prefix=prefix, target_batch_size=BATCH * peers,
+                         fetch_state=partial(_fetch_state, env["dht"], prefix),
                          optimizer=partial(torch.optim.SGD, lr=LR), aggregation=aggregation, tau=TAU,
                          matchmaking_time=1.0, averaging_timeout=10.0, progress_period=0.2, label=prefix[-12:],
                          # the group starts as soon as every peer joined; equal bandwidths and 16-byte parts:
@@ -63,15 +84,21 @@ def _stage(env: dict, prefix: str, aggregation: str, peers: int) -> StageAverage
                          request_timeout=0.5)  # a matchmaking request to a peer busy elsewhere fails fast
 
 
-def _train(stage: StageAverager, rank: int, byzantine: bool) -> dict:
+def _train(env: dict, stage: StageAverager, rank: int, byzantine: bool) -> dict:
     stage.start()
     for step in range(STEPS):
+        if stage.epoch > step:  # caught up past this step (the group applied it without this peer)
+            continue
         grads = _grads(stage.params, rank, step)
         if byzantine:
             grads = [-100 * g for g in grads]
-        stage.accumulate(f"{rank}:{step}", BATCH, grads, step)
+        try:
+            stage.accumulate(f"{rank}:{step}", BATCH, grads, step)
+        except StageEpochError:  # caught up meanwhile
+            continue
         if not stage.wait_epoch(step + 1, 60):
-            raise TimeoutError(f"peer {rank} stuck at step {step}")
+            raise TimeoutError(f"peer {rank} stuck at step {step} ({stage.label})")
+        _publish_state(env["dht"], stage.prefix, stage)
     params = [p.detach().clone() for p in stage.params]
     return dict(loss=_held_out_loss(params), suspects=stage.suspects(), peer=stage._peer, params=params)
 
@@ -84,7 +111,7 @@ def _train_both(env: dict, rank: int, byzantine: bool, run: str, peers: int) -> 
 
     def one(aggregation: str) -> None:
         try:
-            results[aggregation] = _train(stages[aggregation], rank, byzantine)
+            results[aggregation] = _train(env, stages[aggregation], rank, byzantine)
         except BaseException as e:  # reported to the test
             results[aggregation] = e
 
