@@ -70,7 +70,7 @@ within a round trip of the route)."""
 SETTLE_ROUNDS = 6
 """Before an iteration, the loop runs at most this many rounds of its other work (reading the steps
 that already arrived), stopping after two rounds that brought none: cheap (microseconds), and it
-never waits for steps that have not arrived."""
+never waits for steps that have not arrived. Skipped while only one session is open here."""
 
 
 @dataclass(eq=False)
@@ -197,7 +197,8 @@ class StepBatcher:
             if not self._queued_any():
                 self._wake.clear()
                 await self._wake.wait()
-            await self._settle()
+            if len(self.backend.sessions) > 1:  # with one session open, no other step can join
+                await self._settle()
             await self._await_bursts()
             batch = self._take()
             self._queued_sum += self.queued - len(batch)  # left waiting for a later iteration
