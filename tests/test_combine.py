@@ -93,9 +93,8 @@ def _two_threads(leader_trip, follower_trip, keys=("first", "first")):
     thread.start()
     _flight(combiner, 0.4, weight)
     learned.set()
-    time.sleep(0.5)  # the follower's learning flight is over
+    go.wait(5)  # the follower reaches the barrier once its learning flight's product is done
     products = combiner.products
-    go.wait(5)
     sent = time.perf_counter()
     out["leader"] = _flight(combiner, leader_trip, weight, keys[0])
     out["leader_s"] = time.perf_counter() - sent
