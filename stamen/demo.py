@@ -28,12 +28,12 @@ def main() -> None:
 
     from stamen.api.engine import Engine, SamplingParams
     from stamen.client.model import AutoDistributedModelForCausalLM
-    from stamen.models import BlockConfig, load_config
+    from stamen.models import load_block_config
     from stamen.models.convert import default_model_dir
     from stamen.types import default_dht_prefix
 
     model_dir = default_model_dir()
-    num_blocks = BlockConfig.from_hf(load_config(str(model_dir))).num_blocks
+    num_blocks = load_block_config(str(model_dir)).num_blocks
     third = num_blocks // 3
     spans = [Span(0, third), Span(third, 2 * third), Span(2 * third, num_blocks)]
     with LocalSwarm(log_dir=Path(".stamen") / "demo-logs") as swarm:

@@ -313,3 +313,52 @@ def test_onednn_products_equal_the_plain_linear(rows, layout):
     kernels.project(linear, wanted).sum().backward()
     torch.testing.assert_close(wanted.grad, linear.weight.detach().sum(0).expand_as(x), atol=1e-5, rtol=1e-5)
     assert kernels.onednn_product(x[0, :1], linear.weight.detach()) is None  # one row: the split product's
+
+
+LEGACY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512, max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize(("fields", "direct"), [
+    # as transformers 5 writes them
+    (dict(model_type="llama", **LEGACY), True),
+    (dict(model_type="llama", **LEGACY, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                          high_freq_factor=4.0, original_max_position_embeddings=512)),
+     True),
+    (dict(model_type="mistral", **LEGACY, sliding_window=16), True),
+    (dict(model_type="mistral", **LEGACY, sliding_window=None, head_dim=32), True),
+    (dict(model_type="qwen2", **LEGACY, tie_word_embeddings=True), True),
+    (dict(model_type="qwen2", **LEGACY, use_sliding_window=True, sliding_window=16, max_window_layers=1), False),
+    # as older checkpoints have them: theta and scaling apart, defaults left out
+    ({"model_type": "llama", **LEGACY, "rope_theta": 500000.0,
+      "rope_scaling": {"type": "linear", "factor": 2.0}, "attention_bias": True}, True),
+    ({"model_type": "mistral", **LEGACY, "rope_theta": 1e6}, False),  # no sliding_window: the class's 4096
+    ({"model_type": "llama", **{k: v for k, v in LEGACY.items() if k != "num_key_value_heads"}, "rope_theta": 1e4},
+     False),
+    ({"model_type": "qwen2", **LEGACY, "rope_theta": 1e6, "use_sliding_window": True, "sliding_window": 8}, False),
+], ids=lambda f: f"{f['model_type']}-{len(f)}" if isinstance(f, dict) else str(f))
+def test_block_config_read_from_json_equals_transformers_reading(tmp_path, fields, direct):
+    """Servers read a complete config.json directly (transformers' config classes cost 1.8 s of
+    CPU to import); whatever they read, it is what transformers' AutoConfig gives."""
+    import json
+
+    from stamen.models import load_block_config
+    from stamen.models.checkpoint import _plain_config
+
+    if "rope_theta" in fields:  # hand-written, as an older checkpoint
+        (tmp_path / "config.json").write_text(json.dumps(fields))
+    else:
+        settings = dict(fields)
+        AutoConfig.for_model(settings.pop("model_type"), **settings).save_pretrained(tmp_path)
+    assert (_plain_config(tmp_path) is not None) == direct
+    assert load_block_config(tmp_path) == BlockConfig.from_hf(load_config(tmp_path))
+
+
+def test_real_model_block_config_read_from_json_equals_transformers_reading():
+    from stamen.models import load_block_config
+    from stamen.models.checkpoint import _plain_config
+    from stamen.models.convert import default_model_dir
+
+    path = default_model_dir()
+    assert _plain_config(path) is not None
+    assert load_block_config(path) == BlockConfig.from_hf(load_config(path))

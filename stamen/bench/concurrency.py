@@ -144,7 +144,8 @@ def _batch_counters(swarm: LocalSwarm, model, model_id: str, num_blocks: int) ->
 
 
 def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list[int] | None = None,
-                          new_tokens: int = 32, runs: int = 2, api: bool = True, json_only: bool = False) -> dict:
+                          new_tokens: int = 32, runs: int = 2, api: bool = True, json_only: bool = False,
+                          device: str = "cpu", dtype: str = "float32") -> dict:
     import openai  # a dev dependency: only the API half needs it
 
     say = say_to(json_only)
@@ -156,6 +157,7 @@ def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list
     model_id = default_dht_prefix(model_dir)
     num_blocks = PRESETS[preset]["num_hidden_layers"]
     spans = even_spans(num_blocks, servers)
+    placement = ("--device", device, "--dtype", dtype)
     samples: dict[str, dict[str, list[dict]]] = {mode: {} for mode in MODES}
     with contextlib.ExitStack() as stack:
         # both swarms stay up (an idle swarm costs nothing) and the cases alternate between them
@@ -165,7 +167,7 @@ def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list
             say(f"[{mode}] starting {servers} servers on 127.0.0.1: {', '.join(map(str, spans))}")
             swarm.start_bootstrap()
             for span in spans:
-                swarm.add_server(model_dir, span, *extra)
+                swarm.add_server(model_dir, span, *placement, *extra)
             swarm.wait_online(model_id, num_blocks)
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
             stack.callback(model.shutdown)
@@ -199,9 +201,9 @@ def run_concurrency_bench(preset: str = "246m", servers: int = 3, sessions: list
                             f"p50 {case['p50_ms']:.0f} ms, p95 {case['p95_ms']:.0f} ms per token{batch}; "
                             f"CPU ms per token: {cpu_text}")
     results = {mode: {key: _median_case(runs_of) for key, runs_of in cases.items()} for mode, cases in samples.items()}
-    report = {"model": f"random {preset} Llama, float32", "servers": servers, "new_tokens": new_tokens,
-              "prompt_tokens": PROMPT_TOKENS, "sessions": sessions, "runs": runs, "results": results,
-              "raw": samples}
+    report = {"model": f"random {preset} Llama, {dtype} on the servers' {device}", "servers": servers,
+              "new_tokens": new_tokens, "prompt_tokens": PROMPT_TOKENS, "sessions": sessions, "runs": runs,
+              "results": results, "raw": samples}
     report["targets"] = _targets(report)
     if json_only:
         print(json.dumps(report, indent=2))

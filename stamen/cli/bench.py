@@ -153,6 +153,8 @@ def bench_concurrency(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per session.")] = 32,
     runs: Annotated[int, typer.Option(help="Runs per case, alternating batching on and off (medians).")] = 2,
     api: Annotated[bool, typer.Option(help="Also generate through stamen api (streamed completions).")] = True,
+    device: Annotated[str, typer.Option(help="The servers' torch device (cuda on a GPU machine).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="The servers' compute dtype: float32, bfloat16 or float16.")] = "float32",
     json_out: BenchJsonOpt = False,
 ) -> None:
     """Many users at once: aggregate tokens/s and p50/p95 time per token with 1-16 concurrent sessions,
@@ -161,7 +163,7 @@ def bench_concurrency(
     from stamen.bench.concurrency import run_concurrency_bench
 
     run_concurrency_bench(preset=preset, servers=servers, sessions=sessions, new_tokens=new_tokens, runs=runs,
-                          api=api, json_only=json_out)
+                          api=api, json_only=json_out, device=device, dtype=dtype)
 
 
 @bench_app.command("failover")

@@ -236,12 +236,12 @@ def dashboard(
     from stamen.api.dashboard import SwarmWatcher, create_dashboard
     from stamen.client.health import read_health
     from stamen.dht.node import create_dht
-    from stamen.models import BlockConfig, load_config
+    from stamen.models import load_block_config
     from stamen.process import check_port_free
     from stamen.types import ModelName, default_dht_prefix
 
     check_port_free(host, port, "serve the dashboard")
-    num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
+    num_blocks = load_block_config(model).num_blocks
     name = ModelName(client.dht_prefix or default_dht_prefix(model))
     node = create_dht(client.initial_peers, client_mode=True)
     watcher = SwarmWatcher(lambda: read_health(node, name, num_blocks), period).start()
@@ -266,11 +266,11 @@ def health(
     setup_logging("WARNING")
     from stamen.client.health import format_stages, read_health
     from stamen.dht.health import format_health
-    from stamen.models import BlockConfig, load_config
+    from stamen.models import load_block_config
     from stamen.server.server import start_dht
     from stamen.types import ModelName, default_dht_prefix
 
-    num_blocks = BlockConfig.from_hf(load_config(model)).num_blocks
+    num_blocks = load_block_config(model).num_blocks
     name = ModelName(client.dht_prefix or default_dht_prefix(model))
     node = start_dht(client.initial_peers, "127.0.0.1", 0, client_mode=True)
     try:

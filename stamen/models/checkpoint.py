@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from stamen.errors import CheckpointError
-from stamen.models.config import BlockConfig
+from stamen.models.config import SUPPORTED_MODEL_TYPES, BlockConfig
 from stamen.models.kernels import input_major, prefers_input_major
 from stamen.models.llama import BLOCK_TENSOR_SUFFIXES, Rotary, hf_block_state_dict
 from stamen.models.quant import PROJECTIONS, QuantMethod, quantize_block_
@@ -105,10 +104,59 @@ def _hub_weight_map(repo_id: str, revision: str | None) -> dict[str, str]:
 
 def load_config(source: str | os.PathLike, revision: str | None = None):
     """The transformers config of a model (local directory or hub id)."""
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(str(source), revision=revision)
     except Exception as e:
         raise CheckpointError(f"cannot read the config of {source}: {e}") from e
+
+
+_EXPLICIT_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "rms_norm_eps", "vocab_size", "max_position_embeddings")
+"""Fields whose defaults differ between the supported families' config classes (or that have none)."""
+
+
+class _JsonConfig:
+    """A config.json's fields as attributes, for ``BlockConfig.from_hf``: absent ones are missing."""
+
+    def __init__(self, fields: dict):
+        self.__dict__.update(fields)
+
+
+def _plain_config(source: str | os.PathLike) -> _JsonConfig | None:
+    """A local config.json read as it is, when it names every field whose class default matters;
+    else None. The remaining fields default alike in every supported family (silu, no biases, no
+    tied embeddings, head_dim = hidden / heads); ``tests/test_models.py`` checks both readings agree."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # transformers' reading gives the error
+    if not isinstance(fields, dict) or any(name not in fields for name in _EXPLICIT_FIELDS):
+        return None
+    model_type = fields.get("model_type")
+    rope = fields.get("rope_parameters")
+    if "rope_theta" not in fields and not (isinstance(rope, dict) and "rope_theta" in rope):
+        return None
+    if model_type == "mistral" and "sliding_window" not in fields:
+        return None
+    if model_type == "qwen2" and fields.get("use_sliding_window"):
+        return None  # its layer types derive from max_window_layers: transformers works them out
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return None  # transformers' reading names what it is, from_hf refuses it
+    return _JsonConfig(fields)
+
+
+def load_block_config(source: str | os.PathLike, revision: str | None = None) -> BlockConfig:
+    """The block config of a model. A local config.json that names every field a block needs is read
+    directly: importing transformers' config classes costs a process about 1.8 s of CPU (transformers
+    5 loads its kernel and weight-conversion modules with them), most of a server's start on a
+    small model. Anything else goes through ``AutoConfig``."""
+    plain = _plain_config(source) if revision is None else None
+    return BlockConfig.from_hf(plain if plain is not None else load_config(source, revision))
 
 
 def load_span(

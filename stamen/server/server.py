@@ -19,7 +19,7 @@ from stamen import trace
 from stamen.dht.node import SwarmDHT, create_dht
 from stamen.dht.records import ServerRecord, ServerState, announce, fetch_servers
 from stamen.errors import CheckpointError, RemoteCallError
-from stamen.models import BlockConfig, load_config, load_span, open_checkpoint
+from stamen.models import BlockConfig, load_block_config, load_span, open_checkpoint
 from stamen.models.checkpoint import Checkpoint
 from stamen.models.span import SpanModel
 from stamen.process import check_peer_addresses, check_port_free, children_die_with_me
@@ -154,8 +154,7 @@ class Server:
         self.threads = torch.get_num_threads()
         """torch threads of long work; decoding steps on the loop's thread may use fewer."""
 
-        hf_config = load_config(cfg.model)
-        block_config = BlockConfig.from_hf(hf_config)
+        block_config = load_block_config(cfg.model)
         if cfg.blocks is not None and cfg.blocks.end > block_config.num_blocks:  # checked before anything starts
             raise CheckpointError(f"--blocks {cfg.blocks} is past the model's {block_config.num_blocks} blocks")
         checkpoint = open_checkpoint(cfg.model)
