@@ -30,7 +30,9 @@ from stamen.types import Span
 pytestmark = pytest.mark.swarm
 
 NAME = "llama-audit"
-RUNS, NEW_TOKENS, PROMPT = 50, 64, 8
+RUNS, NEW_TOKENS, PROMPT = 24, 40, 8
+"""Generations per test, their new tokens (past ``audit_every`` = 32: each hop is audited on the prefill,
+after 32 decoding steps and at the end) and the prompt's length."""
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, **TRAINED_SPREAD)
 ONE = ("--torch-threads", "1")
@@ -100,7 +102,7 @@ def audited(tmp_path_factory):
 
 @pytest.mark.parametrize("lie", LIARS)
 def test_liar_detected_and_tokens_honest(audited, lie):
-    """50 seeded generations of 64 tokens; the liar is allowed in about 3 of 4 (seeded) and then is
+    """24 seeded generations of 40 tokens; the liar is allowed in about 3 of 4 (seeded) and then is
     every route's choice for [2:4). Whenever the route used it, it is caught within 32 decoding steps
     and accused in the DHT; in every run the tokens equal the honest swarm's (after the rollback, with
     the other hops' audit sessions rewound; audits send the auditors only their new positions). (Only
@@ -136,7 +138,7 @@ def test_liar_detected_and_tokens_honest(audited, lie):
 
 
 def test_mixed_precision_never_accused(audited):
-    """Honest float32, bfloat16 and int8 servers of the same blocks audit each other over 50
+    """Honest float32, bfloat16 and int8 servers of the same blocks audit each other over 24
     generations (routes forced through each by blocking others): no audit fails."""
     rng = random.Random("mixed")
     pairs = set()

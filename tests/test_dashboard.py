@@ -40,12 +40,20 @@ def _chromium() -> str:
     pytest.skip("headless Chromium is not installed and cannot be installed here (needs root and apt-get)")
 
 
-def _browse(chromium: str, url: str, *extra: str) -> str:
-    """The page's DOM after its scripts ran (virtual time lets the first fetches and redraw finish)."""
-    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--virtual-time-budget=5000", "--window-size=1200,900", *extra, url],
-                          capture_output=True, text=True, timeout=120)
-    return done.stdout
+def _start(swarm: LocalSwarm, cmd: list[str]) -> subprocess.Popen:
+    """A process that runs beside the others (``_finish`` it), stopped with the swarm if a test fails first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=swarm.env,
+                            start_new_session=True)
+    swarm.apis.append(proc)
+    return proc
+
+
+def _browse(swarm: LocalSwarm, chromium: str, url: str, profile: Path, *extra: str) -> subprocess.Popen:
+    """Chromium rendering the page (a profile of its own: two may run at once); its stdout is the
+    DOM after the scripts ran with ``--dump-dom`` (virtual time lets the first fetches and redraw finish)."""
+    return _start(swarm, [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--window-size=1200,900",
+                          *extra, url])
 
 
 def _get(url: str) -> dict:
@@ -53,10 +61,21 @@ def _get(url: str) -> dict:
         return json.loads(reply.read())
 
 
-def _health_cli(model: str, peers: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "stamen", "health", model, "--initial-peers", *peers, "--json"],
-                         capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(out.stdout)
+def _health_cli(swarm: LocalSwarm, model: str) -> subprocess.Popen:
+    """``stamen health --json``, started: it runs beside the dashboard and Chromium."""
+    return _start(swarm, [sys.executable, "-m", "stamen", "health", model, "--initial-peers", *swarm.initial_peers,
+                          "--json"])
+
+
+def _finish(proc: subprocess.Popen, check: bool = False) -> str:
+    """The process's stdout once it exited (killed past 120 s)."""
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert not check or proc.returncode == 0, f"{proc.args[:5]} exited with {proc.returncode}:\n{err[-3000:]}"
+    return out
 
 
 def _view(health: dict) -> dict:
@@ -70,7 +89,7 @@ def _wait(condition, what: str, timeout: float = 90.0):
     while time.monotonic() < deadline:
         if result := condition():
             return result
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise TimeoutError(what)
 
 
@@ -104,27 +123,32 @@ def test_the_dashboard_shows_servers_spans_and_a_hole_and_agrees_with_health(tmp
                 return health if sum(s["live"] for s in health["servers"]) == n else None
             return check
 
+        # the CLI starts with the dashboard (once every server is online): both read the same swarm
+        cli = _health_cli(swarm, model)
         health = _wait(live_servers(2), "the dashboard never saw both servers live")
-        assert _view(_health_cli(model, swarm.initial_peers)) == _view(_get(url + "api/health"))
-        page = _browse(chromium, url, "--dump-dom")
+        page = _finish(_browse(swarm, chromium, url, tmp_path / "profile0", "--dump-dom"))
         for s in health["servers"]:
             assert s["peer_id"] in page and f"[{s['start']}:{s['end']})" in page
         assert '<b id="uncovered" class="">none</b>' in page
+        assert _view(json.loads(_finish(cli, check=True))) == _view(_get(url + "api/health"))
 
         killed = next(s for s in health["servers"] if (s["start"], s["end"]) == (2, 4))["peer_id"]
         os.killpg(second.proc.pid, signal.SIGKILL)
         second.proc.wait()
+        cli = _health_cli(swarm, model)  # started after the kill: it finds the server gone
         health = _wait(lambda: (h := _get(url + "api/health"))["uncovered_blocks"] and h, "no hole was shown")
         assert health["uncovered_blocks"] == [2, 3] and killed in health["unreachable"]
-        page = _browse(chromium, url, "--dump-dom")
+        shot = tmp_path / "dashboard.png"
+        dom = _browse(swarm, chromium, url, tmp_path / "profile1", "--dump-dom")
+        screenshot = _browse(swarm, chromium, url, tmp_path / "profile2", f"--screenshot={shot}")
+        page = _finish(dom)
         assert '<b id="uncovered" class="bad">2, 3</b>' in page
         assert killed in page and "not answering" in page
-        assert _view(_health_cli(model, swarm.initial_peers)) == _view(_get(url + "api/health"))
+        assert _view(json.loads(_finish(cli, check=True))) == _view(_get(url + "api/health"))
         history = _get(url + "api/history")["samples"]
         assert history[0]["covered"] == 1.0 and history[-1]["covered"] == 0.5
 
-        shot = tmp_path / "dashboard.png"
-        _browse(chromium, url, f"--screenshot={shot}")
+        _finish(screenshot)
         assert shot.stat().st_size > 10_000
         if os.environ.get("STAMEN_UPDATE_SCREENSHOTS"):  # the README's picture
             shutil.copy(shot, Path(__file__).resolve().parent.parent / "docs" / "img" / "dashboard.png")

@@ -17,6 +17,7 @@ from collections import Counter
 
 import pytest
 import torch
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from stamen.client import loop
@@ -54,8 +55,13 @@ BUDGET = 48 << 20
 """The server's ``--max-request-bytes``."""
 PEER_CALLS = 6
 """The server's ``--max-peer-calls``."""
-FUZZ_CASES = 150
+FUZZ_CASES = 90
+"""Seeded cases, ten per RPC (``_Fuzz.case`` takes the RPCs in turn; each case draws its kinds of
+malformed metadata, tensors and framing at random: every kind at least once over the 90, as
+``test_the_seeded_cases_cover_every_rpc_and_every_kind_of_malformation`` checks)."""
 FUZZ_SECONDS = 60
+FUZZ_CLIENTS = 2
+"""Client peers the fuzz comes from, each with ``PEER_CALLS`` cases in flight at once (its whole share)."""
 MIB = 1 << 20
 
 Request, Response = runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse
@@ -151,6 +157,13 @@ def _codes(replies: list[tuple]) -> list[str]:
     return [r[1] for r in replies if r[0] == "error"]
 
 
+async def _another_client(p2p: P2P, peer) -> P2P:
+    """A client of a peer id of its own (its own share of the server's calls), connected straight to
+    the server at the addresses ``p2p`` reaches it at."""
+    addrs = next(info.addrs for info in await p2p.list_peers() if info.peer_id == peer)
+    return await P2P.create(initial_peers=[f"{addr}/p2p/{peer}" for addr in addrs])
+
+
 def _good_forward(s: Swarm, peer) -> torch.Tensor:
     hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(3))
     return loop.run(call_forward(s.p2p, peer, Span(0, 2), SpanInputs(hidden), timeout=20))
@@ -170,26 +183,43 @@ def test_a_call_ends_as_soon_as_both_halves_did(hostile):
     assert time.monotonic() - start < 3
 
 
+async def _timed_exchange(p2p, peer, name: str, frames: list[bytes], end: bool = True) -> tuple[list[tuple], float]:
+    """``_exchange`` and the seconds it took (several run at once, each timed on its own)."""
+    start = time.monotonic()
+    replies = await _exchange(p2p, peer, name, frames, end=end)
+    return replies, time.monotonic() - start
+
+
 def test_a_half_sent_forward_is_answered_within_the_read_timeout(hostile):
+    """A whole message with the client's half never ended, and a message cut short (both at once)."""
     s, peer, _ = hostile
     metadata = encode(ForwardRequest(blocks=SpanRef(start=0, end=2)))
+    whole = _frame(Request(metadata=metadata, tensors=[_hidden(1, 4, HIDDEN)]))
     half = _frame(Request(metadata=metadata, tensors=[_hidden(1, 4, HIDDEN)]))[:-100]  # the rest never comes
-    for frames in ([_frame(Request(metadata=metadata, tensors=[_hidden(1, 4, HIDDEN)]))], [half]):
-        start = time.monotonic()
-        replies = loop.run(_exchange(s.p2p, peer, protocol.FORWARD.name, frames, end=False))
+
+    async def main():
+        return await asyncio.gather(*(_timed_exchange(s.p2p, peer, protocol.FORWARD.name, frames, end=False)
+                                      for frames in ([whole], [half])))
+
+    for replies, seconds in loop.run(main()):
         assert _codes(replies) == ["invalid_request"], replies
-        assert time.monotonic() - start < 2 * READ_TIMEOUT + 3  # the reply, then at most READ_TIMEOUT of draining
+        assert seconds < 2 * READ_TIMEOUT + 3  # the reply, then at most READ_TIMEOUT of draining
     _good_forward(s, peer)
 
 
 def test_a_frame_declaring_two_to_the_62_bytes_is_refused_at_once(hostile):
+    """To each RPC that reads frames (all at once: fewer than a peer's share of calls)."""
     s, peer, _ = hostile
-    for rpc in (protocol.FORWARD, protocol.TRAIN, protocol.PUT_ADAPTERS, protocol.BANDWIDTH, protocol.INFERENCE,
-                protocol.PUSH):
-        start = time.monotonic()
-        replies = loop.run(_exchange(s.p2p, peer, rpc.name, [_header(2**62)], end=False))
+    rpcs = (protocol.FORWARD, protocol.TRAIN, protocol.PUT_ADAPTERS, protocol.BANDWIDTH, protocol.INFERENCE,
+            protocol.PUSH)
+
+    async def main():
+        return await asyncio.gather(*(_timed_exchange(s.p2p, peer, rpc.name, [_header(2**62)], end=False)
+                                      for rpc in rpcs))
+
+    for rpc, (replies, seconds) in zip(rpcs, loop.run(main()), strict=True):
         assert _codes(replies) == ["invalid_request"], (rpc.name, replies)
-        assert time.monotonic() - start < READ_TIMEOUT + 2, rpc.name
+        assert seconds < READ_TIMEOUT + 2, rpc.name
 
 
 def test_request_bytes_over_the_servers_buffer_are_refused_before_they_are_read(hostile):
@@ -243,6 +273,8 @@ class _Fuzz:
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
         torch.manual_seed(seed)
+        self.drawn: Counter = Counter()
+        """(what, kind) of the malformations drawn: ("meta", 0..11), ("tensor", 0..13), ("framing", 0..15)."""
 
     def pick(self, *options):
         return options[self.rng.randrange(len(options))]
@@ -252,6 +284,7 @@ class _Fuzz:
         numbers, deep nesting, a wrong kind, null, a string for a number."""
         r = self.rng
         choice = r.randrange(12)
+        self.drawn["meta", choice] += 1
         if choice < 4:
             return good
         return [
@@ -269,6 +302,7 @@ class _Fuzz:
         """``t`` with a wrong dtype, shape, buffer or compression, or values it may not hold (half the time)."""
         r = self.rng
         kind = r.randrange(14)
+        self.drawn["tensor", kind] += 1
         if kind == 0:
             t.dtype = r.choice(["int64", "complex64", "", "float64", "bool", "nonsense"])
         elif kind == 1:
@@ -318,6 +352,7 @@ class _Fuzz:
         """Frames as sent, whether the client ends its half, whether a typed reply must come."""
         r = self.rng
         kind = r.randrange(16)
+        self.drawn["framing", kind] += 1
         if kind == 0:  # stalled
             return frames, False, True
         if kind == 1:  # truncated mid-frame, then stalled
@@ -399,9 +434,12 @@ class _Fuzz:
         frames, end, _ = self.framing([_frame(Request(metadata=self._meta(encode(step)), tensors=tensors))])
         return protocol.PUSH.name, frames, True, False  # pushes into unknown sessions are ignored
 
-    def case(self, session: str):
-        rpc = self.pick(protocol.FORWARD, protocol.BACKWARD, protocol.TRAIN, protocol.PUT_ADAPTERS,
-                        protocol.BANDWIDTH, protocol.INFERENCE, protocol.PUSH, protocol.INFO, protocol.STAGE_STATE)
+    RPCS = (protocol.FORWARD, protocol.BACKWARD, protocol.TRAIN, protocol.PUT_ADAPTERS, protocol.BANDWIDTH,
+            protocol.INFERENCE, protocol.PUSH, protocol.INFO, protocol.STAGE_STATE)
+
+    def case(self, index: int):
+        """Case ``index``: of the RPCs in turn (every one alike often), on session ``fuzz-{index}``."""
+        rpc, session = self.RPCS[index % len(self.RPCS)], f"fuzz-{index}"
         if rpc is protocol.INFERENCE:
             return self.inference_case(session)
         if rpc is protocol.PUSH:
@@ -411,39 +449,59 @@ class _Fuzz:
         return self.call_case(rpc)
 
 
+KINDS = dict(meta=12, tensor=14, framing=16)
+"""How many kinds ``_Fuzz`` draws from, per what it malforms (the first few of each: well-formed)."""
+
+
+def test_the_seeded_cases_cover_every_rpc_and_every_kind_of_malformation():
+    """The fuzz's ``FUZZ_CASES`` seeded cases reach every RPC alike often and draw every kind of
+    malformed metadata, tensor and framing at least once (no server needed: the cases alone)."""
+    fuzz = _Fuzz(seed=20)
+    rpcs = Counter(fuzz.case(index)[0] for index in range(FUZZ_CASES))
+    assert set(rpcs) == {rpc.name for rpc in protocol.SPAN_SERVICE} and len(set(rpcs.values())) == 1, rpcs
+    missing = [(what, kind) for what, n in KINDS.items() for kind in range(n) if not fuzz.drawn[what, kind]]
+    assert not missing and set(fuzz.drawn) == {(w, k) for w, n in KINDS.items() for k in range(n)}, missing
+
+
+@pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")  # hivemind's P2P.create
 def test_fuzz_every_rpc(hostile):
     """Seeded malformed and hostile messages to every RPC of the span service (``SPAN_SERVICE``),
-    four at a time: every error a typed reply and none ``internal``, every refused call answered,
-    the server alive, answering pings, computing what it computed before, in bounded memory."""
+    from two client peers with ``PEER_CALLS`` calls in flight each: every error a typed reply and none
+    ``internal``, every refused call answered, the server alive, answering pings, computing what it
+    computed before, in bounded memory."""
     s, peer, server = hostile
-    assert {protocol.FORWARD, protocol.BACKWARD, protocol.TRAIN, protocol.PUT_ADAPTERS, protocol.BANDWIDTH,
-            protocol.INFERENCE, protocol.PUSH, protocol.INFO, protocol.STAGE_STATE} == set(protocol.SPAN_SERVICE)
+    assert set(_Fuzz.RPCS) == set(protocol.SPAN_SERVICE) and len(_Fuzz.RPCS) == len(protocol.SPAN_SERVICE)
     before = _good_forward(s, peer)
     rss = _rss_mib(server)
     fuzz = _Fuzz(seed=20)
     results: list[tuple] = []
 
-    async def run_case(index: int) -> None:
-        name, frames, end, reply = fuzz.case(session=f"fuzz-{index}")
+    async def run_case(p2p: P2P, index: int) -> None:
+        name, frames, end, reply = fuzz.case(index)
         if name == protocol.INFO.name:
-            info = await call_info(s.p2p, peer, timeout=10) if frames[0] == b'{"kind":"info"}' else \
-                await protocol.call_unary(s.p2p, peer, protocol.INFO, Request(metadata=frames[0]))
+            info = await call_info(p2p, peer, timeout=10) if frames[0] == b'{"kind":"info"}' else \
+                await protocol.call_unary(p2p, peer, protocol.INFO, Request(metadata=frames[0]))
             results.append((name, [("info",)] if info else [], reply, frames[:1]))
             return
-        replies = await _exchange(s.p2p, peer, name, frames, end=end)
+        replies = await _exchange(p2p, peer, name, frames, end=end)
         results.append((name, replies, reply, [f[:120] for f in frames[:3]]))
 
     async def main() -> None:
+        others = [await _another_client(s.p2p, peer) for _ in range(FUZZ_CLIENTS - 1)]
         deadline = time.monotonic() + FUZZ_SECONDS
         cases = iter(range(FUZZ_CASES))
 
-        async def worker() -> None:
+        async def worker(p2p: P2P) -> None:
             for index in cases:
                 if time.monotonic() > deadline:
                     return
-                await run_case(index)
+                await run_case(p2p, index)
 
-        await asyncio.gather(*(worker() for _ in range(4)))  # four calls at a time
+        try:
+            await asyncio.gather(*(worker(p2p) for p2p in [s.p2p, *others] for _ in range(PEER_CALLS)))
+        finally:
+            for p2p in others:
+                await p2p.shutdown()
 
     loop.run(main(), timeout=FUZZ_SECONDS + 30)
     assert len(results) >= 60  # enough cases ran within the time bound
