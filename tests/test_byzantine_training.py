@@ -1,8 +1,13 @@
 """Training survives Byzantine peers (issue 22, part 3): stage peers in separate processes, each with its
-own hivemind DHT and StageAverager on 127.0.0.1, train a model together for 30 steps while 1 of 4 (and
+own hivemind DHT and StageAverager on 127.0.0.1, train a model together for 15 steps while 1 of 4 (and
 2 of 5) send sign-flipped gradients scaled by 100. With CenteredClip the loss ends within 10% of an
 all-honest run and the honest peers name the Byzantine ones (and leave them out); with the mean,
-training is wrecked. Both aggregations run side by side in the same peers (two groups)."""
+training is wrecked. Both aggregations run side by side in the same peers (two groups).
+
+The learning rate (0.2) brings the honest run to its noise floor in about 8 steps. The Byzantine peers
+are named after their second round; before that they push the clipped run off course (its loss 15 and
+43 times the honest run's after 3 steps, with 1 and 2 of them), and it is back within 3% of the honest
+run from the 11th step on (exact averaging and fixed data: the runs are deterministic)."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from stamen.errors import StageEpochError
 from stamen.testing.workers import start_workers, stop_workers
 from stamen.train.averaging import StageAverager  # imported before the workers fork
 
-DIM, BATCH, STEPS, LR, TAU = 16, 64, 30, 0.1, 10.0
+DIM, BATCH, STEPS, LR, TAU = 16, 64, 15, 0.2, 10.0
 
 
 def _task() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -103,17 +103,24 @@ def test_training_peer_moves_mid_step_to_the_bottleneck_stage_with_its_state(tmp
         swarm.start_bootstrap()
         a = swarm.add_server(path, LEFT, *TRAIN_ARGS)
         b = swarm.add_server(path, RIGHT, *TRAIN_ARGS)
-        swarm.wait_for(NAME, BLOCKS, lambda rs: _online(rs, LEFT) and _online(rs, RIGHT), "A and B online")
+        records = swarm.wait_for(NAME, BLOCKS, lambda rs: _online(rs, LEFT) and _online(rs, RIGHT) and rs,
+                                 "A and B online")
+        peer_a = _peer_of(records, a)
         c = swarm.add_auto_server(path, *TRAIN_ARGS, "--num-blocks", "2", "--balance-period", "1",
                                   "--move-jitter", "0.5")
-        records = swarm.wait_for(NAME, BLOCKS, lambda rs: len(_online(rs, LEFT)) == 2 and rs, "C online at [0:2)")
-        peer_a, peer_b, peer_c = _peer_of(records, a), _peer_of(records, b), _peer_of(records, c)
-        assert set(_online(records, LEFT)) == {peer_a, peer_c}
+
+        def trainer(blocked: str) -> SwarmTrainer:
+            trainers.append(SwarmTrainer(path, swarm.initial_peers, microbatch=LOCAL, lr=LR, optimizer="sgd",
+                                         request_timeout=20, epoch_timeout=120, connect_timeout=120,
+                                         blocked_servers=[blocked]))
+            return trainers[-1]
+
         try:
-            for blocked in (peer_a, peer_c):
-                trainers.append(SwarmTrainer(path, swarm.initial_peers, microbatch=LOCAL, lr=LR, optimizer="sgd",
-                                             request_timeout=20, epoch_timeout=120, blocked_servers=[blocked]))
-            t1, t2 = trainers
+            t1 = trainer(peer_a)  # started while C starts (it waits for C: the only [0:2) peer it may use)
+            records = swarm.wait_for(NAME, BLOCKS, lambda rs: len(_online(rs, LEFT)) == 2 and rs, "C online at [0:2)")
+            peer_b, peer_c = _peer_of(records, b), _peer_of(records, c)
+            assert set(_online(records, LEFT)) == {peer_a, peer_c}
+            t2 = trainer(peer_c)
 
             def step(index: int) -> None:
                 list(pool.map(lambda tb: tb[0].train_step(tb[1]), zip(trainers, batches[index], strict=True)))
