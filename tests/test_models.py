@@ -362,3 +362,15 @@ def test_real_model_block_config_read_from_json_equals_transformers_reading():
     path = default_model_dir()
     assert _plain_config(path) is not None
     assert load_block_config(path) == BlockConfig.from_hf(load_config(path))
+
+
+def test_a_config_json_with_a_field_of_the_wrong_type_is_a_checkpoint_error(tmp_path):
+    """Read directly or not, a broken config is a typed error naming the field, not a traceback."""
+    import json
+
+    from stamen.models import load_block_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **LEGACY, "hidden_size": "wide",
+                                                      "rope_theta": 1e4}))
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        load_block_config(tmp_path)

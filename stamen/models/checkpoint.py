@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -117,14 +118,7 @@ _EXPLICIT_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "nu
 """Fields whose defaults differ between the supported families' config classes (or that have none)."""
 
 
-class _JsonConfig:
-    """A config.json's fields as attributes, for ``BlockConfig.from_hf``: absent ones are missing."""
-
-    def __init__(self, fields: dict):
-        self.__dict__.update(fields)
-
-
-def _plain_config(source: str | os.PathLike) -> _JsonConfig | None:
+def _plain_config(source: str | os.PathLike) -> SimpleNamespace | None:
     """A local config.json read as it is, when it names every field whose class default matters;
     else None. The remaining fields default alike in every supported family (silu, no biases, no
     tied embeddings, head_dim = hidden / heads); ``tests/test_models.py`` checks both readings agree."""
@@ -147,7 +141,7 @@ def _plain_config(source: str | os.PathLike) -> _JsonConfig | None:
         return None  # its layer types derive from max_window_layers: transformers works them out
     if model_type not in SUPPORTED_MODEL_TYPES:
         return None  # transformers' reading names what it is, from_hf refuses it
-    return _JsonConfig(fields)
+    return SimpleNamespace(**fields)
 
 
 def load_block_config(source: str | os.PathLike, revision: str | None = None) -> BlockConfig:
@@ -156,7 +150,12 @@ def load_block_config(source: str | os.PathLike, revision: str | None = None) ->
     5 loads its kernel and weight-conversion modules with them), most of a server's start on a
     small model. Anything else goes through ``AutoConfig``."""
     plain = _plain_config(source) if revision is None else None
-    return BlockConfig.from_hf(plain if plain is not None else load_config(source, revision))
+    if plain is not None:
+        try:
+            return BlockConfig.from_hf(plain)
+        except (TypeError, ValueError):  # a field of the wrong type: transformers' reading names it (CheckpointError)
+            pass
+    return BlockConfig.from_hf(load_config(source, revision))
 
 
 def load_span(
