@@ -6,6 +6,7 @@ never by sleeping a fixed time; ``stop`` always reaps every process it started.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -151,7 +152,9 @@ class LocalSwarm:
         from stamen.dht.records import ServerState, fetch_servers
 
         servers = self.servers if servers is None else servers
-        wanted = {(s.span.start, s.span.end) for s in servers if s.proc.poll() is None and s.span is not None}
+        # servers can share a span: count them, so that one online server does not stand for two
+        wanted = collections.Counter(
+            (s.span.start, s.span.end) for s in servers if s.proc.poll() is None and s.span is not None)
         deadline = time.monotonic() + timeout
         delay = 0.2
         while True:
@@ -159,12 +162,13 @@ class LocalSwarm:
                 if s.proc.poll() is not None:
                     raise RuntimeError(f"server {s.span} exited with {s.proc.returncode}:\n{s.log_tail()}")
             records = fetch_servers(self.client_dht(), model_name, num_blocks)
-            online = {(r.start, r.end) for r in records.values() if r.state == ServerState.ONLINE}
-            if wanted <= online:
+            online = collections.Counter(
+                (r.start, r.end) for r in records.values() if r.state == ServerState.ONLINE)
+            if all(online[span] >= count for span, count in wanted.items()):
                 return
             if time.monotonic() > deadline:
                 tails = "\n".join(f"--- {s.log_path}\n{s.log_tail()}" for s in servers)
-                raise TimeoutError(f"servers not online after {timeout} s (online: {sorted(online)}):\n{tails}")
+                raise TimeoutError(f"servers not online after {timeout} s (online: {sorted(online.items())}):\n{tails}")
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 
