@@ -48,6 +48,41 @@ def _open(env: dict, prefix: str, target: int, averaging: str = "plain", optimiz
     return env["stage"]._peer
 
 
+class _LosesItsReplies:
+    """A network fault, armed in one peer's process before its averager forks: the first time this
+    peer reduces a partition, it reduces it in full (so its own share of the round completes) but the
+    averaged parts never reach the other senders, whose rounds fail after their parts went out."""
+
+    armed = True
+
+    @staticmethod
+    def runner(base: type) -> type:
+        class Runner(base):
+            async def _accumulate_parts_streaming(self, stream, sender_index):
+                replies = super()._accumulate_parts_streaming(stream, sender_index)
+                try:
+                    async for reply in replies:
+                        if not _LosesItsReplies.armed:
+                            yield reply
+                    _LosesItsReplies.armed = False  # all parts reduced; their replies were lost
+                finally:
+                    await replies.aclose()
+        return Runner
+
+
+def _lose_replies(env: dict, lose: bool) -> None:
+    """Arm (or disarm) the fault for averagers this peer opens from now on."""
+    from stamen.train import averaging
+
+    env.setdefault("runner", averaging.ExactAllReduceRunner)
+    averaging.ExactAllReduceRunner = _LosesItsReplies.runner(env["runner"]) if lose else env["runner"]
+
+
+def _doubts(env: dict) -> list[int]:
+    with env["stage"]._lock:
+        return [d.samples for d in env["stage"]._doubts]
+
+
 def _close(env: dict) -> None:
     stage = env.pop("stage", None)
     if stage is not None:
@@ -277,3 +312,54 @@ def test_compressed_averaging_keeps_peers_bitwise_equal(peers, averaging):
             assert torch.equal(states[0][1][key], states[1][1][key]), key
     finally:
         _all(group, _close)
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_round_that_failed_after_its_parts_went_out_counts_once(peers, applied):
+    """One peer loses the replies of the partition it reduces: it applies the round, while its
+    partner's round fails after its parts went out. The partner keeps those samples apart (in doubt),
+    then loads the stage's state: if the state says the round was applied, the samples are spent and the
+    next step counts every microbatch once (both peers bitwise equal to the local reference); if it says
+    another attempt was applied instead, they go back to the accumulators."""
+    faulty, partner = peers[:2]
+    prefix = f"test.stage.{uuid.uuid4().hex[:8]}.plain"
+    faulty.call(_lose_replies, True)
+    try:
+        faulty.call(_open, prefix, 4)
+    finally:
+        faulty.call(_lose_replies, False)  # the forked averager keeps it; later averagers do not
+    partner.call(_open, prefix, 4)
+    try:
+        g = torch.Generator().manual_seed(13)
+        first = [(2, _grads(g)), (2, _grads(g))]
+        for rank, (peer, (samples, grads)) in enumerate(zip((faulty, partner), first, strict=True)):
+            assert peer.call(_call, "accumulate", f"a{rank}", samples, grads, 0)
+        assert _round([faulty, partner]) == [True, False]
+        assert partner.call(_doubts) == [2]
+        assert partner.call(_attr, "samples") == 2 and partner.call(_attr, "epoch") == 0
+        assert not partner.call(_call, "accumulate", "a1", 2, first[1][1], 0)  # still counted once
+        epoch, tensors, meta = faulty.call(_call, "state")
+        assert epoch == 1 and len(meta["spent"]["0"]) == 2  # both peers' attempt tokens
+        bad = dict(meta, spent={"0": "not a list"})
+        with pytest.raises(InvalidRequestError):
+            partner.call(_call, "load_state", epoch, tensors, bad)
+        assert partner.call(_doubts) == [2] and partner.call(_attr, "epoch") == 0
+        if not applied:  # the stage applied some other attempt at epoch 0
+            meta = dict(meta, spent={"0": ["another attempt"]})
+        partner.call(_call, "load_state", epoch, tensors, meta)
+        assert partner.call(_doubts) == [] and partner.call(_attr, "epoch") == 1
+        if not applied:
+            assert partner.call(_accumulated)[:2] == (1, 2)
+            return
+        assert partner.call(_attr, "samples") == 0
+        second = [(2, _grads(g)), (2, _grads(g))]
+        for rank, (peer, (samples, grads)) in enumerate(zip((faulty, partner), second, strict=True)):
+            assert peer.call(_call, "accumulate", f"b{rank}", samples, grads, 1)
+        assert _round([faulty, partner]) == [True, True]
+        params = _all([faulty, partner], _params)
+        _assert_bitwise_equal(params)
+        expected = _sgd_reference(_sgd_reference(initial_params(0), first), second)
+        for got, want in zip(params[0], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        _all([faulty, partner], _close)

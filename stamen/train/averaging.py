@@ -28,6 +28,15 @@ samples in the group. Otherwise nothing is applied and the gradients go back to 
 so a microbatch counts exactly once even when a round fails. A peer alone at its epoch applies its
 own mean once it holds the target by itself; a peer that finds another at a higher epoch loads the
 stage's state (``fetch_state``) instead of stepping on its own.
+
+One failure is ambiguous: the all-reduce fails here after this peer's parts went out (a reducer's
+reply was lost), while a partner got every part and applied the round. Putting the gradients back
+would count them again at the next epoch. So each attempt gathers a random token; an applied round
+records every member's token with its epoch in the stage's state, and a peer whose round failed once
+its all-reduce had started keeps that round's gradients apart ("in doubt"), still offering them in
+its next rounds at the same epoch (under their own token, so an applied round spends them) until a
+state it loads settles them: spent if their token is in the state's record of that epoch, back into
+the accumulators if not.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import ctypes
 import logging
 import multiprocessing as mp
 import re
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -172,6 +182,8 @@ class ExactAveraging:
         """The clip history as the averager's own process sees it (it decides exclusions there)."""
         # created before the averager's process forks: it writes, this process reads
         self._clip_reports = mp.SimpleQueue()
+        self._started_reports = mp.SimpleQueue()
+        self._started: list[str] = []
         self._clip_history: dict[str, list[float]] = {}
         self._bytes_sent = mp.Value(ctypes.c_int64, 0)
         super().__init__(*args, **kwargs)
@@ -192,6 +204,9 @@ class ExactAveraging:
                 if _suspected(self._seen_clips.get(str(peer), []), self.suspect_rounds, self.suspect_threshold)}
         self._running_groups[group_id].set_result(runner)
         my_index = group_info.peer_ids.index(self.peer_id)
+        attempt = _attempt_of(self.serializer, group_info.gathered[my_index])
+        if attempt is not None:  # before any part leaves: from here on a partner may apply with our parts
+            self._started_reports.put(attempt)
         if runner.modes[my_index] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
@@ -240,6 +255,14 @@ class ExactAveraging:
         """Per-peer averager state (error feedback): restored when a round is not applied, not shared."""
         return []
 
+    def started(self, attempt: str) -> bool:
+        """Whether the step gathered with ``attempt=attempt`` reached the all-reduce (its parts may
+        have gone out: a partner may have applied them even if this peer's round then failed)."""
+        while not self._started_reports.empty():
+            self._started.append(self._started_reports.get())
+        del self._started[:-64]
+        return attempt in self._started
+
     @property
     def clip_history(self) -> dict[str, list[float]]:
         while not self._clip_reports.empty():
@@ -255,6 +278,16 @@ class ExactAveraging:
         rounds = self.suspect_rounds if rounds is None else rounds
         threshold = self.suspect_threshold if threshold is None else threshold
         return sorted(peer for peer, history in self.clip_history.items() if _suspected(history, rounds, threshold))
+
+
+def _attempt_of(serializer: Any, gathered: bytes) -> str | None:
+    """The ``attempt`` token in a member's gathered bytes (hivemind's (bandwidth, mode, user data))."""
+    try:
+        _, _, user = serializer.loads(gathered)
+        attempt = serializer.loads(user).get("attempt")
+    except Exception:
+        return None
+    return attempt if isinstance(attempt, str) else None
 
 
 def _suspected(history: Sequence[float], rounds: int, threshold: float) -> bool:
@@ -331,13 +364,22 @@ def make_averager(kind: AveragingKind, params: Sequence[torch.nn.Parameter], *, 
     return averager
 
 
+SPENT_EPOCHS = 32
+"""Applied epochs whose attempt tokens a stage's state carries (a peer behind by more drops its doubts)."""
+MAX_DOUBTS = 4
+"""Rounds in doubt a peer keeps apart at one epoch (each a copy of the span's gradients); beyond it the
+oldest goes back to the accumulators."""
+
+
 @dataclass
 class _Taken:
-    """What a round took out of the accumulators (put back if the round is not applied)."""
+    """What a round took out of the accumulators (put back if the round is not applied), and the
+    token its attempt gathered under."""
 
     grads: list[torch.Tensor]
     samples: int
     ids: set[str]
+    token: str = ""
 
 
 class StageAverager:
@@ -387,6 +429,12 @@ class StageAverager:
         self._samples = 0
         self._ids: set[str] = set()
         self._taken: _Taken | None = None
+        self._doubts: list[_Taken] = []
+        """Rounds of this epoch whose all-reduce failed here after this peer's parts went out: a partner
+        may have applied them. Kept apart from the accumulators until that is known: dropped when the
+        stage's state says so, put back when it says not, and carried into the next round meanwhile."""
+        self._spent: dict[int, list[str]] = {}
+        """Per applied epoch (the last ``SPENT_EPOCHS``), the attempt tokens the group applied."""
         self.epoch = 0
 
         self.averager = make_averager(
@@ -415,7 +463,8 @@ class StageAverager:
     def samples(self) -> int:
         """Samples this peer accumulated in the current epoch (a round in flight included)."""
         with self._lock:
-            return self._samples + (self._taken.samples if self._taken else 0)
+            return self._samples + (self._taken.samples if self._taken else 0) + \
+                sum(d.samples for d in self._doubts)
 
     def accumulate(self, mb_id: str, samples: int, grads: Sequence[torch.Tensor | None], epoch: int | None) -> bool:
         """Add a microbatch's weight gradients (of its mean loss; ``None``: zero), weighted by its
@@ -442,7 +491,8 @@ class StageAverager:
             if epoch is not None and epoch != self.epoch:
                 raise StageEpochError(f"{self.label}: microbatch {mb_id} is for epoch {epoch}, the stage is at "
                                       f"{self.epoch}")
-            if mb_id in self._ids or (self._taken is not None and mb_id in self._taken.ids):
+            if mb_id in self._ids or (self._taken is not None and mb_id in self._taken.ids) or \
+                    any(mb_id in d.ids for d in self._doubts):
                 return False
             if self._grads is None:
                 self._grads = self._zeros()
@@ -456,29 +506,43 @@ class StageAverager:
     def _take(self) -> _Taken:
         """Move the accumulators out for a round; microbatches arriving meanwhile go to fresh ones."""
         with self._lock:
-            taken = _Taken(self._grads if self._grads is not None else self._zeros(), self._samples, self._ids)
+            taken = _Taken(self._grads if self._grads is not None else self._zeros(), self._samples, self._ids,
+                           secrets.token_hex(8))
             self._grads = None
             self._samples, self._ids = 0, set()
             self._taken = taken
             return taken
 
-    def _settle(self, taken: _Taken, applied: bool) -> None:
-        """End a round: an applied round's gradients are spent; otherwise they join what arrived since."""
+    def _settle(self, taken: _Taken, applied: bool, doubtful: bool = False) -> None:
+        """End a round: an applied round's gradients are spent (the doubts it carried too); a doubtful
+        one's are kept apart; otherwise they join what arrived since."""
         with self._lock:
             if applied:  # spent: reused as the next accumulators unless microbatches came meanwhile
+                self._doubts.clear()
                 if self._grads is None:
                     for buffer in taken.grads:
                         buffer.zero_()
                     self._grads = taken.grads
+            elif doubtful:
+                self._doubts.append(taken)
+                if len(self._doubts) > MAX_DOUBTS:
+                    oldest = self._doubts.pop(0)
+                    logger.warning("%s: %d rounds in doubt at epoch %d; the oldest goes back to the accumulators "
+                                   "(its samples may count twice)", self.label, MAX_DOUBTS + 1, self.epoch)
+                    self._restore(oldest)
             else:
-                if self._grads is not None:
-                    for acc, grad in zip(taken.grads, self._grads, strict=True):
-                        acc.add_(grad)
-                self._grads = taken.grads
-                self._samples += taken.samples
-                self._ids |= taken.ids
+                self._restore(taken)
             self._taken = None
             self._changed.notify_all()
+
+    def _restore(self, taken: _Taken) -> None:
+        """Put ``taken`` back into the accumulators (under ``_lock``)."""
+        if self._grads is not None:
+            for acc, grad in zip(taken.grads, self._grads, strict=True):
+                acc.add_(grad)
+        self._grads = taken.grads
+        self._samples += taken.samples
+        self._ids |= taken.ids
 
     # --- rounds -------------------------------------------------------------------------------
 
@@ -488,14 +552,14 @@ class StageAverager:
         with self._round_lock:
             started = time.monotonic()
             taken = self._take()
-            applied = False
+            applied = doubtful = False
             sent = 0
             try:
-                applied, sent = self._run_round(taken)
+                applied, sent, doubtful = self._run_round(taken)
             except Exception:
                 logger.warning("%s: round at epoch %d failed", self.label, self.epoch, exc_info=True)
             finally:
-                self._settle(taken, applied)
+                self._settle(taken, applied, doubtful)
             if applied:
                 self.rounds += 1
                 self.last_round_seconds = time.monotonic() - started
@@ -507,53 +571,70 @@ class StageAverager:
     def _zeros(self) -> list[torch.Tensor]:
         return [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
 
-    def _run_round(self, taken: _Taken) -> tuple[bool, int]:
+    def _run_round(self, taken: _Taken) -> tuple[bool, int, bool]:
+        """(applied, bytes sent, whether a failed round is in doubt: a partner may have applied it)."""
         # no copy of the span's gradients is made here: the mean goes straight into the averager's
         # buffers, and a solo step divides the taken sums in place (an applied round spends them)
         self._publish()
         epochs = [epoch for peer, (epoch, _) in self._progress().items() if peer != self._peer]
         if any(epoch > self.epoch for epoch in epochs):
-            return False, 0  # behind: stepping now would fork the stage; the state is loaded instead
+            return False, 0, False  # behind: stepping now would fork the stage; the state is loaded instead
         if self.epoch not in epochs:
-            if taken.samples < self.target_batch_size:
-                return False, 0
+            with self._lock:  # alone at this epoch: no partner applied the doubts, they step with the rest
+                if taken.samples + sum(d.samples for d in self._doubts) < self.target_batch_size:
+                    return False, 0, False
+                for doubt in self._doubts:
+                    for acc, grad in zip(taken.grads, doubt.grads, strict=True):
+                        acc.add_(grad)
+                    taken.samples += doubt.samples
+                    taken.ids |= doubt.ids
+                tokens = [taken.token, *(d.token for d in self._doubts)]
+                self._doubts.clear()
             try:
-                self._step([g.div_(taken.samples) for g in taken.grads])
+                self._step([g.div_(taken.samples) for g in taken.grads], tokens)
             except BaseException:  # not applied: the sums go back to the accumulators
                 for g in taken.grads:
                     g.mul_(taken.samples)
                 raise
-            return True, 0
+            return True, 0, False
         before = self.averager.bytes_sent
-        averaged = self._average(taken.grads, taken.samples)
+        averaged, spent, doubtful = self._average(taken)
         if averaged is None:
-            return False, 0
+            return False, 0, doubtful
         try:
-            self._step(averaged)
+            self._step(averaged, spent)
         except Exception:
             # the group applied these microbatches (every member agreed): they are spent even though this
             # peer's own step failed; it is now behind its stage and loads the stage's state (``_tick``)
             logger.exception("%s: the group stepped at epoch %d but this peer's optimizer step failed; it "
                              "will load the stage's state", self.label, self.epoch)
-        return True, self.averager.bytes_sent - before
+        return True, self.averager.bytes_sent - before, False
 
-    def _average(self, sums: list[torch.Tensor], samples: int) -> list[torch.Tensor] | None:
-        """The group's weighted mean gradients, written over ``sums`` (this peer's sums of ``samples``
-        weighted gradients), or None if the round must not be applied (``sums`` and the averager's state
-        are then as before the round)."""
+    def _average(self, taken: _Taken) -> tuple[list[torch.Tensor] | None, list[str], bool]:
+        """(the group's weighted mean gradients, written over ``taken.grads``, and the attempt tokens the
+        group applied), or (None, [], doubtful) if the round must not be applied (``taken.grads`` and the
+        averager's state are then as before the round). This peer's share: ``taken`` and the doubts of
+        its epoch, under ``taken.token`` and theirs. ``doubtful``: the round failed here after this
+        peer's parts went out, so a partner may have applied it."""
         averager = self.averager
+        doubts = list(self._doubts)
+        samples = taken.samples + sum(d.samples for d in doubts)
         saved = [b.clone() for b in averager.shared_buffers() + averager.local_buffers()]
         with averager.get_tensors() as buffers:
-            for buffer, grad in zip(buffers, sums, strict=True):
+            for i, (buffer, grad) in enumerate(zip(buffers, taken.grads, strict=True)):
+                buffer.copy_(grad)
+                for doubt in doubts:
+                    buffer.add_(doubt.grads[i])
                 if samples > 0:
-                    torch.div(grad, samples, out=buffer)
+                    buffer.div_(samples)
                 else:
                     buffer.zero_()
         gathered = control = None
+        gather = dict(epoch=self.epoch, samples=samples, attempt=taken.token, carried=[d.token for d in doubts])
         try:  # not GradientAverager.step: it would load its own accumulators into the averaged tensors
             control = DecentralizedAverager.step(
-                averager, gather=dict(epoch=self.epoch, samples=samples), weight=float(samples),
-                timeout=self.averaging_timeout, allow_retries=False, wait=False)
+                averager, gather=gather, weight=float(samples), timeout=self.averaging_timeout,
+                allow_retries=False, wait=False)
             gathered = control.result(2 * self.averaging_timeout + self.matchmaking_time + 5)
         except Exception as e:
             if control is not None:
@@ -563,11 +644,18 @@ class StageAverager:
         if not agreed:
             for live, old in zip(averager.shared_buffers() + averager.local_buffers(), saved, strict=True):
                 live.copy_(old)
-            return None
+            # the gathered dict reaches every member alike, so a refusal is the group's; a failure is
+            # in doubt once the all-reduce started
+            doubtful = gathered is None and isinstance(averager, ExactAveraging) and averager.started(taken.token)
+            if doubtful:
+                logger.warning("%s: the all-reduce at epoch %d failed after this peer's parts went out; its "
+                               "%d samples are kept apart until the stage's state says whether a partner "
+                               "applied them", self.label, self.epoch, taken.samples)
+            return None, [], doubtful
         with averager.get_tensors() as buffers:
-            for grad, buffer in zip(sums, buffers, strict=True):
+            for grad, buffer in zip(taken.grads, buffers, strict=True):
                 grad.copy_(buffer)
-        return sums
+        return taken.grads, _attempts(gathered), False
 
     def _agreed(self, gathered: dict[PeerID, Any]) -> bool:
         """The group may apply: every member at this epoch, and the target batch among them."""
@@ -586,8 +674,9 @@ class StageAverager:
             return False
         return True
 
-    def _step(self, grads: list[torch.Tensor]) -> None:
-        """Apply averaged gradients: one optimizer step, the next epoch (through ``apply``)."""
+    def _step(self, grads: list[torch.Tensor], spent: list[str]) -> None:
+        """Apply averaged gradients: one optimizer step, the next epoch (through ``apply``); ``spent``:
+        the attempt tokens the step applied, recorded with the epoch for peers that were in doubt."""
         def step() -> None:
             with self._state_lock:
                 for param, grad in zip(self.params, grads, strict=True):
@@ -597,6 +686,9 @@ class StageAverager:
                     param.grad = None
                 self._shared = [b.clone() for b in self.averager.shared_buffers()]
                 with self._lock:
+                    self._spent[self.epoch] = spent
+                    for old in [e for e in self._spent if e <= self.epoch - SPENT_EPOCHS]:
+                        del self._spent[old]
                     self.epoch += 1
         self._apply(step)
 
@@ -672,7 +764,9 @@ class StageAverager:
         the optimizer's param groups and non-tensor state."""
         with self._state_lock:
             tensors = {f"param.{name}": p.detach().clone() for name, p in zip(self.names, self.params, strict=True)}
-            meta: dict[str, Any] = dict(averaging=self.averaging)
+            with self._lock:
+                spent = {str(epoch): list(tokens) for epoch, tokens in self._spent.items()}
+            meta: dict[str, Any] = dict(averaging=self.averaging, spent=spent)
             if optimizer:
                 saved = self.optimizer.state_dict()
                 scalars: dict[str, dict[str, Any]] = {}
@@ -688,14 +782,18 @@ class StageAverager:
 
     def load_state(self, epoch: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Become an exact copy of the peer whose ``state`` this is (optimizer and averager state too,
-        if included). The accumulated gradients stay. It runs in the caller's thread, not through
-        ``apply`` (a joiner loads before it serves; the background loop wraps it in ``apply``); call it
-        neither during a ``round`` nor after ``start`` from another thread than ``apply``'s lock holder."""
+        if included). The accumulated gradients stay; rounds in doubt are settled by the state's record
+        of what its epochs applied: dropped if the stage applied them, put back if not (dropped, with a
+        warning, if the state's record does not reach back to this peer's epoch). It runs in the
+        caller's thread, not through ``apply`` (a joiner loads before it serves; the background loop
+        wraps it in ``apply``); call it neither during a ``round`` nor after ``start`` from another
+        thread than ``apply``'s lock holder."""
         for name, param in zip(self.names, self.params, strict=True):
             value = tensors.get(f"param.{name}")
             if not isinstance(value, torch.Tensor) or value.shape != param.shape:
                 raise InvalidRequestError(f"{self.label}: the state has no parameter {name} of shape "
                                           f"{tuple(param.shape)}")
+        spent = _parse_spent(meta.get("spent", {}), self.label)
         shared = [tensors.get(f"averager.{i}") for i in range(len(self._shared))]
         with_optimizer = "param_groups" in meta
         if with_optimizer and any(t is None or t.shape != b.shape for t, b in zip(shared, self._shared, strict=True)):
@@ -719,6 +817,20 @@ class StageAverager:
                     live.copy_(value)
                 self._shared = [b.clone() for b in self.averager.shared_buffers()]
             with self._lock:
+                if epoch > self.epoch and self._doubts:
+                    applied = spent.get(self.epoch)
+                    for doubt in self._doubts:
+                        if applied is None:
+                            logger.warning("%s: %d samples in doubt at epoch %d dropped: the stage's state at epoch "
+                                           "%d does not say whether they were applied", self.label,
+                                           doubt.samples, self.epoch, epoch)
+                        elif doubt.token not in applied:
+                            self._restore(doubt)
+                    logger.info("%s: settled %d rounds in doubt at epoch %d (%d applied by the stage)", self.label,
+                                len(self._doubts), self.epoch,
+                                sum(1 for d in self._doubts if applied is not None and d.token in applied))
+                    self._doubts.clear()
+                self._spent = spent
                 self.epoch = epoch
                 self._changed.notify_all()
 
@@ -727,6 +839,31 @@ class StageAverager:
         if self._thread is not None:
             self._thread.join(self.averaging_timeout * 2 + self.matchmaking_time + 10)
         self.averager.shutdown()
+
+
+def _attempts(gathered: dict[PeerID, Any]) -> list[str]:
+    """Every attempt token the members of an applied round gathered (theirs and the doubts carried)."""
+    tokens: list[str] = []
+    for meta in gathered.values():
+        if isinstance(meta, dict):
+            for token in [meta.get("attempt"), *(meta.get("carried") or [])]:
+                if isinstance(token, str) and token not in tokens:
+                    tokens.append(token)
+    return tokens
+
+
+def _parse_spent(value: Any, label: str) -> dict[int, list[str]]:
+    """A state's record of applied attempts ({epoch: [token]}), checked: a peer's word, bounded."""
+    if not isinstance(value, dict) or len(value) > SPENT_EPOCHS:
+        raise InvalidRequestError(f"{label}: the state's record of applied rounds is not a map of at most "
+                                  f"{SPENT_EPOCHS} epochs")
+    spent: dict[int, list[str]] = {}
+    for key, tokens in value.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(tokens, list) and len(tokens) <= 4096
+                and all(isinstance(t, str) and len(t) <= 64 for t in tokens)):
+            raise InvalidRequestError(f"{label}: the state's record of applied rounds has a bad entry for {key!r}")
+        spent[int(key)] = list(tokens)
+    return spent
 
 
 def _plain(value: Any) -> Any:
