@@ -97,3 +97,40 @@ def test_hung_server_is_replaced_long_before_the_request_timeout(hang):
         more = model.generate(out, max_new_tokens=NEW_TOKENS, eos_token_id=None)
         assert torch.equal(more, expected)
         assert session.recoveries == 1
+
+
+def _peer_id(server) -> str:
+    """The server's peer id (named with its addresses as it starts)."""
+    for line in server.log_path.read_text().splitlines():
+        if "joining" in line and "/p2p/" in line:
+            return line.rsplit("/p2p/", 1)[1].split()[0]
+    raise AssertionError(f"no peer id in {server.log_path}")
+
+
+def test_a_spare_that_came_online_after_the_route_was_read_replaces_the_hung_server(hang):
+    """The only spare for the hung server's blocks started after the client last read the swarm: the
+    hang detection re-reads the view instead of waiting on the hung server until the request timeout."""
+    swarm, victim, _, prompt, expected = hang
+    path = victim.model
+    known_spares = [s for s in swarm.servers if s.span == Span(1, 3) and s is not victim]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=swarm.initial_peers, request_timeout=REQUEST_TIMEOUT, ban_timeout=600,
+        refresh_period=3600.0, blocked_servers=[_peer_id(s) for s in known_spares])
+    try:
+        with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
+            assert any(h.blocks == Span(1, 3) and _is(victim, h.peer_id) for h in session.route)
+            late = swarm.add_server(path, Span(1, 3), "--torch-threads", "1", "--throughput", "5")
+            swarm.wait_online("llama-hang", 4, [late])
+            stop = _StopAtStep(swarm, victim, at_step=4)
+            try:
+                out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                     logits_processor=LogitsProcessorList([stop]))
+                assert torch.equal(out, expected[:, : prompt.shape[1] + NEW_TOKENS])
+                assert session.recoveries == 1
+                assert [h.peer_id for h in session.route if h.blocks == Span(1, 3)] == [_peer_id(late)]
+                stall = max(b - a for a, b in zip(stop.times, stop.times[1:], strict=False))
+                assert stall < REQUEST_TIMEOUT / 4, stall
+            finally:
+                swarm.signal_group(victim, signal.SIGCONT)
+    finally:
+        model.shutdown()

@@ -380,7 +380,7 @@ class InferenceSession:
             if rtt is not None or live.stream.has_reply(step_id):  # (a reply during the ping: only slow)
                 logger.info("session %s: %s is late on step %d but answers pings: waiting", self.session_id[:8],
                             live.hop.peer_id[-6:], step_id)
-            elif self.swarm.has_alternative(live.hop.peer_id, live.hop.blocks):
+            elif await self.swarm.find_alternative(live.hop.peer_id, live.hop.blocks):
                 raise RemoteCallError(
                     f"{live.hop.peer_id} hangs: no reply to step {step_id} ({tokens} tokens) within "
                     f"{time.perf_counter() - start:.1f} s (deadline {deadline:.2f} s) and no answer to a ping")

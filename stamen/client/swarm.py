@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 STALE_VIEW_WAIT_S = 0.3
 """Most seconds a route waits for a stale view of the swarm to be re-read (see ``Swarm._view``)."""
+ALTERNATIVE_MAX_AGE_S = 2.0
+"""A view older than this is re-read before a hung server is waited on for want of a replacement."""
+ALTERNATIVE_READ_S = 5.0
+"""Most seconds that re-read may take (the hang detection's loop goes on with the old view)."""
 _background: set[asyncio.Task] = set()
 """Pings refreshing round trips in the background (held: the loop keeps tasks only weakly)."""
 
@@ -103,6 +107,20 @@ class Swarm:
         """Whether other servers of the current view (less the banned) cover ``blocks``."""
         others = [s.span for s in self._allowed() if s.peer_id != peer_id]
         return all(any(span.start <= b < span.end for span in others) for b in range(blocks.start, blocks.end))
+
+    async def find_alternative(self, peer_id: PeerIDStr, blocks: Span) -> bool:
+        """``has_alternative``, re-reading the view from the DHT first (off the client loop, at most
+        ``ALTERNATIVE_READ_S``) when the view has none and is older than ``ALTERNATIVE_MAX_AGE_S``: a
+        spare that came online after the view was read must not leave a session waiting on a hung
+        server until the request timeout."""
+        if self.has_alternative(peer_id, blocks):
+            return True
+        if time.monotonic() - self._fetched_at > ALTERNATIVE_MAX_AGE_S:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.servers, True), ALTERNATIVE_READ_S)
+            except Exception as e:  # the old view stands
+                logger.debug("could not re-read the servers of %s: %r", self.model_name, e)
+        return self.has_alternative(peer_id, blocks)
 
     def servers(self, refresh: bool = False) -> list[RemoteServer]:
         """Online servers allowed by the config."""
