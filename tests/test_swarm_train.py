@@ -327,6 +327,43 @@ def _new_peer(swarm, span: Span, known: set[str], server) -> str:
 
 
 @pytest.mark.swarm
+def test_a_late_trainer_starts_from_the_trainers_state(swarm, model_dir, trainers, data):
+    """A trainer that starts after the others stepped (from the checkpoint's client parts) loads the
+    trainers' shared state from one of them before it returns: their epoch, client parts, optimizer and
+    averaging state, bitwise. It then steps with one of them while the other idles: the idle one, left
+    behind, catches up from them the same way."""
+    from hivemind.p2p import PeerID
+
+    from stamen.client.swarm_train import SwarmTrainer
+    from stamen.errors import InvalidRequestError
+    from stamen.rpc.stage import fetch_trainer_state
+
+    _steps(trainers, data, 0, 1)
+    epoch, tensors, meta = trainers[0].averager.state()
+    late = SwarmTrainer(model_dir, swarm.initial_peers, microbatch=2, lr=LR, optimizer="sgd", request_timeout=20,
+                        epoch_timeout=120)
+    try:
+        assert epoch >= 1 and late.averager.epoch == epoch
+        late_epoch, late_tensors, late_meta = late.averager.state()
+        assert late_meta == meta and late_tensors.keys() == tensors.keys() >= {"param.embed_tokens.weight"}
+        for name, value in tensors.items():
+            assert torch.equal(late_tensors[name], value), name
+        with pytest.raises(InvalidRequestError, match="trains"):  # a trainer answers for its own model only
+            loop.run(fetch_trainer_state(late._avg_p2p, PeerID.from_base58(trainers[0].peer_id), "another-model",
+                                         timeout=20))
+        parts = load_client_parts(open_checkpoint(model_dir), late.block_config)
+        assert not torch.equal(late.embed_tokens.weight.detach(), parts.embed_tokens.float())  # not the checkpoint's
+        _steps([trainers[0], late], data, 1, 1)
+        assert late.averager.epoch == trainers[0].averager.epoch == epoch + 1
+        assert trainers[1].averager.wait_epoch(epoch + 1, 30)  # behind: it loads the others' state
+        for name, param in _client_params(trainers[1]).items():
+            assert torch.equal(param, _client_params(late)[name]), name
+            assert torch.equal(param, _client_params(trainers[0])[name]), name
+    finally:
+        late.shutdown()
+
+
+@pytest.mark.swarm
 def test_peer_joining_mid_run_holds_its_partners_params(swarm, model_dir, trainers, data):
     """A third peer of stage [2:4) starts while two trainers train: after the next whole step it holds
     its partners' parameters, bitwise, at their epoch (it stays up as the kill test's victim)."""

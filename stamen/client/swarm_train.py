@@ -31,24 +31,30 @@ A stage's epoch passing the one a microbatch was sent for means the stage steppe
 once the trainers' group and every stage reached the next epoch (read from the stages' DHT
 progress records and server records). Asynchronous: ``epoch=None``, no wait.
 
+**Late and lagging trainers.** Each trainer serves the trainers' shared state (``rpc_trainer_state``
+on its averaging peer); a trainer that starts while others trained, or falls behind them, loads it
+from the one furthest ahead (``StageAverager.catch_up``).
+
 Limits: a trainer that dies mid-step leaves its stages short of the target in synchronous mode
-(they wait); trainers start from the checkpoint's client parts (a late trainer does not load the
-others'); a peer cut off but alive that counted a microbatch could be counted twice by the rerun.
+(they wait); a peer cut off but alive that counted a microbatch could be counted twice by the rerun.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from torch import nn
 
@@ -59,16 +65,37 @@ from stamen.client.routing import Candidate, draw_stage_peer, load_of, stage_cha
 from stamen.client.swarm import Swarm
 from stamen.client.train_config import TrainerConfig
 from stamen.dht.node import owner_peer_id
-from stamen.errors import RemoteCallError, ServerFullError, StageEpochError, SwarmNotReadyError
+from stamen.errors import (
+    InvalidRequestError,
+    RemoteCallError,
+    ServerBusyError,
+    ServerFullError,
+    StageEpochError,
+    SwarmNotReadyError,
+)
 from stamen.models import BlockConfig, load_client_parts, load_config, open_checkpoint
 from stamen.models.llama import RMSNorm
+from stamen.rpc import protocol
 from stamen.rpc.calls import ping
 from stamen.rpc.inputs import SpanInputs
+from stamen.rpc.parts import CallRequests, call_server, read_all, reply_in_parts
+from stamen.rpc.protocol import Response
+from stamen.rpc.replies import error_response
+from stamen.rpc.stage import fetch_trainer_state
 from stamen.rpc.train import TrainStream
 from stamen.types import ModelName, PeerIDStr, Span, default_dht_prefix
-from stamen.wire.messages import Microbatch
+from stamen.wire.messages import Microbatch, StageState, decode_trainer_state_request
+from stamen.wire.stream import serve
+
+if TYPE_CHECKING:
+    from stamen.train.averaging import StageStateDict
 
 logger = logging.getLogger(__name__)
+
+STATE_READ_TIMEOUT_S = 30.0
+"""Most seconds a trainer waits for another's request for its state (one small message)."""
+STATE_FETCH_TIMEOUT_S = 120.0
+"""Most seconds a trainer takes to fetch the trainers' state from another (client parts and optimizer)."""
 
 @dataclass
 class _Stage:
@@ -153,6 +180,8 @@ class SwarmTrainer:
         self.swarm = Swarm(self.model_name, self.num_blocks, client)
         self._averager = None
         self._avg_dht = None
+        self._avg_p2p = None
+        self._sending_state = False
         try:
             self._build_parts(parts)
             if wait_for_servers:
@@ -162,12 +191,19 @@ class SwarmTrainer:
             with children_die_with_me():
                 self._avg_dht = create_dht(list(initial_peers), host=self.config.host)
             self.peer_id = PeerIDStr(self._avg_dht.peer_id.to_base58())
+            self._avg_p2p = loop.run(self._avg_dht.replicate_p2p())
+            loop.run(serve(self._avg_p2p, protocol.TRAINER_STATE.name,  # read with bounds, as servers read
+                           call_server(self._rpc_trainer_state, STATE_READ_TIMEOUT_S)))
+            names = ["embed_tokens.weight", "norm.weight"] + ([] if len(self.params) == 2 else ["lm_head.weight"])
             self._averager = StageAverager(
                 self.params, dht=self._avg_dht, prefix=f"{self.model_name}.trainers.{self.config.averaging}",
                 target_batch_size=target, optimizer=self._optimizer_factory(), averaging=self.config.averaging,
                 rank=self.config.rank, aggregation=self.config.aggregation, tau=self.config.tau,
                 clip_iterations=self.config.clip_iterations, matchmaking_time=self.config.matchmaking_time,
-                averaging_timeout=self.config.averaging_timeout, apply=self._apply, label="trainers")
+                averaging_timeout=self.config.averaging_timeout, apply=self._apply,
+                fetch_state=self._fetch_trainer_state, label="trainers", names=names)
+            if self._averager.catch_up():  # a late trainer starts from the trainers' current state
+                logger.info("trainer %s joined the trainers at epoch %d", self.peer_id[-6:], self._averager.epoch)
             self._averager.start()
         except BaseException:
             self.shutdown()
@@ -206,6 +242,50 @@ class SwarmTrainer:
     def averager(self):
         """The trainers' group ``StageAverager`` (client parts)."""
         return self._averager
+
+    # --- the trainers' shared state, for a trainer that fell behind or joined late ---
+
+    async def _rpc_trainer_state(self, requests: CallRequests, peer: PeerID) -> AsyncIterator[Response]:
+        """Serve this trainer's state of the trainers' group (one request at a time: a state is a copy
+        of the client parts and their optimizer state)."""
+        try:
+            msg, _ = await read_all(requests, decode_trainer_state_request, 0, STATE_READ_TIMEOUT_S)
+            if msg.model != self.model_name:
+                raise InvalidRequestError(f"this trainer trains {self.model_name}, not {msg.model}")
+            averager = self._averager
+            if averager is None:
+                raise InvalidRequestError("this trainer is starting or shutting down")
+            if self._sending_state:
+                raise ServerBusyError("this trainer is sending its state to another trainer", retry_after=1.0)
+            self._sending_state = True
+            try:
+                epoch, tensors, meta = await asyncio.to_thread(averager.state, msg.optimizer)
+            finally:
+                self._sending_state = False
+        except Exception as e:
+            yield error_response(e)
+            return
+        for response in reply_in_parts(StageState(epoch=epoch, names=list(tensors), optimizer_meta=meta),
+                                       list(tensors.values()), "none"):
+            yield response
+
+    def _fetch_trainer_state(self) -> StageStateDict | None:
+        """The state of a trainer ahead of this one (the furthest ahead first), or None."""
+        averager = self._averager
+        if averager is None or self._avg_p2p is None:
+            return None
+        for epoch, peer in averager.peers_ahead()[:3]:
+            try:
+                state = loop.run(fetch_trainer_state(self._avg_p2p, PeerID.from_base58(peer), self.model_name,
+                                                     timeout=STATE_FETCH_TIMEOUT_S))
+            except Exception as e:
+                logger.warning("trainer %s: could not load the trainers' state (epoch %d) from %s: %s",
+                               self.peer_id[-6:], epoch, peer[-6:], e)
+                continue
+            logger.info("trainer %s: loaded the trainers' state at epoch %d from %s", self.peer_id[-6:], state[0],
+                        peer[-6:])
+            return state
+        return None
 
     # --- the swarm's stages ---
 
@@ -581,6 +661,11 @@ class SwarmTrainer:
         if self._averager is not None:
             self._averager.shutdown()
             self._averager = None
+        if self._avg_p2p is not None:  # the replica's client tasks live on the client loop: closed there
+            with contextlib.suppress(Exception):
+                loop.run(self._avg_p2p.remove_binary_stream_handler(protocol.TRAINER_STATE.name), timeout=10)
+                loop.run(self._avg_p2p.shutdown(), timeout=10)
+            self._avg_p2p = None
         if self._avg_dht is not None:
             self._avg_dht.shutdown()
             self._avg_dht = None

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import torch
 from hivemind.proto import runtime_pb2
 
 from stamen.errors import InvalidRequestError, RemoteCallError, StamenError
 from stamen.rpc.protocol import Request, Response
-from stamen.rpc.replies import check_complete, raise_if_error
+from stamen.rpc.replies import check_complete, error_response, raise_if_error
 from stamen.types import Compression
 from stamen.wire.messages import encode
-from stamen.wire.stream import FrameStream, PeerFailedError
+from stamen.wire.stream import ByteBudget, FrameStream, PeerFailedError, StreamEnded
 from stamen.wire.tensors import encode_tensor, join_tensor_parts, split_tensors
 
 
@@ -106,6 +107,35 @@ class CallRequests:
         else:
             await self.stream.drop(timeout, MAX_PART_BYTES, until_closed=True)
             self.ended = True
+
+
+def call_server(handler: Callable[[CallRequests, Any], AsyncIterator[Response]], read_timeout: float,
+                budget: ByteBudget | None = None,
+                hold: Callable[[Any], contextlib.AbstractContextManager] | None = None):
+    """A lean-stream handler that serves one stream call with ``handler(requests, peer)`` (an async
+    generator of replies): messages read with ``CallRequests``' bounds (``budget``: the bytes they
+    may hold), within ``hold(peer)`` (a peer's call slots), replies written with flow control, a
+    typed reply for any failure, then what the client still sends read and dropped (bounded) before
+    the stream closes, so that the client reads the reply instead of a cut stream."""
+
+    async def serve_call(stream: FrameStream) -> None:
+        stream.budget = budget
+        requests = CallRequests(stream, read_timeout)
+        try:
+            with hold(stream.peer) if hold is not None else contextlib.nullcontext():
+                async for response in handler(requests, stream.peer):
+                    await stream.write(response, read_timeout)
+        except StreamEnded:  # the client stopped reading or left
+            return
+        except Exception as e:
+            try:
+                await stream.write(error_response(e), read_timeout)
+            except StreamEnded:
+                return
+        stream.release()
+        await requests.drain(read_timeout)  # until the client read the reply and closed
+
+    return serve_call
 
 
 async def read_all(requests: AsyncIterator[Request], decode: Callable, max_bytes: int,

@@ -78,6 +78,11 @@ STAGE_STATE = Rpc("SpanHandler.rpc_stage_state", Transport.STREAMS, (m.StageStat
 """A training stage's parameters (and optimizer and averager state) at its current epoch, for a
 peer that joins the stage or a trainer that exports the model (``stamen server --train`` only)."""
 
+TRAINER_STATE = Rpc("TrainerHandler.rpc_trainer_state", Transport.STREAMS, (m.TrainerStateRequest,),
+                    (m.StageState, m.ErrorReply))
+"""The trainers' shared state (client parts, optimizer, averager), served by every trainer on its
+averaging peer to a trainer that fell behind or joined late; not part of a span server's service."""
+
 SPAN_SERVICE = (INFO, FORWARD, BACKWARD, TRAIN, PUT_ADAPTERS, INFERENCE, PUSH, BANDWIDTH, STAGE_STATE)
 """What every span server registers."""
 

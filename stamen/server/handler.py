@@ -21,7 +21,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from stamen.errors import InvalidRequestError, NotTrainingError, SessionClosedError, WrongBlocksError
 from stamen.rpc import protocol
 from stamen.rpc.inputs import SpanInputs, decode_received
-from stamen.rpc.parts import CallRequests, NoMessageError, read_all, read_counted, reply_in_parts
+from stamen.rpc.parts import CallRequests, NoMessageError, call_server, read_all, read_counted, reply_in_parts
 from stamen.rpc.protocol import Request, Response
 from stamen.rpc.replies import error_response
 from stamen.server.backend import SpanBackend, TrainingStage
@@ -45,7 +45,7 @@ from stamen.wire.messages import (
     decode_train_request,
     encode,
 )
-from stamen.wire.stream import ByteBudget, FrameStream, StreamEnded, serve
+from stamen.wire.stream import ByteBudget, serve
 from stamen.wire.tensors import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -92,29 +92,9 @@ class SpanHandler:
             await protocol.unregister(p2p, rpc)
 
     def _serve_call(self, handler):
-        """Serve one stream call with ``handler(requests, peer)`` (an async generator of replies):
-        within the peer's call slots, replies written with flow control, a typed reply for any
-        failure, then what the client still sends read and dropped (bounded) before the stream
-        closes, so that the client reads the reply instead of a cut stream."""
-
-        async def serve_call(stream: FrameStream) -> None:
-            stream.budget = self.budget
-            requests = CallRequests(stream, self.limits.read_timeout)
-            try:
-                with self._calls.hold(stream.peer):
-                    async for response in handler(requests, stream.peer):
-                        await stream.write(response, self.limits.read_timeout)
-            except StreamEnded:  # the client stopped reading or left
-                return
-            except Exception as e:
-                try:
-                    await stream.write(error_response(e), self.limits.read_timeout)
-                except StreamEnded:
-                    return
-            stream.release()
-            await requests.drain(self.limits.read_timeout)  # until the client read the reply and closed
-
-        return serve_call
+        """Serve one stream call with ``handler(requests, peer)`` within the peer's call slots and the
+        server's byte budget (``rpc.parts.call_server``)."""
+        return call_server(handler, self.limits.read_timeout, self.budget, self._calls.hold)
 
     @contextlib.contextmanager
     def _timed(self, kind: str, inputs: SpanInputs):

@@ -740,17 +740,31 @@ class StageAverager:
                 logger.warning("%s: averaging loop", self.label, exc_info=True)
             self._stop.wait(self.progress_period)
 
+    def peers_ahead(self) -> list[tuple[int, str]]:
+        """(epoch, peer id) of the group's peers at a higher epoch than this one, furthest ahead first
+        (from their fresh progress records)."""
+        return sorted(((epoch, peer) for peer, (epoch, _) in self._progress().items()
+                       if peer != self._peer and epoch > self.epoch), reverse=True)
+
+    def catch_up(self) -> bool:
+        """Load the state of a peer ahead of this one (``fetch_state``, through ``apply``); True if one
+        was loaded. Call it where ``round`` may be called."""
+        if self._fetch_state is None:
+            return False
+        state = self._fetch_state()
+        if state is None or state[0] <= self.epoch:  # never step backwards
+            return False
+        self._apply(lambda: self.load_state(*state))
+        logger.info("%s: caught up with the stage at epoch %d", self.label, state[0])
+        return True
+
     def _tick(self) -> None:
         self._publish()
         progress = self._progress()
         others = {peer: value for peer, value in progress.items() if peer != self._peer}
         ahead = max((epoch for epoch, _ in others.values()), default=-1)
         if ahead > self.epoch:
-            if self._fetch_state is not None:
-                state = self._fetch_state()
-                if state is not None and state[0] > self.epoch:  # never step backwards
-                    self._apply(lambda: self.load_state(*state))
-                    logger.info("%s: caught up with the stage at epoch %d", self.label, state[0])
+            self.catch_up()
             return
         total = self.samples + sum(samples for epoch, samples in others.values() if epoch == self.epoch)
         if total >= self.target_batch_size:

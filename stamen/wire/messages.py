@@ -331,6 +331,17 @@ class StageState(_Msg):
 
 StageStateReply = Annotated[StageState | ErrorReply, Field(discriminator="kind")]
 
+
+class TrainerStateRequest(_Msg):
+    """The trainers' shared state (their client parts' parameters, optimizer and averager state),
+    asked of a trainer by one that fell behind or joined late; the reply is a ``StageState`` with
+    "param.<name>" for the client parts ("embed_tokens.weight", "norm.weight", "lm_head.weight")."""
+
+    kind: Literal["trainer_state"] = "trainer_state"
+    model: str = Field(min_length=1, max_length=256)
+    """The model (its DHT prefix) the asking trainer trains: a trainer answers only for its own."""
+    optimizer: bool = True
+
 # --- LoRA adapters, content-addressed ---
 
 
@@ -468,6 +479,10 @@ def decode_stage_state_request(raw: bytes) -> StageStateRequest:
 
 def decode_stage_state_reply(raw: bytes) -> StageState | ErrorReply:
     return _parse(_adapter(StageStateReply), raw)
+
+
+def decode_trainer_state_request(raw: bytes) -> TrainerStateRequest:
+    return _parse(_adapter(TrainerStateRequest), raw)
 
 
 def decode_put_adapters(raw: bytes) -> PutAdapters:
