@@ -364,6 +364,45 @@ def test_a_late_trainer_starts_from_the_trainers_state(swarm, model_dir, trainer
 
 
 @pytest.mark.swarm
+def test_a_trainer_leaving_mid_step_does_not_hold_the_others(swarm, model_dir, data):
+    """Of two trainers, one leaves after the stages counted one of its two microbatches and before the
+    trainers' group got any of its gradients. The other's step still completes: after
+    ``top_up_after`` s without progress it runs more microbatches of its own batch, each counted only
+    where samples lack (2 at each stage, 4 in the trainers' group). Every stage and the trainers'
+    group move one epoch; the peers of a stage stay bitwise equal."""
+    from stamen.wire.messages import Microbatch
+
+    survivor = _trainer(model_dir, swarm.initial_peers, top_up_after=3.0)
+    leaver = _trainer(model_dir, swarm.initial_peers)
+    try:
+        stages = leaver.stages()
+        chain = leaver.chain(stages)
+        before = {span: stages[span].epoch for span in chain}
+        trainer_epoch = survivor.averager.epoch
+        half = data.batch(0, LOCAL_BATCH, trainer=1)[: LOCAL_BATCH // 2]
+        mb = Microbatch(id=f"{leaver.peer_id}:0:0", samples=half.shape[0], epoch=None)
+        loop.run(leaver._run_all([(mb, half)], chain, stages, before, trainer_epoch, {mb.id: (set(chain), False)}))
+        leaver.shutdown()  # the rest of its batch never comes
+        survivor.train_step(data.batch(0, LOCAL_BATCH, trainer=0))
+        assert survivor.stats.lacked == {str(STAGES[0]): 2, str(STAGES[1]): 2, "trainers": 4}
+        assert survivor.stats.top_ups == 2
+        assert survivor.averager.epoch == trainer_epoch + 1
+        for span in STAGES:
+            peers = _stage_peers(survivor, span)
+            assert len(peers) >= 2
+            (epoch, first), *rest = peers.values()
+            assert epoch == before[span] + 1
+            for other_epoch, params in rest:
+                assert other_epoch == epoch
+                for name, tensor in params.items():
+                    assert torch.equal(tensor, first[name]), f"stage {span}: peers differ in {name}"
+    finally:
+        _keep_client(survivor)
+        survivor.shutdown()
+        leaver.shutdown()
+
+
+@pytest.mark.swarm
 def test_peer_joining_mid_run_holds_its_partners_params(swarm, model_dir, trainers, data):
     """A third peer of stage [2:4) starts while two trainers train: after the next whole step it holds
     its partners' parameters, bitwise, at their epoch (it stays up as the kill test's victim)."""

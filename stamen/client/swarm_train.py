@@ -35,8 +35,11 @@ progress records and server records). Asynchronous: ``epoch=None``, no wait.
 on its averaging peer); a trainer that starts while others trained, or falls behind them, loads it
 from the one furthest ahead (``StageAverager.catch_up``).
 
-Limits: a trainer that dies mid-step leaves its stages short of the target in synchronous mode
-(they wait); a peer cut off but alive that counted a microbatch could be counted twice by the rerun.
+**A trainer that leaves mid-step** leaves the stages and the trainers' group short of their
+targets: a waiting trainer that sees no progress for ``top_up_after`` seconds runs more microbatches
+of its own batch, each counted only where samples lack (``_top_up``).
+
+Limits: a peer cut off but alive that counted a microbatch could be counted twice by the rerun.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +99,16 @@ STATE_READ_TIMEOUT_S = 30.0
 """Most seconds a trainer waits for another's request for its state (one small message)."""
 STATE_FETCH_TIMEOUT_S = 120.0
 """Most seconds a trainer takes to fetch the trainers' state from another (client parts and optimizer)."""
+
+def _peer_of_subkey(subkey: Any) -> str:
+    """The peer of an unsigned progress record: its subkey is the raw peer id (as hivemind keys its own)."""
+    if isinstance(subkey, bytes):
+        try:
+            return PeerID(subkey).to_base58()
+        except Exception:  # not a peer id: kept as text, it matches no peer
+            return subkey.decode(errors="replace")
+    return str(subkey)
+
 
 @dataclass
 class _Stage:
@@ -148,6 +161,10 @@ class TrainerStats:
     tokens: int = 0
     seconds: float = 0.0
     reruns: int = 0
+    top_ups: int = 0
+    """Microbatches run to fill what a stage or the trainers' group lacked after a stall."""
+    lacked: dict[str, int] = field(default_factory=dict)
+    """Samples lacking at the last top-up, by stage ("[0:2)") and "trainers"."""
     losses: list[float] = field(default_factory=list)
 
 
@@ -279,7 +296,7 @@ class SwarmTrainer:
                 state = loop.run(fetch_trainer_state(self._avg_p2p, PeerID.from_base58(peer), self.model_name,
                                                      timeout=STATE_FETCH_TIMEOUT_S))
             except Exception as e:
-                logger.warning("trainer %s: could not load the trainers' state (epoch %d) from %s: %s",
+                logger.info("trainer %s: could not load the trainers' state (epoch %d) from %s: %s",
                                self.peer_id[-6:], epoch, peer[-6:], e)
                 continue
             logger.info("trainer %s: loaded the trainers' state at epoch %d from %s", self.peer_id[-6:], state[0],
@@ -309,13 +326,17 @@ class SwarmTrainer:
 
     def _progress_epochs(self, stage: _Stage) -> dict[PeerIDStr, int]:
         """Epochs of the stage's peers from their averagers' progress records (fresher than server records)."""
+        return {peer: epoch for peer, (epoch, _) in self._stage_progress(stage).items()}
+
+    def _stage_progress(self, stage: _Stage) -> dict[PeerIDStr, tuple[int, int]]:
+        """(epoch, samples) of the stage's peers from their averagers' fresh progress records."""
         key = f"{self.model_name}.stage.{stage.span.start}-{stage.span.end}.{stage.averaging}.progress"
         try:
             found = self.swarm.dht.get(key, latest=True)
         except Exception as e:  # the server records' epochs stand
             logger.debug("could not read %s: %r", key, e)
             return {}
-        out: dict[PeerIDStr, int] = {}
+        out: dict[PeerIDStr, tuple[int, int]] = {}
         if found is None or not isinstance(found.value, dict):
             return out
         now = get_dht_time()
@@ -324,10 +345,11 @@ class SwarmTrainer:
             if getattr(item, "expiration_time", 0) < now:  # a peer that stopped publishing
                 continue
             epoch = value.get("epoch") if isinstance(value, dict) else getattr(value, "epoch", None)
+            samples = value.get("samples") if isinstance(value, dict) else getattr(value, "samples", None)
             owner = owner_peer_id(subkey)  # a signed record: its owner subkey names the peer
-            peer = owner or (subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey))
+            peer = owner or _peer_of_subkey(subkey)
             if isinstance(epoch, int):
-                out[PeerIDStr(peer)] = epoch
+                out[PeerIDStr(peer)] = (epoch, samples if isinstance(samples, int) and samples >= 0 else 0)
         return out
 
     def chain(self, stages: dict[Span, _Stage]) -> list[Span]:
@@ -371,7 +393,7 @@ class SwarmTrainer:
                 input_ids[r : r + size]) for i, r in enumerate(range(0, rows, size))]
         losses = loop.run(self._run_all(mbs, chain, stages, epochs, trainer_epoch))
         if self.config.sync:
-            self._wait_step(chain, epochs, trainer_epoch)
+            self._wait_step(chain, epochs, trainer_epoch, input_ids)
         self._step += 1
         seconds = time.perf_counter() - start
         loss = sum(losses) / len(losses)
@@ -382,32 +404,48 @@ class SwarmTrainer:
         self.stats.losses.append(loss)
         return StepResult(loss, tokens, seconds, self.stats.reruns - reruns_before)
 
-    async def _run_all(self, mbs, chain, stages, epochs, trainer_epoch) -> list[float]:
+    async def _run_all(self, mbs, chain, stages, epochs, trainer_epoch,
+                       plan: dict[str, tuple[set[Span], bool]] | None = None) -> list[float]:
+        """Run ``mbs``; ``plan`` (top-ups): per microbatch id, the stages that count it and whether
+        the trainers' group does (default: all of them)."""
         gate = asyncio.Semaphore(self.config.max_inflight)
 
         async def one(mb: Microbatch, ids: torch.Tensor) -> float:
+            only, count = plan[mb.id] if plan is not None else (None, True)
             async with gate:
-                loss, grads = await self._microbatch(mb, ids, chain, stages, epochs)
-            epoch = trainer_epoch if self.config.sync else None
-            await asyncio.to_thread(self._averager.accumulate, mb.id, mb.samples, grads, epoch)
+                loss, grads = await self._microbatch(mb, ids, chain, stages, epochs, only)
+            if count:
+                epoch = trainer_epoch if self.config.sync else None
+                try:
+                    await asyncio.to_thread(self._averager.accumulate, mb.id, mb.samples, grads, epoch)
+                except StageEpochError as e:  # other trainers filled the batch (top-ups) and stepped
+                    logger.warning("trainers stepped without microbatch %s: %s", mb.id, e)
             return loss
 
         return await asyncio.gather(*(one(mb, ids) for mb, ids in mbs))
 
     async def _microbatch(self, mb: Microbatch, ids: torch.Tensor, chain: list[Span], stages: dict[Span, _Stage],
-                          epochs: dict[Span, int]) -> tuple[float, list[torch.Tensor]]:
+                          epochs: dict[Span, int], only: set[Span] | None = None) -> tuple[float, list[torch.Tensor]]:
+        """Loss and client-part gradients of one microbatch through ``chain``; counted by every stage, or
+        by ``only`` those (the others run it without counting)."""
         budget = RetryBudget(self.swarm.config.max_retries)
         x = await asyncio.to_thread(self._embed, ids)  # (b, T, H)
         hops: list[_Hop] = []
+
+        def at(span: Span) -> Microbatch:
+            if only is not None and span not in only:
+                return mb.model_copy(update=dict(epoch=None, accumulate=False))
+            return mb.model_copy(update=dict(epoch=epochs.get(span)))
+
         try:
             for span in chain:
-                stage_mb = mb.model_copy(update=dict(epoch=epochs.get(span)))
+                stage_mb = at(span)
                 peer, stream, out = await self._open(span, x, stage_mb, stages, budget)
                 hops.append(_Hop(span, peer, x, stream))
                 x = out.float()
             loss, grad, client_grads = await asyncio.to_thread(self._head_step, x, ids)
             for hop in reversed(hops):
-                stage_mb = mb.model_copy(update=dict(epoch=epochs.get(hop.stage)))
+                stage_mb = at(hop.stage)
                 grad = await self._backward(hop, grad, stage_mb, stages, budget)
         finally:
             for hop in hops:
@@ -571,17 +609,26 @@ class SwarmTrainer:
 
     # --- the synchronous wait ---
 
-    def _wait_step(self, chain: list[Span], epochs: dict[Span, int], trainer_epoch: int) -> None:
+    def _wait_step(self, chain: list[Span], epochs: dict[Span, int], trainer_epoch: int,
+                   input_ids: torch.Tensor) -> None:
         """Until the trainers' group and every stage passed the step's epochs: watch the stage peers
-        that counted this trainer's microbatches and rerun what a dead one held."""
+        that counted this trainer's microbatches and rerun what a dead one held; after
+        ``top_up_after`` seconds without progress, fill what the stages and trainers lack."""
         deadline = time.monotonic() + self.config.epoch_timeout
         misses: dict[PeerIDStr, int] = {}
         delay = 0.05
+        seen, since = None, time.monotonic()
         while True:
             stages = self.stages()
             pending = [span for span in chain if span not in stages or stages[span].epoch <= epochs[span]]
             if not pending and self._averager.epoch > trainer_epoch:
                 return
+            held = self._held(pending, stages, epochs, trainer_epoch)
+            if held != seen:
+                seen, since = held, time.monotonic()
+            elif self.config.top_up_after is not None and time.monotonic() - since > self.config.top_up_after:
+                self._top_up(chain, stages, epochs, trainer_epoch, input_ids, held)
+                since = time.monotonic()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"step {self._step}: not stepped after {self.config.epoch_timeout} s: "
                                    f"stages {[str(s) for s in pending]}, trainers at epoch {self._averager.epoch} "
@@ -598,6 +645,53 @@ class SwarmTrainer:
                         self._rerun_lost(span, peer, stages)
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def _held(self, pending: list[Span], stages: dict[Span, _Stage], epochs: dict[Span, int],
+              trainer_epoch: int) -> dict[Span | None, int]:
+        """Samples the step's pending stages (and, under None, the trainers' group) hold at the step's
+        epochs, from their live peers' progress records: what a stall is measured on."""
+        held: dict[Span | None, int] = {}
+        for span in pending:
+            stage = stages.get(span)
+            if stage is not None:
+                held[span] = sum(samples for peer, (epoch, samples) in self._stage_progress(stage).items()
+                                 if epoch == epochs[span] and peer in stage.peers)
+        if self._averager.epoch == trainer_epoch:
+            held[None] = sum(samples for epoch, samples in self._averager.progress().values() if epoch == trainer_epoch)
+        return held
+
+    def _top_up(self, chain: list[Span], stages: dict[Span, _Stage], epochs: dict[Span, int], trainer_epoch: int,
+                input_ids: torch.Tensor, held: dict[Span | None, int]) -> None:
+        """Nothing moved for ``top_up_after`` s: a trainer left mid-step with its share of the batch.
+        Run more microbatches of this step's batch (under new ids), each counted only where samples
+        are still lacking, until every pending stage and the trainers' group hold their targets."""
+        lacking = {span: stages[span].target_batch_size - n for span, n in held.items() if span is not None}
+        if None in held:
+            lacking[None] = self.target_batch_size - held[None]
+        lacking = {span: n for span, n in lacking.items() if n > 0}
+        if not lacking:
+            return  # everything is there: a round is on its way (or failing, and retried by the averagers)
+        rows, size = input_ids.shape[0], self.config.microbatch
+        mbs, plan, k = [], {}, 0
+        remaining = dict(lacking)
+        while any(n > 0 for n in remaining.values()):
+            r = (k * size) % rows
+            ids = input_ids[r : r + size]
+            mb = Microbatch(id=f"{self.peer_id}:{self._step}:fill{self.stats.top_ups + k}", samples=ids.shape[0],
+                            epoch=None)
+            only = {span for span, n in remaining.items() if span is not None and n > 0}
+            plan[mb.id] = (only, remaining.get(None, 0) > 0)
+            for span in remaining:
+                remaining[span] -= ids.shape[0]
+            mbs.append((mb, ids))
+            k += 1
+        logger.warning("step %d: no progress for %.0f s, short of %s: a trainer left mid-step? running %d more "
+                       "microbatches of this batch", self._step, self.config.top_up_after,
+                       ", ".join(f"{'trainers' if s is None else s}: {n} samples" for s, n in lacking.items()),
+                       len(mbs))
+        self.stats.top_ups += len(mbs)
+        self.stats.lacked = {"trainers" if span is None else str(span): n for span, n in lacking.items()}
+        loop.run(self._run_all(mbs, chain, stages, epochs, trainer_epoch, plan))
 
     def _rerun_lost(self, span: Span, dead: PeerIDStr, stages: dict[Span, _Stage]) -> None:
         """``dead`` held microbatches of this step for ``span`` and died before its stage stepped: run

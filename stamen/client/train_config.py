@@ -48,6 +48,11 @@ class TrainerConfig(BaseModel):
     """Seconds an all-reduce of the trainers may take before the round fails (its gradients are kept)."""
     epoch_timeout: float = Field(default=300.0, gt=0)
     """Seconds a synchronous step waits for the trainers' group and the stages to step."""
+    top_up_after: float | None = Field(default=60.0, gt=0)
+    """Seconds a synchronous step may wait with no progress anywhere (no stage or trainers' group
+    gaining samples or stepping) before this trainer fills what they lack with more microbatches of
+    its own batch: a trainer that left mid-step would otherwise hold every other trainer until the
+    epoch timeout. None: never."""
     host: str = "127.0.0.1"
     """Address the trainer's averaging DHT peer listens on (other trainers connect to it)."""
     full_retries: int = Field(default=50, ge=0)

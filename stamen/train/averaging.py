@@ -740,6 +740,10 @@ class StageAverager:
                 logger.warning("%s: averaging loop", self.label, exc_info=True)
             self._stop.wait(self.progress_period)
 
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """(epoch, samples) of the group's live peers, this one included (fresh progress records)."""
+        return self._progress()
+
     def peers_ahead(self) -> list[tuple[int, str]]:
         """(epoch, peer id) of the group's peers at a higher epoch than this one, furthest ahead first
         (from their fresh progress records)."""
