@@ -580,6 +580,7 @@ def test_cli_train_saves_a_model_transformers_loads(swarm, model_dir, tmp_path):
     _CLIENT.update(embed=saved["model.embed_tokens.weight"], norm=saved["model.norm.weight"],
                    head=saved["lm_head.weight"])
     assert summary["steps"] == 2 and summary["saved"] == str(out) and summary["tokens"] == 2 * TARGET * SEQ_LEN
+    assert summary["top_ups"] == 0  # two healthy trainers: no stall to fill
     assert len(summary["losses"]) == 2 and summary["tokens_per_s"] > 0  # (per-batch losses are too noisy to order)
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = TextDataset.from_file(SAMPLE_TEXT, tokenizer, SEQ_LEN).sequences  # the whole text

@@ -76,7 +76,7 @@ def train(
         summary = dict(
             steps=stats.steps, tokens=stats.tokens, seconds=round(stats.seconds, 3),
             tokens_per_s=round(stats.tokens / stats.seconds, 1) if stats.seconds else None,
-            initial_loss=losses[0], final_loss=losses[-1], losses=losses, reruns=stats.reruns,
+            initial_loss=losses[0], final_loss=losses[-1], losses=losses, reruns=stats.reruns, top_ups=stats.top_ups,
             target_batch_size=swarm_trainer.target_batch_size, averaging=trainer.averaging,
             averager_rounds=averager.rounds, averager_bytes=averager.averager.bytes_sent,
             dataset_sequences=len(dataset), saved=None)
