@@ -136,7 +136,7 @@ class LocalSwarm:
                 tails = "\n".join(f"--- {s.log_path}\n{s.log_tail()}" for s in servers)
                 raise TimeoutError(f"not true after {timeout} s: {what}\n{tails}")
             time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+            delay = min(delay * 1.5, 0.5)
 
     def client_dht(self):
         if self._dht is None:
@@ -170,7 +170,7 @@ class LocalSwarm:
                 tails = "\n".join(f"--- {s.log_path}\n{s.log_tail()}" for s in servers)
                 raise TimeoutError(f"servers not online after {timeout} s (online: {sorted(online.items())}):\n{tails}")
             time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            delay = min(delay * 1.5, 0.5)  # fixtures wait here for every server they start
 
     @staticmethod
     def signal_group(server: ServerProcess, sig: int) -> None:
