@@ -97,6 +97,8 @@ logger = logging.getLogger(__name__)
 
 STATE_READ_TIMEOUT_S = 30.0
 """Most seconds a trainer waits for another's request for its state (one small message)."""
+HELD_LOOK_S = 1.0
+"""How often a synchronous wait reads what the stages and the trainers' group hold (for top-ups)."""
 STATE_FETCH_TIMEOUT_S = 120.0
 """Most seconds a trainer takes to fetch the trainers' state from another (client parts and optimizer)."""
 
@@ -297,7 +299,7 @@ class SwarmTrainer:
                                                      timeout=STATE_FETCH_TIMEOUT_S))
             except Exception as e:
                 logger.info("trainer %s: could not load the trainers' state (epoch %d) from %s: %s",
-                               self.peer_id[-6:], epoch, peer[-6:], e)
+                            self.peer_id[-6:], epoch, peer[-6:], e)
                 continue
             logger.info("trainer %s: loaded the trainers' state at epoch %d from %s", self.peer_id[-6:], state[0],
                         peer[-6:])
@@ -617,18 +619,20 @@ class SwarmTrainer:
         deadline = time.monotonic() + self.config.epoch_timeout
         misses: dict[PeerIDStr, int] = {}
         delay = 0.05
-        seen, since = None, time.monotonic()
+        seen, since, looked = None, time.monotonic(), time.monotonic()
         while True:
             stages = self.stages()
             pending = [span for span in chain if span not in stages or stages[span].epoch <= epochs[span]]
             if not pending and self._averager.epoch > trainer_epoch:
                 return
-            held = self._held(pending, stages, epochs, trainer_epoch)
-            if held != seen:
-                seen, since = held, time.monotonic()
-            elif self.config.top_up_after is not None and time.monotonic() - since > self.config.top_up_after:
-                self._top_up(chain, stages, epochs, trainer_epoch, input_ids, held)
-                since = time.monotonic()
+            if self.config.top_up_after is not None and time.monotonic() - looked >= HELD_LOOK_S:
+                looked = time.monotonic()
+                held = self._held(pending, stages, epochs, trainer_epoch)
+                if held != seen:
+                    seen, since = held, looked
+                elif looked - since > self.config.top_up_after:
+                    self._top_up(chain, stages, epochs, trainer_epoch, input_ids, held)
+                    since = time.monotonic()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"step {self._step}: not stepped after {self.config.epoch_timeout} s: "
                                    f"stages {[str(s) for s in pending]}, trainers at epoch {self._averager.epoch} "
